@@ -1,0 +1,3 @@
+from stratopy.cli import main
+
+raise SystemExit(main())

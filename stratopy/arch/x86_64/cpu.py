@@ -1,0 +1,171 @@
+"""Initial vCPU state for the 64-bit Linux boot protocol.
+
+GDT, identity page tables, segment/control registers, general registers,
+FPU, boot MSRs, LAPIC LINT pins and per-vCPU CPUID (SPEC §2). Pure data
+builders: the vCPU object applies them through its ioctls.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from stratopy.arch.x86_64 import layout
+from stratopy.kvm import uapi
+
+# GDT: null, null, code (__BOOT_CS = 0x10), data (__BOOT_DS = 0x18)
+GDT_FLAGS = (0, 0, 0xA09B, 0xC093)
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+
+X86_CR0_PE = 1 << 0
+X86_CR0_ET = 1 << 4
+X86_CR0_PG = 1 << 31
+X86_CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+# MSRs zeroed at boot (Firecracker's create_boot_msr_entries)
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_IA32_TSC = 0x10
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_IA32_MISC_ENABLE_FAST_STRING = 1
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE = 1 << 11
+MTRR_MEM_TYPE_WB = 6
+
+BOOT_MSRS = (
+    (MSR_IA32_SYSENTER_CS, 0),
+    (MSR_IA32_SYSENTER_ESP, 0),
+    (MSR_IA32_SYSENTER_EIP, 0),
+    (MSR_STAR, 0),
+    (MSR_CSTAR, 0),
+    (MSR_KERNEL_GS_BASE, 0),
+    (MSR_SYSCALL_MASK, 0),
+    (MSR_LSTAR, 0),
+    (MSR_IA32_TSC, 0),
+    (MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
+    (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_MEM_TYPE_WB),
+)
+
+# LAPIC register offsets and delivery modes
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_MODE_NMI = 0x4
+APIC_MODE_EXTINT = 0x7
+
+
+def gdt_entry(flags: int, base: int, limit: int) -> int:
+    return (((base & 0xFF000000) << (56 - 24)) | ((flags & 0x0000F0FF) << 40)
+            | ((limit & 0x000F0000) << (48 - 16)) | ((base & 0x00FFFFFF) << 16)
+            | (limit & 0x0000FFFF))
+
+
+def gdt_bytes() -> bytes:
+    return b"".join(struct.pack("<Q", gdt_entry(f, 0, 0xFFFFF) if f else 0) for f in GDT_FLAGS)
+
+
+def _segment(index: int, flags: int) -> uapi.kvm_segment:
+    """Decode a GDT entry into the kvm_segment KVM wants (selector = index*8)."""
+    seg = uapi.kvm_segment()
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF  # 0xfffff with 4 KiB granularity
+    seg.selector = index * 8
+    seg.type = flags & 0xF
+    seg.present = (flags >> 7) & 1
+    seg.dpl = (flags >> 5) & 3
+    seg.db = (flags >> 14) & 1
+    seg.s = (flags >> 4) & 1
+    seg.l = (flags >> 13) & 1
+    seg.g = (flags >> 15) & 1
+    seg.avl = (flags >> 12) & 1
+    seg.unusable = 0 if seg.present else 1
+    return seg
+
+
+def page_tables() -> list[tuple[int, bytes]]:
+    """PML4 -> PDPT -> PD identity-mapping the first 1 GiB with 2 MiB pages."""
+    pml4 = struct.pack("<Q", layout.PDPTE_ADDR | 0x03)
+    pdpt = struct.pack("<Q", layout.PDE_ADDR | 0x03)
+    pd = b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512))
+    return [(layout.PML4_ADDR, pml4), (layout.PDPTE_ADDR, pdpt), (layout.PDE_ADDR, pd)]
+
+
+def boot_sregs(sregs: uapi.kvm_sregs) -> None:
+    """Long mode, flat segments from our GDT, paging on our identity map."""
+    code = _segment(2, GDT_FLAGS[2])
+    data = _segment(3, GDT_FLAGS[3])
+    sregs.gdt.base = layout.GDT_ADDR
+    sregs.gdt.limit = len(GDT_FLAGS) * 8 - 1
+    sregs.idt.base = layout.IDT_ADDR
+    sregs.idt.limit = 7
+    sregs.cs = code
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, data)
+    # KVM refuses entry without a usable TR: a busy 64-bit TSS descriptor.
+    tr = uapi.kvm_segment()
+    tr.limit = 0x67
+    tr.type = 0xB
+    tr.present = 1
+    tr.selector = 0
+    sregs.tr = tr
+    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET | X86_CR0_PG)
+    sregs.cr3 = layout.PML4_ADDR
+    sregs.cr4 = sregs.cr4 | X86_CR4_PAE
+    sregs.efer = sregs.efer | EFER_LME | EFER_LMA
+
+
+def boot_regs(entry: int) -> uapi.kvm_regs:
+    regs = uapi.kvm_regs()
+    regs.rflags = 0x2
+    regs.rip = entry
+    regs.rsp = layout.BOOT_STACK_POINTER
+    regs.rbp = layout.BOOT_STACK_POINTER
+    regs.rsi = layout.ZERO_PAGE_ADDR
+    return regs
+
+
+def boot_fpu() -> uapi.kvm_fpu:
+    fpu = uapi.kvm_fpu()
+    fpu.fcw = 0x37F
+    fpu.mxcsr = 0x1F80
+    return fpu
+
+
+def set_lint(lapic: uapi.kvm_lapic_state) -> None:
+    """LINT0 = ExtINT (the PIC), LINT1 = NMI, as a BIOS would leave them."""
+    for off, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
+        v = struct.unpack_from("<I", lapic, off)[0]
+        struct.pack_into("<I", lapic, off, (v & ~0x700) | (mode << 8))
+
+
+def filter_cpuid(entries: list, cpu_index: int, num_cpus: int) -> None:
+    """Per-vCPU adjustments to KVM_GET_SUPPORTED_CPUID entries (in place).
+
+    Leaf 1: APIC id, logical count, hypervisor bit; leaf 0xb/0x1f: x2APIC id
+    and one thread per core, all cores in one package.
+    """
+    for e in entries:
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x0000FFFF) | (cpu_index << 24) | (min(num_cpus, 255) << 16)
+            e.ecx |= 1 << 31          # hypervisor present
+            if num_cpus > 1:
+                e.edx |= 1 << 28      # HTT: the logical count is meaningful
+        elif e.function == 4:
+            # cores per package - 1 in EAX[31:26]
+            e.eax = (e.eax & 0x03FFFFFF) | ((min(num_cpus, 64) - 1) << 26)
+        elif e.function in (0xB, 0x1F):
+            e.edx = cpu_index
+            if e.index == 0:          # SMT level: 1 thread per core
+                e.eax, e.ebx, e.ecx = 0, 1, (1 << 8) | 0
+            elif e.index == 1:        # core level: every vCPU
+                shift = max(num_cpus - 1, 0).bit_length()
+                e.eax, e.ebx, e.ecx = shift, num_cpus, (2 << 8) | 1
+            else:
+                e.eax, e.ebx, e.ecx = 0, 0, e.index

@@ -1,0 +1,121 @@
+"""The device thread: one selectors loop that owns device emulation.
+
+Everything that changes device or VM state runs here: backend input
+(console, tap), ioeventfd queue notifications, timers, and the requests the
+QMP thread posts with ``call()``. vCPU threads touch devices only for
+register accesses, under ``device_lock`` (the same lock this loop holds while
+it runs a device callback), so device logic never runs concurrently.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import selectors
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.device_lock = threading.RLock()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.sel.register(self._wake_fd, selectors.EVENT_READ, self._drain_wake)
+        self._pending: list[Callable[[], None]] = []
+        self._pending_lock = threading.Lock()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = 0
+        self._running = False
+        self.thread_id: int | None = None
+
+    # --- registration (loop thread, or before run) ----------------------------
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        try:
+            self.sel.register(fd, selectors.EVENT_READ, callback)
+        except KeyError:
+            self.sel.modify(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn))
+
+    # --- cross-thread -----------------------------------------------------
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread (thread-safe, non-blocking)."""
+        with self._pending_lock:
+            self._pending.append(fn)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
+        """Run ``fn`` on the loop thread and return its result (or raise its error)."""
+        if threading.get_ident() == self.thread_id:
+            return fn()
+        fut: Future = Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
+        self.call_soon(run)
+        return fut.result(timeout)
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        with self._pending_lock:
+            todo, self._pending = self._pending, []
+        for fn in todo:
+            fn()
+
+    # --- running ----------------------------------------------------------
+    def run(self) -> None:
+        self.thread_id = threading.get_ident()
+        self._running = True
+        while self._running:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                events = self.sel.select(timeout)
+            except InterruptedError:
+                continue
+            for key, _mask in events:
+                cb = key.data
+                if cb is self._drain_wake:
+                    cb()
+                    continue
+                with self.device_lock:
+                    cb()
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self._timers)
+                with self.device_lock:
+                    fn()
+
+    def stop(self) -> None:
+        """Make run() return (thread-safe)."""
+        def _stop() -> None:
+            self._running = False
+        self.call_soon(_stop)
+
+    def close(self) -> None:
+        self.sel.close()
+        os.close(self._wake_fd)

@@ -1,0 +1,440 @@
+"""The x86_64 microvm: builds a VM from a MachineConfig, cold or from a template.
+
+Data flows one way: config -> build (KVM objects, memory, devices) -> run.
+``build_for_boot`` loads a kernel; ``build_from_template`` rebuilds the same
+component tree and applies the saved state instead. The snapshot walks the
+same tree (see migration/snapshot.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from stratopy import config as cfgmod
+from stratopy.arch.x86_64 import boot, cpu, layout, mptable
+from stratopy.config import MachineConfig
+from stratopy.devices.bus import Bus
+from stratopy.devices.i8042 import I8042
+from stratopy.devices.serial import Serial
+from stratopy.devices.virtio.mmio import VirtioMmioTransport
+from stratopy.errors import ConfigError, GuestError, KvmError, StratoError
+from stratopy.kvm import backend as kvm_backend
+from stratopy.kvm import exits, uapi
+from stratopy.kvm.system import Kvm
+from stratopy.machine.eventloop import EventLoop
+from stratopy.machine.vcpu_thread import VcpuRunner, install_kick_handler
+from stratopy.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+
+
+class EmptySlot:
+    """A reserved virtio-mmio slot with no device (device id 0): Linux skips it."""
+
+    def read(self, offset: int, size: int) -> bytes:
+        if size != 4:
+            return bytes(size)
+        value = {0x000: 0x74726976, 0x004: 2, 0x00C: 0x554D4551}.get(offset, 0)
+        return value.to_bytes(4, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+@dataclass
+class Slot:
+    """One virtio-mmio transport slot: where it is and what sits in it."""
+
+    index: int
+    base: int
+    irq: int
+    kind: str                     # "blk" | "net" | "other"
+    config: cfgmod.DeviceConfig | None = None
+    device: object = None         # the VirtioDevice
+    transport: object = None      # VirtioMmioTransport or EmptySlot
+    irq_fd: int = -1
+    notify_fds: tuple = ()
+    backend: object = None        # block file / tap / chardev / rng source
+
+
+class MicroVm:
+    """A running (or about to run) microvm. The main thread runs ``run()``."""
+
+    def __init__(self, config: MachineConfig):
+        if config.machine_type != "microvm":
+            raise ConfigError("-machine", f"{config.machine_type} is not supported yet (only microvm)")
+        self.config = config
+        self.state = VmState.CREATED
+        self.loop = EventLoop()
+        self.pio = Bus()
+        self.mmio = Bus()
+        self.kvm: Kvm | None = None
+        self.vm = None
+        self.mem: GuestMemory | None = None
+        self.vcpus: list = []
+        self.runners: list[VcpuRunner] = []
+        self.slots: list[Slot] = []
+        self.serial: Serial | None = None
+        self.serial_chardev = None
+        self.chardevs: list = []
+        self.backend = kvm_backend.detect()
+        self.exit_code = 0
+        self.shutdown_reason: str | None = None
+        self.event_sink: Callable[[str, dict], None] = lambda name, data: None
+        self.migration = None          # set by the migration layer
+        self._shutdown_once = threading.Lock()
+        self._eventfds: list[int] = []
+        self.timings: dict[str, float] = {}
+        self._torn_down = False
+
+    # ------------------------------------------------------------------
+    # building
+    # ------------------------------------------------------------------
+    def _create_vm(self) -> None:
+        self.kvm = Kvm()
+        cpus = self.config.cpus
+        max_vcpus = self.kvm.max_vcpus()
+        if cpus > max_vcpus:
+            raise ConfigError("-smp", f"{cpus} vCPUs requested, this KVM allows {max_vcpus}")
+        self.vm = self.kvm.create_vm()
+        # TSS and identity map must be placed before any vCPU exists (VMX needs
+        # them for real-mode emulation); both sit in the hole below 4 GiB.
+        self.vm.set_tss_addr(layout.TSS_ADDR)
+        try:
+            self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        except KvmError as e:
+            log.debug("KVM_SET_IDENTITY_MAP_ADDR refused (%s); continuing", e)
+        # The in-kernel irqchip must exist before the vCPUs, so that each vCPU
+        # gets an in-kernel LAPIC.
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+    def _map_memory(self) -> None:
+        for slot, region in enumerate(self.mem.regions):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+
+    def _create_vcpus(self) -> None:
+        supported = self.kvm.supported_cpuid()
+        n = self.config.cpus
+        for i in range(n):
+            vcpu = self.vm.create_vcpu(i)
+            # CPUID first: KVM validates later MSR/XSAVE writes against it.
+            cpuid = type(supported).from_buffer_copy(supported)
+            cpu.filter_cpuid(cpuid.entries[:cpuid.nent], i, n)
+            vcpu.set_cpuid(cpuid)
+            self.vcpus.append(vcpu)
+
+    def _setup_boot_vcpus(self, entry: int) -> None:
+        for vcpu in self.vcpus:
+            sregs = vcpu.get_sregs()
+            cpu.boot_sregs(sregs)
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(cpu.boot_regs(entry))
+            vcpu.set_fpu(cpu.boot_fpu())
+            vcpu.set_msrs(list(cpu.BOOT_MSRS))
+            # LAPIC after SREGS: SET_SREGS (apic_base) resets the LAPIC.
+            lapic = vcpu.get_lapic()
+            cpu.set_lint(lapic)
+            vcpu.set_lapic(lapic)
+            if vcpu.index != 0:
+                # APs wait for INIT/SIPI from the BSP.
+                mp = uapi.kvm_mp_state(mp_state=uapi.KVM_MP_STATE_UNINITIALIZED)
+                vcpu._set(uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state, bytes(mp))
+
+    def _new_irqfd(self, gsi: int) -> int:
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._eventfds.append(efd)
+        self.vm.register_irqfd(efd, gsi)
+        return efd
+
+    @staticmethod
+    def _irq_callable(efd: int) -> Callable[[], None]:
+        def irq() -> None:
+            os.eventfd_write(efd, 1)
+        return irq
+
+    def _setup_legacy_devices(self) -> None:
+        from stratopy.chardev import Chardev
+
+        serial_irq = self._irq_callable(self._new_irqfd(layout.SERIAL_IRQ))
+        out: Callable[[bytes], None] = lambda data: None
+        if self.config.serial is not None:
+            self.serial_chardev = Chardev(self.config.serial)
+            self.serial_chardev.open()
+            self.chardevs.append(self.serial_chardev)
+            out = self.serial_chardev.write
+        self.serial = Serial(irq=serial_irq, out=out)
+        self.pio.insert(layout.SERIAL_PORT, 8, self.serial)
+        self.pio.insert(layout.I8042_DATA_PORT, 5, I8042(reset=self._guest_reset))
+
+    def _slot_plan(self) -> list[Slot]:
+        """StratoVirt's layout: 4 blk slots, 2 net slots, then the rest in order."""
+        blk = [d for d in self.config.transport_devices() if d.driver == cfgmod.BLK]
+        net = [d for d in self.config.transport_devices() if d.driver == cfgmod.NET]
+        other = [d for d in self.config.transport_devices()
+                 if d.driver not in (cfgmod.BLK, cfgmod.NET)]
+        slots: list[Slot] = []
+        idx = 0
+        extra_blk = blk[layout.BLK_SLOTS:]
+        extra_net = net[layout.NET_SLOTS:]
+        for kind, count, devs in (("blk", layout.BLK_SLOTS, blk), ("net", layout.NET_SLOTS, net)):
+            for i in range(count):
+                base, irq = layout.virtio_slot(idx)
+                slots.append(Slot(idx, base, irq, kind, devs[i] if i < len(devs) else None))
+                idx += 1
+        for d in extra_blk + extra_net + other:
+            base, irq = layout.virtio_slot(idx)
+            if irq > layout.IRQ_MAX:
+                raise ConfigError("-device", f"too many devices: no IRQ left for {d.id}")
+            slots.append(Slot(idx, base, irq, "other", d))
+            idx += 1
+        return slots
+
+    def _make_device(self, slot: Slot):
+        """The VirtioDevice and its backend for a slot's DeviceConfig."""
+        from stratopy.machine import devices as devfactory
+        return devfactory.make_device(self, slot)
+
+    def _setup_virtio(self) -> None:
+        self.slots = self._slot_plan()
+        for slot in self.slots:
+            if slot.config is None:
+                slot.transport = EmptySlot()
+            else:
+                self._plug(slot)
+            self.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
+
+    def _plug(self, slot: Slot) -> None:
+        device, backend = self._make_device(slot)
+        slot.device, slot.backend = device, backend
+        slot.irq_fd = self._new_irqfd(slot.irq)
+        slot.transport = VirtioMmioTransport(device, self.mem, self._irq_callable(slot.irq_fd))
+        fds = []
+        # One ioeventfd per queue on QueueNotify (datamatch = queue index): the
+        # guest's notify write is absorbed by KVM and wakes the device thread.
+        for q in range(len(device.queue_sizes)):
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._eventfds.append(efd)
+            self.vm.register_ioeventfd(efd, slot.base + 0x50, 4, datamatch=q)
+            self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
+            fds.append(efd)
+        slot.notify_fds = tuple(fds)
+
+    @staticmethod
+    def _notify_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:
+        def cb() -> None:
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:
+                return
+            slot.transport.notify(q)
+        return cb
+
+    def kernel_cmdline(self) -> str:
+        parts = [self.config.kernel_cmdline.strip()]
+        extra = kvm_backend.extra_cmdline(self.backend)
+        if extra:
+            parts.append(extra)
+        for slot in self.slots:
+            parts.append(f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE}@{slot.base:#x}:{slot.irq}")
+        return " ".join(p for p in parts if p)
+
+    def _load_guest(self) -> int:
+        mem = self.mem
+        kernel = boot.load_kernel(mem, self.config.kernel)
+        initrd = None
+        if self.config.initrd:
+            below_4g = layout.ram_layout(self.config.mem_size)[0][1]
+            initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g)
+        boot.write_cmdline(mem, self.kernel_cmdline())
+        mem.write(layout.ZERO_PAGE_ADDR, boot.build_zero_page(kernel, self.config.mem_size, initrd))
+        addr, table = mptable.build(self.config.cpus)
+        mem.write(addr, table)
+        mem.write(layout.GDT_ADDR, cpu.gdt_bytes())
+        mem.write(layout.IDT_ADDR, bytes(8))
+        for gpa, data in cpu.page_tables():
+            mem.write(gpa, data)
+        return kernel.entry
+
+    def build_for_boot(self) -> None:
+        t0 = time.monotonic()
+        self._create_vm()
+        self.mem = GuestMemory.anonymous(layout.ram_layout(self.config.mem_size))
+        self._map_memory()
+        self._create_vcpus()
+        self._setup_legacy_devices()
+        self._setup_virtio()
+        entry = self._load_guest()
+        self._setup_boot_vcpus(entry)
+        self.timings["build"] = time.monotonic() - t0
+
+    def build_from_template(self) -> None:
+        from stratopy.migration import restore
+
+        t0 = time.monotonic()
+        restore.restore_machine(self, self.config.incoming)
+        self.timings["build"] = time.monotonic() - t0
+
+    # ------------------------------------------------------------------
+    # running
+    # ------------------------------------------------------------------
+    def start(self) -> None:
+        install_kick_handler()
+        for ch in self.chardevs:
+            ch.attach(self.loop, self._chardev_input(ch))
+        for vcpu in self.vcpus:
+            r = VcpuRunner(vcpu, self.pio, self.mmio, self.loop.device_lock, self._vcpu_stopped)
+            self.runners.append(r)
+        paused = self.config.start_paused and self.config.incoming is None
+        for r in self.runners:
+            r.start(paused=paused)
+        self.state = VmState.PAUSED if paused else VmState.RUNNING
+
+    def _chardev_input(self, ch) -> Callable[[bytes], None]:
+        if ch is self.serial_chardev:
+            pending = bytearray()
+
+            def feed(data: bytes) -> None:
+                pending.extend(data)
+                taken = self.serial.enqueue_input(bytes(pending))
+                del pending[:taken]
+                if pending:
+                    # FIFO full: try again shortly (the guest drains it).
+                    self.loop.call_later(0.01, lambda: feed(b""))
+            return feed
+        for slot in self.slots:
+            if slot.backend is ch and hasattr(slot.device, "enqueue_input"):
+                dev = slot.device
+                return lambda data: dev.enqueue_input(data)
+        return lambda data: None
+
+    def run(self) -> int:
+        """Run the device loop on this thread until the VM ends; return the exit code."""
+        try:
+            self.loop.run()
+        finally:
+            self.teardown()
+        return self.exit_code
+
+    def _vcpu_stopped(self, action: str, ex) -> None:
+        """Called on a vCPU thread when the guest ended or failed."""
+        if action == exits.SHUTDOWN:
+            reason = "guest-reset" if isinstance(ex, exits.Shutdown) else "guest-shutdown"
+            self.request_shutdown(reason, guest=True, code=0)
+            return
+        # FATAL: one line with vCPU, RIP and the instruction bytes there.
+        vcpu = None
+        for r in self.runners:
+            if r.thread is threading.current_thread():
+                vcpu = r.vcpu
+        err = self._describe_failure(vcpu, ex)
+        log.error("%s", err)
+        import sys
+        print(f"stratopy: {err}", file=sys.stderr, flush=True)
+        self.request_shutdown("internal-error", guest=False, code=1)
+
+    def _describe_failure(self, vcpu, ex) -> GuestError:
+        if isinstance(ex, exits.InternalError):
+            what = exits.SUBERROR_NAMES.get(ex.suberror, f"internal error {ex.suberror}")
+        elif isinstance(ex, exits.FailEntry):
+            what = f"failed VM entry (hardware reason {ex.reason:#x})"
+        elif isinstance(ex, exits.Unknown):
+            what = f"unhandled exit reason {ex.reason}"
+        else:
+            what = f"vCPU error: {ex}"
+        rip, insn = None, b""
+        if vcpu is not None:
+            try:
+                regs = vcpu.get_regs()
+                rip = regs.rip
+                gpa = vcpu.translate(rip)
+                if gpa is not None and self.mem.check(gpa, 15):
+                    insn = self.mem.read(gpa, 15)
+            except StratoError:
+                pass
+        return GuestError(what, vcpu.index if vcpu else None, rip, insn)
+
+    def _guest_reset(self) -> None:
+        """i8042 reset (``reboot=k``): the end of a microvm."""
+        self.request_shutdown("guest-reset", guest=True, code=0)
+
+    def request_shutdown(self, reason: str, guest: bool, code: int = 0) -> None:
+        """End the VM (thread-safe, idempotent): SHUTDOWN event, then stop the loop."""
+        if not self._shutdown_once.acquire(blocking=False):
+            return
+        self.shutdown_reason = reason
+        self.exit_code = code
+
+        def finish() -> None:
+            self.state = VmState.SHUTDOWN
+            self.event_sink("SHUTDOWN", {"guest": guest, "reason": reason})
+            self.loop.stop()
+        self.loop.call_soon(finish)
+
+    # --- pause / resume (loop thread) -----------------------------------------
+    def pause_vcpus(self) -> None:
+        for r in self.runners:
+            r.pause_requested = True
+        for r in self.runners:
+            if not r.pause():
+                raise StratoError(f"vCPU {r.vcpu.index} did not pause in time")
+
+    def resume_vcpus(self) -> None:
+        for r in self.runners:
+            r.resume()
+
+    def pause(self) -> None:
+        self.pause_vcpus()
+        self.state = VmState.PAUSED
+        self.event_sink("STOP", {})
+
+    def resume(self) -> None:
+        self.resume_vcpus()
+        self.state = VmState.RUNNING
+        self.event_sink("RESUME", {})
+
+    def teardown(self) -> None:
+        """Stop vCPUs, close every fd and mapping. Idempotent."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        for r in self.runners:
+            r.stop()
+        for ch in self.chardevs:
+            try:
+                ch.close()
+            except Exception:
+                log.debug("closing chardev failed", exc_info=True)
+        for slot in self.slots:
+            close = getattr(slot.backend, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+        for efd in self._eventfds:
+            try:
+                os.close(efd)
+            except OSError:
+                pass
+        self._eventfds = []
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        if self.mem is not None:
+            self.mem.close()
+        self.loop.close()
