@@ -347,7 +347,7 @@ def _tokenize(argv: list[str]) -> list[tuple[str, str | None]]:
                 raise ConfigError(tok, "a StratoVirt option stratopy does not support")
             if tok.startswith("-"):
                 raise ConfigError(tok, "unknown option (see -help)")
-            raise ConfigError(tok, "unexpected argument (not the value of any option)")
+            raise ConfigError(f"'{tok}'", "unexpected argument (not the value of any option)")
         arity, repeatable = spec
         if tok in seen and not repeatable:
             raise ConfigError(tok, "given more than once")
@@ -680,8 +680,27 @@ def _mac(value: str) -> str:
 # --------------------------------------------------------------------------
 
 
+def _one_line(text: str) -> str:
+    """Echoed user input stays on one printable line (control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def parse_args(argv: list[str]) -> MachineConfig:
-    """Parse StratoVirt-style ``argv`` (without the program name)."""
+    """Parse StratoVirt-style ``argv`` (without the program name).
+
+    Raises ConfigError (one printable line: ``"{option}: {reason}"``),
+    HelpRequested or VersionRequested.
+    """
+    try:
+        return _parse(argv)
+    except ConfigError as e:
+        option, reason = _one_line(e.option), _one_line(e.reason)
+        if (option, reason) == (e.option, e.reason):
+            raise
+        raise ConfigError(option, reason) from None
+
+
+def _parse(argv: list[str]) -> MachineConfig:
     tokens = _tokenize(list(argv))
 
     kw: dict = {}

@@ -132,16 +132,15 @@ class Control:
 
 
 def attach_control(machine) -> Control:
-    """Create the migration tracker and the QMP listeners; route events."""
-    from stratopy.migration.status import MigrationState
-    from stratopy.qmp.server import QmpServer
+    """Create the QMP listeners and route the machine's events to them."""
+    from stratopy.qmp.server import QmpServer, TcpListener, UnixListener
 
-    if machine.migration is None:
-        machine.migration = MigrationState()
     vmc = MachineControl(machine)
     servers = []
     if machine.config.qmp:
-        server = QmpServer(list(machine.config.qmp), vmc, machine.loop.call)
+        listeners = [UnixListener(q.path) if q.kind == "unix" else TcpListener(q.host, q.port)
+                     for q in machine.config.qmp]
+        server = QmpServer(listeners, lambda fn: machine.loop.call(fn, timeout=600), vm=vmc)
         server.start()
         servers.append(server)
         machine.event_sink = server.emit_event

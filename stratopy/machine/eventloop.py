@@ -32,6 +32,7 @@ class EventLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
         self._running = False
+        self._always_ready: dict[int, Callable[[], None]] = {}
         self.thread_id: int | None = None
 
     # --- registration (loop thread, or before run) ----------------------------
@@ -40,8 +41,14 @@ class EventLoop:
             self.sel.register(fd, selectors.EVENT_READ, callback)
         except KeyError:
             self.sel.modify(fd, selectors.EVENT_READ, callback)
+        except PermissionError:
+            # epoll refuses regular files (e.g. stdin redirected from a file):
+            # they are always readable, so poll them every iteration until the
+            # callback reads EOF and removes itself.
+            self._always_ready[fd] = callback
 
     def remove_reader(self, fd: int) -> None:
+        self._always_ready.pop(fd, None)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
@@ -91,7 +98,9 @@ class EventLoop:
         self._running = True
         while self._running:
             timeout = None
-            if self._timers:
+            if self._always_ready:
+                timeout = 0.0
+            elif self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
             try:
                 events = self.sel.select(timeout)
@@ -102,6 +111,9 @@ class EventLoop:
                 if cb is self._drain_wake:
                     cb()
                     continue
+                with self.device_lock:
+                    cb()
+            for cb in list(self._always_ready.values()):
                 with self.device_lock:
                     cb()
             now = time.monotonic()

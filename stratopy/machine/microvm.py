@@ -20,7 +20,7 @@ from stratopy import config as cfgmod
 from stratopy.arch.x86_64 import boot, cpu, layout, mptable
 from stratopy.config import MachineConfig
 from stratopy.devices.bus import Bus
-from stratopy.devices.i8042 import I8042
+from stratopy.devices.i8042 import I8042Device
 from stratopy.devices.serial import Serial
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
 from stratopy.errors import ConfigError, GuestError, KvmError, StratoError
@@ -30,6 +30,7 @@ from stratopy.kvm.system import Kvm
 from stratopy.machine.eventloop import EventLoop
 from stratopy.machine.vcpu_thread import VcpuRunner, install_kick_handler
 from stratopy.memory import GuestMemory
+from stratopy.migration.status import MigrationState
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class MicroVm:
         self.exit_code = 0
         self.shutdown_reason: str | None = None
         self.event_sink: Callable[[str, dict], None] = lambda name, data: None
-        self.migration = None          # set by the migration layer
+        self.migration = MigrationState()
         self._shutdown_once = threading.Lock()
         self._eventfds: list[int] = []
         self.timings: dict[str, float] = {}
@@ -178,7 +179,7 @@ class MicroVm:
             out = self.serial_chardev.write
         self.serial = Serial(irq=serial_irq, out=out)
         self.pio.insert(layout.SERIAL_PORT, 8, self.serial)
-        self.pio.insert(layout.I8042_DATA_PORT, 5, I8042(reset=self._guest_reset))
+        self.pio.insert(layout.I8042_DATA_PORT, 5, I8042Device(reset=self._guest_reset))
 
     def _slot_plan(self) -> list[Slot]:
         """StratoVirt's layout: 4 blk slots, 2 net slots, then the rest in order."""

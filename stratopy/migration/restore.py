@@ -16,7 +16,7 @@ from stratopy.arch.x86_64 import layout
 from stratopy.errors import TemplateError
 from stratopy.machine import vcpu_state
 from stratopy.memory import GuestMemory
-from stratopy.migration import facts, format as fmt
+from stratopy.migration import facts, format as fmt, memfile
 from stratopy.migration.codec import from_plain
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,13 @@ def restore_machine(machine, incoming) -> None:
 
     t0 = time.monotonic()
     directory = incoming.path
-    state_path = os.path.join(directory, "state")
-    memory_path = os.path.join(directory, "memory")
-    host = fmt.host_meta()
-    meta, components = fmt.read_state(state_path, expect_arch=host["arch"],
-                                      expect_vendor=host["cpu_vendor"])
+    # Header, checksum, host arch/vendor, then the memory file's pairing.
+    meta, components = fmt.read_state(os.path.join(directory, memfile.STATE_NAME))
     facts.compare(meta.get("machine"), facts.machine_facts(machine.config))
+    if "memory" not in meta:
+        raise TemplateError("state file: meta.memory missing")
+    memory_path = os.path.join(directory, memfile.MEMORY_NAME)
+    memfile.check_memory_file(memory_path, machine.config.mem_size, meta["memory"])
 
     # --- parse and validate every component before creating anything -------
     ncpu = machine.config.cpus
@@ -100,6 +101,9 @@ def restore_machine(machine, incoming) -> None:
                 dev.restore(from_plain(dev_state_cls, dev_plain))
             slot.transport.restore(mmio_state)
         machine.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
-    machine.migration.restored()
+    # The incoming migration is complete once the state is applied.
+    machine.migration.start()
+    machine.migration.activate()
+    machine.migration.complete()
     machine.timings["restore"] = time.monotonic() - t0
     log.info("restored from %s in %.3f s", directory, machine.timings["restore"])

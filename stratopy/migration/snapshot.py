@@ -79,7 +79,7 @@ def take_template(machine, uri: str) -> None:
 
     mig = machine.migration
     directory = parse_uri(uri)
-    mig.begin()                                      # -> setup
+    mig.start()                                      # -> setup
     was_running = machine.state is VmState.RUNNING
     paused_here = False
     t0 = time.monotonic()
@@ -93,17 +93,14 @@ def take_template(machine, uri: str) -> None:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             raise MigrationError(f"cannot create {directory}: {e.strerror}") from None
-        if not os.access(directory, os.W_OK):
-            raise MigrationError(f"{directory} is not writable")
         if was_running:
             machine.pause()                          # STOP event
             paused_here = True
         mig.activate()                               # -> active
         machine_facts, components = collect(machine)
-        meta = fmt.host_meta()
+        meta = fmt.host_meta(kvm_api_version=machine.kvm.api_version)
         meta["machine"] = machine_facts
-        meta["kvm_api_version"] = machine.kvm.api_version
-        memfile.commit_template(directory, machine.mem, meta, components)
+        memfile.save_template(directory, machine.mem, meta, components)
     except StratoError as e:
         mig.fail(str(e))
         if paused_here:

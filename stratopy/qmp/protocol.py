@@ -200,6 +200,10 @@ def request_from_object(obj: Any) -> Item:
     return Request(name, args, rid)
 
 
+def _byte_desc(c: int) -> str:
+    return f"byte 0x{c:02x}" if c < 0x21 or c > 0x7E else f"character '{chr(c)}'"
+
+
 def _short(exc: BaseException) -> str:
     msg = str(exc) or type(exc).__name__
     return msg if len(msg) <= 200 else msg[:200] + "..."
@@ -215,10 +219,16 @@ _LEXICAL = frozenset(b" \t\r\n{}[],:-+.0123456789eEtrufalsn\"")
 _STRUCT_INTEREST = re.compile(rb'[{}\[\]"]|[^ \t\r\n{}\[\],:\-+.0-9eEtrufalsn"]')
 # In a string: the next quote, backslash or control byte.
 _STRING_INTEREST = re.compile(rb'["\\\x00-\x1f]')
-# Top-level token (not starting with { [ "): ends at whitespace or one of {["
-_TOKEN_END = re.compile(rb'[ \t\r\n{\["]')
+# Top-level scalar token (starts with - 0-9 t f n): ends at whitespace or
+# one of {[" (complete), or at a byte that cannot appear in JSON (error).
+_TOKEN_END = re.compile(rb'[ \t\r\n{\["]|[^ \t\r\n{}\[\],:\-+.0-9eEtrufalsn"]')
+# Bytes that may start a top-level JSON value (after whitespace).
+_VALUE_START = frozenset(b'{["-0123456789tfn')
+# Error recovery ends at a structural character or a control byte (the
+# newline) or 0xfe/0xff, as in QEMU's JSON lexer.
+_RECOVER_END = re.compile(rb'[{}\[\]\x00-\x08\x0a-\x1f\xfe\xff]')
 
-_TOP, _STRUCT, _TOKEN = 0, 1, 2
+_TOP, _STRUCT, _TOKEN, _RECOVER = 0, 1, 2, 3
 
 
 class QmpSession:
@@ -234,7 +244,8 @@ class QmpSession:
         self.max_nesting = max_nesting
         self._buf = bytearray()   # bytes of the current message (unless discarding)
         self._mode = _TOP
-        self._depth = 0
+        self._stack = bytearray()  # open brackets of the current message
+        self._excess = 0           # nesting beyond max_nesting (not stacked)
         self._in_string = False
         self._escape = False
         self._discard = False      # message too large: bytes are not kept
@@ -266,7 +277,8 @@ class QmpSession:
     def _reset(self) -> None:
         self._buf = bytearray()
         self._mode = _TOP
-        self._depth = 0
+        self._stack = bytearray()
+        self._excess = 0
         self._in_string = False
         self._escape = False
         self._discard = False
@@ -300,6 +312,7 @@ class QmpSession:
         else:
             out.append(ProtocolError(f"JSON parse error: {what}"))
         self._reset()
+        self._mode = _RECOVER
 
     def _scan(self, data: bytes, out: list[Item]) -> None:
         i, n = 0, len(data)
@@ -312,15 +325,22 @@ class QmpSession:
                     return
                 c = data[i]
                 if c in b"{[":
-                    self._mode, self._depth = _STRUCT, 1
+                    self._mode = _STRUCT
+                    self._stack.append(c)
                     self._keep(data[i:i + 1])
                     i += 1
                 elif c == 0x22:  # '"' : a top-level string (an error once complete)
-                    self._mode, self._depth, self._in_string = _STRUCT, 0, True
+                    self._mode, self._in_string = _STRUCT, True
                     self._keep(data[i:i + 1])
                     i += 1
-                else:
+                elif c in _VALUE_START:
                     self._mode = _TOKEN
+                elif c >= 0xFE:
+                    i += 1  # the reset byte between messages: ignored silently
+                else:
+                    self._keep(data[i:i + 1])
+                    i += 1
+                    self._lex_error(out, f"stray {_byte_desc(c)}")
                 continue
 
             if self._mode == _TOKEN:
@@ -329,10 +349,26 @@ class QmpSession:
                 self._keep(data[i:end])
                 i = end
                 if m:
-                    self._finish(out)
+                    c = data[end]
+                    if c in _WS or c in b'{["':
+                        self._finish(out)
+                    else:
+                        self._keep(data[end:end + 1])
+                        i = end + 1
+                        self._lex_error(out, f"invalid {_byte_desc(c)}")
                 continue
 
-            # _STRUCT (also a top-level string, depth 0 and in_string)
+            if self._mode == _RECOVER:
+                m = _RECOVER_END.search(data, i)
+                if m is None:
+                    return
+                j = m.start()
+                # a closer most likely belongs to the broken message: eat it
+                i = j + 1 if data[j] in b"}]" else j
+                self._mode = _TOP
+                continue
+
+            # _STRUCT (also a top-level string: empty stack and in_string)
             if self._in_string:
                 if self._escape:
                     self._escape = False
@@ -340,6 +376,7 @@ class QmpSession:
                         self._keep(data[i:i + 1])
                         i += 1
                         self._lex_error(out, "control character in string")
+                        self._mode = _TOP
                         continue
                     self._keep(data[i:i + 1])
                     i += 1
@@ -356,11 +393,12 @@ class QmpSession:
                     self._escape = True
                 elif c == 0x22:
                     self._in_string = False
-                    if self._depth == 0:
+                    if not self._stack:
                         self._finish(out)
                 else:
                     self._lex_error(out, "control character in string "
                                          "(a newline inside a string?)")
+                    self._mode = _TOP
                 continue
 
             m = _STRUCT_INTEREST.search(data, i)
@@ -372,19 +410,31 @@ class QmpSession:
             if c not in _LEXICAL:
                 self._keep(data[i:j + 1])
                 i = j + 1
-                self._lex_error(out, f"invalid byte 0x{c:02x}")
+                self._lex_error(out, f"invalid {_byte_desc(c)}")
                 continue
             self._keep(data[i:j + 1])
             i = j + 1
             if c == 0x22:
                 self._in_string = True
             elif c in b"{[":
-                self._depth += 1
-                if self._depth > self.max_nesting and not self._too_deep:
+                if len(self._stack) >= self.max_nesting:
                     # refused at the end; stop buffering, keep tracking structure
                     self._too_deep = True
                     self._buf = bytearray()
+                    self._excess += 1
+                else:
+                    self._stack.append(c)
             else:  # } or ]
-                self._depth -= 1
-                if self._depth == 0:
+                if self._excess:
+                    self._excess -= 1
+                    continue
+                opener = 0x7B if c == 0x7D else 0x5B
+                k = self._stack.rfind(opener)
+                if k < 0:
+                    # a stray closer (``{"a": ]}``): ignore it for framing;
+                    # the message is invalid JSON and json.loads will say so
+                    continue
+                # pops what is open above it too (``{"a": [1}`` ends here)
+                del self._stack[k:]
+                if not self._stack:
                     self._finish(out)

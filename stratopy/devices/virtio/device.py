@@ -45,6 +45,11 @@ class VirtioDevice:
         self.queues: list = []            # set by activate(): list[Queue]
         self.mem = None                   # set by activate(): GuestMemory
         self.signal_used: Callable[[int], None] = lambda q: None  # set by the transport
+        # set by the transport: marks the device broken (DEVICE_NEEDS_RESET +
+        # config interrupt). For device work that does not start from a queue
+        # notification (e.g. a tap or console becoming readable); exceptions
+        # out of process_queue() are turned into this by the transport itself.
+        self.signal_broken: Callable[[str], None] = lambda reason: None
         self.activated = False
 
     # --- config space ----------------------------------------------------
@@ -71,7 +76,11 @@ class VirtioDevice:
         self.acked_features = 0
 
     def process_queue(self, index: int) -> None:
-        """The driver notified queue ``index`` (MMIO write or ioeventfd)."""
+        """The driver notified queue ``index`` (MMIO write or ioeventfd).
+
+        May raise DeviceError (or GuestMemoryError) for a broken queue: the
+        transport catches it and marks the device NEEDS_RESET.
+        """
 
     # --- snapshot -----------------------------------------------------------
     def state(self) -> Any:

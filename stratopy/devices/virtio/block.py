@@ -1,0 +1,443 @@
+"""virtio-blk device logic (virtio 1.1 §5.2) and its raw-file backend.
+
+The device is a pure state machine over an injected backend; the backend
+(``FileBackend``) is the only object that owns an fd.
+
+Request framing: VIRTIO_F_VERSION_1 implies "any layout", so the device does
+not assume Linux's one-descriptor-per-part framing. A chain is read as one
+device-readable byte stream (the 16-byte header, then data for T_OUT)
+followed by one device-writable stream (data for T_IN / T_GET_ID, then the
+status byte, always the very last writable byte). Malformed framings are
+answered with VIRTIO_BLK_S_IOERR when there is a writable byte to put the
+status in; a chain with no writable byte at all cannot be answered and
+breaks the device (DeviceError -> NEEDS_RESET).
+
+Data moves between the backend and guest RAM through memoryviews of the
+guest mapping (preadv/pwritev straight into guest pages, no copies).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice
+from stratopy.errors import DeviceError, GuestMemoryError, TemplateError
+
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+
+# Request types (§5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_ID_BYTES = 20
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2          # header and status take two descriptors
+
+_HEADER = struct.Struct("<IIQ")   # type, reserved, sector
+_CONFIG_LEN = 24                  # capacity, size_max, seg_max, geometry, blk_size
+
+
+# ---------------------------------------------------------------------------
+# backend
+
+class FileBackend:
+    """A raw image file (or block device) opened for the block device.
+
+    ``readonly`` opens O_RDONLY. ``direct`` opens O_DIRECT; when the
+    filesystem refuses it (EINVAL, e.g. tmpfs) the file is reopened without
+    and ``warning`` says so (the machine logs it). With O_DIRECT, I/O goes
+    through a page-aligned bounce buffer (an anonymous mmap), since guest
+    buffers need not be 512-aligned; offsets and lengths must then be
+    multiples of 512 (the block device guarantees it for its requests).
+    """
+
+    BOUNCE_SIZE = 1 << 20
+
+    def __init__(self, path: str, readonly: bool = False, direct: bool = False):
+        self.path = path
+        self.readonly = bool(readonly)
+        self.warning: Optional[str] = None
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.direct = False
+        fd = -1
+        if direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.warning = (f"{path}: the filesystem refuses O_DIRECT; "
+                                f"using buffered I/O (direct=off)")
+        if fd < 0:
+            fd = os.open(path, flags)
+        self.fd = fd
+        try:
+            self.size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError:
+            os.close(fd)
+            raise
+        self._bounce: Optional[mmap.mmap] = None
+        self._bounce_view: Optional[memoryview] = None
+        if self.direct:
+            self._bounce = mmap.mmap(-1, self.BOUNCE_SIZE,
+                                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._bounce_view = memoryview(self._bounce)
+
+    def close(self) -> None:
+        if self._bounce_view is not None:
+            self._bounce_view.release()
+            self._bounce_view = None
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _check_direct(self, offset: int, length: int) -> None:
+        if offset % SECTOR_SIZE or length % SECTOR_SIZE:
+            raise OSError(errno.EINVAL, "unaligned O_DIRECT request")
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the bytes read (short at EOF)."""
+        total = len(buf)
+        done = 0
+        if not self.direct:
+            while done < total:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+            return done
+        self._check_direct(offset, total)
+        bounce = self._bounce_view
+        while done < total:
+            chunk = min(total - done, self.BOUNCE_SIZE)
+            n = os.preadv(self.fd, [bounce[:chunk]], offset + done)
+            if n <= 0:
+                break
+            buf[done:done + n] = bounce[:n]
+            done += n
+            if n < chunk:
+                break
+        return done
+
+    def write_from(self, offset: int, buf: memoryview) -> int:
+        """Write all of ``buf`` at ``offset``; returns the bytes written."""
+        if self.readonly:
+            raise OSError(errno.EBADF, "read-only drive")
+        total = len(buf)
+        done = 0
+        if not self.direct:
+            while done < total:
+                n = os.pwritev(self.fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+            return done
+        self._check_direct(offset, total)
+        bounce = self._bounce_view
+        while done < total:
+            chunk = min(total - done, self.BOUNCE_SIZE)
+            bounce[:chunk] = buf[done:done + chunk]
+            n = os.pwritev(self.fd, [bounce[:chunk]], offset + done)
+            if n <= 0:
+                break
+            done += n
+            if n < chunk:
+                break
+        return done
+
+    def flush(self) -> None:
+        if not self.readonly:
+            os.fdatasync(self.fd)
+
+
+# ---------------------------------------------------------------------------
+# device
+
+@dataclass
+class BlockState:
+    """What a template records about a block device: negotiated features and
+    the facts its config space exposes (checked against the new backend)."""
+
+    acked_features: int = 0
+    capacity: int = 0          # in 512-byte sectors
+    serial: str = ""
+    readonly: bool = False
+
+
+def _serial_bytes(serial: str) -> bytes:
+    return serial.encode("utf-8", "replace")[:VIRTIO_BLK_ID_BYTES]
+
+
+class _Segments:
+    """A byte stream made of guest buffers: ``take`` slices off the front."""
+
+    __slots__ = ("segs", "i", "off")
+
+    def __init__(self, segs: list[tuple[int, int]]):
+        self.segs = segs
+        self.i = 0
+        self.off = 0
+
+    def remaining(self) -> int:
+        total = 0
+        for k in range(self.i, len(self.segs)):
+            total += self.segs[k][1]
+        return total - self.off
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` bytes as (addr, len) pieces; caller checked remaining()."""
+        out = []
+        segs = self.segs
+        while n > 0:
+            addr, length = segs[self.i]
+            avail = length - self.off
+            if avail <= 0:
+                self.i += 1
+                self.off = 0
+                continue
+            m = min(avail, n)
+            out.append((addr + self.off, m))
+            self.off += m
+            n -= m
+        return out
+
+    def rest(self) -> list[tuple[int, int]]:
+        out = []
+        for k in range(self.i, len(self.segs)):
+            addr, length = self.segs[k]
+            off = self.off if k == self.i else 0
+            if length - off > 0:
+                out.append((addr + off, length - off))
+        self.i, self.off = len(self.segs), 0
+        return out
+
+
+class BlockDevice(VirtioDevice):
+    """virtio-blk over ``backend`` (``size``, ``readonly``, ``read_into``,
+    ``write_from``, ``flush``). One request queue of 256 entries."""
+
+    device_type = VIRTIO_ID_BLOCK
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, backend, serial: str = ""):
+        super().__init__()
+        self.backend = backend
+        self.serial = serial
+        self.readonly = bool(backend.readonly)
+        self.capacity = int(backend.size) >> SECTOR_SHIFT
+        self._limit = self.capacity << SECTOR_SHIFT      # bytes addressable
+        self._id = _serial_bytes(serial).ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        feats = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
+                 | (1 << VIRTIO_BLK_F_FLUSH))
+        if self.readonly:
+            feats |= 1 << VIRTIO_BLK_F_RO
+        self.avail_features = feats
+        cfg = bytearray(_CONFIG_LEN)
+        struct.pack_into("<QII", cfg, 0, self.capacity, 0, SEG_MAX)
+        struct.pack_into("<I", cfg, 20, SECTOR_SIZE)
+        self._config = bytes(cfg)
+
+    # --- config space ---------------------------------------------------------
+    def read_config(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        cfg = self._config
+        if 0 <= offset < len(cfg):
+            data = cfg[offset:offset + size]
+            if len(data) == size:
+                return data
+            return data + bytes(size - len(data))
+        return bytes(size)
+
+    # --- requests -----------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        if index != 0 or not self.activated:
+            return
+        q = self.queues[0]
+        mem = self.mem
+        done = 0
+        try:
+            while True:
+                chain = q.pop(mem)
+                if chain is None:
+                    break
+                written = self._handle(mem, chain)
+                q.add_used(mem, chain.head, written)
+                done += 1
+        finally:
+            if done:
+                self.signal_used(0)
+
+    def _handle(self, mem, chain) -> int:
+        """Serve one request; returns the bytes written into guest buffers."""
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        ordered = True
+        for addr, length, is_write in chain.buffers:
+            if is_write:
+                writable.append((addr, length))
+            else:
+                if writable:
+                    ordered = False
+                readable.append((addr, length))
+        # the status byte: the last byte of the last non-empty writable buffer
+        status_addr = -1
+        for k in range(len(writable) - 1, -1, -1):
+            addr, length = writable[k]
+            if length > 0:
+                status_addr = addr + length - 1
+                writable[k] = (addr, length - 1)
+                break
+        if status_addr < 0:
+            raise DeviceError(f"block request {chain.head} has no writable status byte")
+        status, written = VIRTIO_BLK_S_IOERR, 0
+        if ordered:
+            status, written = self._execute(mem, readable, writable)
+        mem.write(status_addr, bytes((status,)))
+        return written + 1
+
+    def _execute(self, mem, readable, writable) -> tuple[int, int]:
+        rd = _Segments(readable)
+        if rd.remaining() < _HEADER.size:
+            return VIRTIO_BLK_S_IOERR, 0
+        header = b"".join(mem.read(a, n) for a, n in rd.take(_HEADER.size))
+        rtype, _, sector = _HEADER.unpack(header)
+        if rtype == VIRTIO_BLK_T_IN:
+            segs = [s for s in writable if s[1] > 0]
+            length = sum(n for _, n in segs)
+            if not self._range_ok(sector, length):
+                return VIRTIO_BLK_S_IOERR, 0
+            offset = sector << SECTOR_SHIFT
+            done = 0
+            for addr, n in segs:
+                view = mem.view(addr, n)
+                try:
+                    got = self.backend.read_into(offset + done, view)
+                except OSError:
+                    got = -1
+                finally:
+                    view.release()
+                if got != n:
+                    return VIRTIO_BLK_S_IOERR, done + max(got, 0)
+                done += n
+            return VIRTIO_BLK_S_OK, done
+        if rtype == VIRTIO_BLK_T_OUT:
+            if self.readonly:
+                return VIRTIO_BLK_S_IOERR, 0
+            segs = [s for s in rd.rest() if s[1] > 0]
+            length = sum(n for _, n in segs)
+            if not self._range_ok(sector, length):
+                return VIRTIO_BLK_S_IOERR, 0
+            offset = sector << SECTOR_SHIFT
+            done = 0
+            for addr, n in segs:
+                view = mem.view(addr, n)
+                try:
+                    put = self.backend.write_from(offset + done, view)
+                except OSError:
+                    put = -1
+                finally:
+                    view.release()
+                if put != n:
+                    return VIRTIO_BLK_S_IOERR, 0
+                done += n
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            try:
+                self.backend.flush()
+            except OSError:
+                return VIRTIO_BLK_S_IOERR, 0
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            segs = [s for s in writable if s[1] > 0]
+            left = VIRTIO_BLK_ID_BYTES
+            done = 0
+            ident = self._id
+            for addr, n in segs:
+                m = min(n, left)
+                if m <= 0:
+                    break
+                mem.write(addr, ident[done:done + m])
+                done += m
+                left -= m
+            return VIRTIO_BLK_S_OK, done
+        return VIRTIO_BLK_S_UNSUPP, 0
+
+    def _range_ok(self, sector: int, length: int) -> bool:
+        if length % SECTOR_SIZE:
+            return False
+        start = sector << SECTOR_SHIFT
+        return start + length <= self._limit
+
+    # --- snapshot ----------------------------------------------------------------------
+    def state(self) -> BlockState:
+        return BlockState(acked_features=self.acked_features, capacity=self.capacity,
+                          serial=self.serial, readonly=self.readonly)
+
+    def _check_state(self, state: BlockState) -> int:
+        if not isinstance(state, BlockState):
+            raise TemplateError(f"virtio-blk state has the wrong type {type(state).__name__}")
+        acked = state.acked_features
+        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
+        if type(acked) is not int or acked < 0 or acked & ~offered:
+            raise TemplateError(f"virtio-blk state field acked_features {acked!r} is not a "
+                                f"subset of the offered features {offered:#x}")
+        if type(state.capacity) is not int or state.capacity < 0:
+            raise TemplateError(f"virtio-blk state field capacity out of range: "
+                                f"{state.capacity!r}")
+        if state.capacity != self.capacity:
+            raise TemplateError("", attribute="virtio-blk capacity (sectors)",
+                                expected=state.capacity, found=self.capacity)
+        if not isinstance(state.serial, str):
+            raise TemplateError("virtio-blk state field serial is not a string")
+        if state.serial != self.serial:
+            raise TemplateError("", attribute="virtio-blk serial",
+                                expected=state.serial, found=self.serial)
+        if type(state.readonly) is not bool:
+            raise TemplateError("virtio-blk state field readonly is not a bool")
+        if state.readonly != self.readonly:
+            raise TemplateError("", attribute="virtio-blk readonly",
+                                expected=state.readonly, found=self.readonly)
+        return acked
+
+    def restore(self, state: BlockState) -> None:
+        """Check ``state`` against this device's backend and apply it."""
+        self.acked_features = self._check_state(state)
+
+    @classmethod
+    def from_state(cls, state: BlockState, backend, serial: Optional[str] = None
+                   ) -> "BlockDevice":
+        """A device on ``backend`` matching ``state`` (serial from the state
+        unless given; a different one is a TemplateError)."""
+        if not isinstance(state, BlockState):
+            raise TemplateError(f"virtio-blk state has the wrong type {type(state).__name__}")
+        if serial is None:
+            if not isinstance(state.serial, str):
+                raise TemplateError("virtio-blk state field serial is not a string")
+            serial = state.serial
+        dev = cls(backend, serial=serial)
+        dev.restore(state)
+        return dev

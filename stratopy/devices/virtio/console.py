@@ -1,0 +1,203 @@
+"""virtio console (virtio 1.1 §5.3) without the multiport feature: the
+guest's ``hvc0``.
+
+Queues: 0 = receiveq (host -> guest), 1 = transmitq (guest -> host).
+Config space (``struct virtio_console_config``): cols u16, rows u16,
+max_nr_ports u32, emerg_wr u32; 12 bytes, read-only here. No feature is
+offered (no SIZE, no MULTIPORT, no EMERG_WRITE), so Linux uses only port 0
+on queues 0/1.
+
+The device keeps no buffer of its own:
+- guest output (transmitq chains) is handed to the injected ``out(data)``
+  as it is gathered, at most ``MAX_TX_CHAIN`` bytes per chain (the rest of
+  an absurdly long chain is ignored), in pieces of at most ``TX_PIECE``;
+- host input goes through ``enqueue_input(data) -> int``: it fills the
+  receive buffers the driver has posted and returns how many bytes it took
+  (0 when the driver has posted none). The caller keeps the rest; the
+  optional ``rx_ready()`` callback tells it when the driver posted new
+  receive buffers (a notify on queue 0), so it can retry.
+
+A chain the queue code rejects marks the device broken through
+``signal_broken`` (the transport's DEVICE_NEEDS_RESET); nothing raises out
+of ``process_queue`` or ``enqueue_input``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, VirtioDevice
+from stratopy.errors import StratoError, TemplateError
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+QUEUE_SIZE = 256
+MAX_TX_CHAIN = 1 << 20           # bytes of guest output taken from one chain
+TX_PIECE = 64 * 1024             # largest single out() call
+
+_CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
+
+
+@dataclass
+class ConsoleState:
+    """What a template records about a virtio console."""
+
+    acked_features: int = 0
+    cols: int = 0
+    rows: int = 0
+
+
+class ConsoleDevice(VirtioDevice):
+    device_type = VIRTIO_ID_CONSOLE
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    avail_features = 0
+
+    def __init__(self, out: Callable[[bytes], None] = lambda data: None,
+                 rx_ready: Optional[Callable[[], None]] = None,
+                 cols: int = 0, rows: int = 0) -> None:
+        super().__init__()
+        self.out = out
+        self.rx_ready = rx_ready
+        self.cols = cols & 0xFFFF
+        self.rows = rows & 0xFFFF
+        self.broken = False
+
+    # --- transport hooks ---------------------------------------------------
+    def signal_broken(self, reason: str) -> None:   # replaced by the transport
+        self.broken = True
+        self.broken_reason = reason
+
+    def _broke(self, e: BaseException) -> None:
+        self.broken = True
+        if isinstance(e, StratoError):
+            self.signal_broken(f"virtio-console: {e}")
+        else:
+            self.signal_broken(f"virtio-console: internal error {type(e).__name__}: {e}")
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        cfg = _CONFIG.pack(self.cols, self.rows, 0, 0)
+        if offset < 0 or size <= 0:
+            return bytes(max(size, 0))
+        return (cfg[offset:offset + size] + bytes(size))[:size]
+
+    def activate(self, mem, queues: list, signal_used) -> None:
+        super().activate(mem, queues, signal_used)
+        self.broken = False
+
+    def reset(self) -> None:
+        super().reset()
+        self.broken = False
+
+    def _queue(self, index: int):
+        if not self.activated or self.broken or index >= len(self.queues):
+            return None
+        q = self.queues[index]
+        return q if q.ready else None
+
+    def process_queue(self, index: int) -> None:
+        if index == TX_QUEUE:
+            self._process_tx()
+        elif index == RX_QUEUE:
+            # new receive buffers: whoever holds pending input may retry
+            if self._queue(RX_QUEUE) is not None and self.rx_ready is not None:
+                try:
+                    self.rx_ready()
+                except Exception:  # noqa: BLE001 - a machine bug must not break the guest
+                    pass
+
+    # --- guest -> host -------------------------------------------------------
+    def _process_tx(self) -> None:
+        q = self._queue(TX_QUEUE)
+        if q is None:
+            return
+        mem = self.mem
+        used = 0
+        try:
+            for _ in range(q.size):
+                chain = q.pop(mem)
+                if chain is None:
+                    break
+                budget = MAX_TX_CHAIN
+                for addr, length, is_write in chain.buffers:
+                    if is_write:
+                        continue
+                    length = min(length, budget)
+                    off = 0
+                    while off < length:
+                        n = min(TX_PIECE, length - off)
+                        data = mem.read(addr + off, n)
+                        off += n
+                        try:
+                            self.out(data)
+                        except Exception:  # noqa: BLE001 - backend trouble drops output
+                            pass
+                    budget -= length
+                    if budget <= 0:
+                        break
+                q.add_used(mem, chain.head, 0)
+                used += 1
+        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
+            self._broke(e)
+        if used:
+            self.signal_used(TX_QUEUE)
+
+    # --- host -> guest -------------------------------------------------------
+    def enqueue_input(self, data: bytes) -> int:
+        """Copy ``data`` into posted receive buffers; -> bytes taken."""
+        q = self._queue(RX_QUEUE)
+        if q is None or not data:
+            return 0
+        mem = self.mem
+        taken = 0
+        used = 0
+        view = memoryview(data)
+        try:
+            while taken < len(view):
+                chain = q.pop(mem)
+                if chain is None:
+                    break
+                written = 0
+                for addr, length, is_write in chain.buffers:
+                    if not is_write:
+                        continue
+                    part = view[taken:taken + length]
+                    if not part:
+                        break
+                    mem.write(addr, part)
+                    taken += len(part)
+                    written += len(part)
+                q.add_used(mem, chain.head, written)
+                used += 1
+        except Exception as e:  # noqa: BLE001
+            self._broke(e)
+        if used:
+            self.signal_used(RX_QUEUE)
+        return taken
+
+    # --- snapshot ------------------------------------------------------------
+    def state(self) -> ConsoleState:
+        return ConsoleState(acked_features=self.acked_features, cols=self.cols, rows=self.rows)
+
+    def restore(self, state: ConsoleState) -> None:
+        if not isinstance(state, ConsoleState):
+            raise TemplateError(f"virtio-console state has the wrong type {type(state).__name__}")
+        acked = state.acked_features
+        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
+        if type(acked) is not int or acked < 0 or acked & ~offered:
+            raise TemplateError(f"virtio-console state field acked_features {acked!r} is not "
+                                f"a subset of the offered features {offered:#x}")
+        for name in ("cols", "rows"):
+            v = getattr(state, name)
+            if type(v) is not int or not 0 <= v <= 0xFFFF:
+                raise TemplateError(f"virtio-console state field {name} out of range: {v!r}")
+        self.acked_features = acked
+        self.cols, self.rows = state.cols, state.rows
+
+    @classmethod
+    def from_state(cls, state: ConsoleState, out: Callable[[bytes], None] = lambda d: None,
+                   rx_ready: Optional[Callable[[], None]] = None) -> "ConsoleDevice":
+        dev = cls(out=out, rx_ready=rx_ready)
+        dev.restore(state)
+        return dev
