@@ -50,7 +50,8 @@ import stat
 import sys
 import termios
 import tty
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from stratopy.errors import StratoError
 
@@ -429,7 +430,13 @@ class Chardev:
         call_later = getattr(loop, "call_later", None)
         if call_later is not None and not self._retry_armed:
             self._retry_armed = True
-            call_later(RETRY_DELAY, self._flush)
+            call_soon = getattr(loop, "call_soon", None)
+            if call_soon is not None:
+                # write() may run on a vCPU thread: hand the timer to the loop
+                # thread (call_soon is thread-safe and wakes the loop)
+                call_soon(lambda: call_later(RETRY_DELAY, self._flush))
+            else:
+                call_later(RETRY_DELAY, self._flush)
 
     def _cancel_writer(self) -> None:
         if self._writer_fd is not None and self._loop is not None:
@@ -517,7 +524,7 @@ class Chardev:
         self.closed = True
         self._release()
 
-    def __enter__(self) -> "Chardev":
+    def __enter__(self) -> Chardev:
         self.open()
         return self
 

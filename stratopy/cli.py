@@ -67,12 +67,33 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGHUP, on_signal)
 
         machine.start()
+        if os.environ.get("STRATOPY_TIMINGS"):
+            _report_timings(machine)
         code = machine.run()
         control.close()
         return code
     except BaseException:
         machine.teardown()
         raise
+
+
+def _report_timings(machine) -> None:
+    """For bench/: one JSON line on stderr with start-up figures.
+
+    STRATOPY_T0 is the launcher's time.time() just before exec.
+    """
+    import json
+    import time
+
+    deadline = time.monotonic() + 2.0
+    while machine.runners and machine.runners[0].first_run_at is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    t = {k: round(v * 1000, 3) for k, v in machine.timings.items()}
+    t0 = os.environ.get("STRATOPY_T0")
+    if t0 and machine.runners and machine.runners[0].first_run_at:
+        t["exec_to_first_kvm_run"] = round((machine.runners[0].first_run_at - float(t0)) * 1000, 3)
+    print("stratopy-timings-ms: " + json.dumps(t), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

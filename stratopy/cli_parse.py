@@ -42,11 +42,11 @@ from stratopy.config import (
 from stratopy.errors import ConfigError
 
 __all__ = [
-    "parse_args",
+    "HELP_TEXT",
     "CliExit",
     "HelpRequested",
     "VersionRequested",
-    "HELP_TEXT",
+    "parse_args",
     "version_text",
 ]
 
@@ -358,10 +358,9 @@ def _tokenize(argv: list[str]) -> list[tuple[str, str | None]]:
                 raise ConfigError(tok, "missing value")
             value = argv[i]
             i += 1
-        elif arity == "optional":
-            if i < n and isinstance(argv[i], str) and not argv[i].startswith("-"):
-                value = argv[i]
-                i += 1
+        elif arity == "optional" and i < n and isinstance(argv[i], str) and not argv[i].startswith("-"):
+            value = argv[i]
+            i += 1
         out.append((tok, value))
     return out
 

@@ -30,10 +30,12 @@ class Vm:
     """A stratopy process with its serial console on stdin/stdout."""
 
     def __init__(self, args: list[str], qmp: bool = True, env: dict | None = None,
-                 cwd: str | None = None):
+                 cwd: str | None = None, program: list[str] | None = None):
+        """``program``: the monitor's argv prefix (default ``python -m stratopy``;
+        the benchmarks pass QEMU's)."""
         self.tmp = tempfile.mkdtemp(prefix="stratopy-vm-")
         self.qmp_path = os.path.join(self.tmp, "qmp.sock") if qmp else None
-        argv = [sys.executable, "-m", "stratopy", *args]
+        argv = list(program or [sys.executable, "-m", "stratopy"]) + list(args)
         if qmp and not any(a == "-qmp" for a in args):
             argv += ["-qmp", f"unix:{self.qmp_path},server,nowait"]
         if "-serial" not in args:
@@ -161,6 +163,8 @@ class Vm:
                 f.close()
             except Exception:
                 pass
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "Vm":
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from stratopy.errors import KvmError
 from stratopy.kvm import uapi
 from stratopy.kvm.ioctl import ioctl
 
@@ -104,12 +105,24 @@ class Vm:
         ioctl(self.fd, uapi.KVM_GET_CLOCK, ctypes.byref(clock))
         return bytes(clock)
 
-    def set_clock(self, raw: bytes) -> None:
+    def set_clock(self, raw: bytes, advance_to_now: bool = True) -> None:
+        """Set kvmclock from a saved kvm_clock_data.
+
+        With ``advance_to_now`` and a saved ``realtime`` (KVM_CLOCK_REALTIME),
+        KVM moves the clock forward by the wall time elapsed since it was
+        saved, so a clone's clock does not start in the template's past.
+        Other GET_CLOCK flags (TSC_STABLE, HOST_TSC) are not settable.
+        """
         clock = uapi.kvm_clock_data.from_buffer_copy(raw)
-        # Only the clock value is settable; flags from GET_CLOCK (e.g. TSC_STABLE)
-        # are refused by SET_CLOCK, REALTIME is only honoured when asked for.
-        clock.flags = 0
-        ioctl(self.fd, uapi.KVM_SET_CLOCK, ctypes.byref(clock))
+        keep = uapi.KVM_CLOCK_REALTIME if advance_to_now else 0
+        clock.flags &= keep
+        try:
+            ioctl(self.fd, uapi.KVM_SET_CLOCK, ctypes.byref(clock))
+        except KvmError:
+            if not clock.flags:
+                raise
+            clock.flags = 0  # an older KVM without KVM_CLOCK_REALTIME support
+            ioctl(self.fd, uapi.KVM_SET_CLOCK, ctypes.byref(clock))
 
     def create_vcpu(self, index: int):
         from stratopy.kvm.vcpu import Vcpu

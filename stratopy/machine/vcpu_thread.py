@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Callable
 
 from stratopy.errors import KvmError
@@ -46,6 +47,7 @@ class VcpuRunner:
         self.parked = False
         self.exit_requested = False
         self.finished = False
+        self.first_run_at: float | None = None   # time.time() of the first KVM_RUN
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}",
                                        daemon=True)
 
@@ -109,6 +111,7 @@ class VcpuRunner:
 
     def _main(self) -> None:
         vcpu, pio, mmio, lock = self.vcpu, self.pio, self.mmio, self.lock
+        self.first_run_at = time.time()
         try:
             while not self.exit_requested:
                 if self.pause_requested:

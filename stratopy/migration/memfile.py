@@ -5,11 +5,11 @@ The memory file
 The regions of a GuestMemory concatenated in file-offset order (so its size
 is the guest memory size and ``GuestMemory.from_file`` maps it directly).
 Zero pages are *holes*: ``write_memory`` scans each region in 2 MiB chunks
-(one C-level comparison against a zero chunk), looks at 4 KiB pages only
-inside chunks that hold data, writes only the runs of non-zero pages with
-``os.pwrite`` and finally ``ftruncate``s the file to its full size. A mostly
-zero 256 MiB guest is written in a few tens of milliseconds and takes a few
-blocks of disk. Files are created 0600: guest RAM holds guest secrets.
+(one C-level comparison against a zero chunk), then 64 KiB blocks and
+4 KiB pages only inside chunks/blocks that hold data, writes only the runs of
+non-zero pages with ``os.pwrite`` and finally ``ftruncate``s the file to its
+full size. A mostly zero 256 MiB guest is written in about 0.1 s and takes
+a few blocks of disk. Files are created 0600: guest RAM holds guest secrets.
 
 Pairing ``state`` with ``memory``
 ---------------------------------
@@ -53,6 +53,12 @@ or the new complete pair. Any failure deletes the temp files (and a new
 left without a ``state`` (if step 3 ran) or with the old template untouched
 (if it did not). Even if a crash or a foreign writer reordered things, the
 size/sample/xattr check refuses a state whose memory is not its own.
+
+Restore: ``load_template(DIR, guest_mem_size)`` = ``read_state`` +
+``check_memory_file(DIR/memory, size, meta["memory"])``, then map the file
+with ``GuestMemory.from_file``. To exclude a concurrent re-snapshot into the
+same DIR between the check and the mapping, hold
+``template_lock(DIR, exclusive=False)`` across both.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Spelling of the cancelled state: QEMU's QAPI ``MigrationStatus`` says
 ``"cancelled"``; StratoVirt 2.x (and SPEC §4, which copies it) says
-``"canceled"``. stratopy reports QEMU's ``"cancelled"`` -- the spelling QMP
-clients written against QEMU know -- and ``MigrationStatus.parse`` accepts
-both. Change ``CANCELLED``'s value here if the StratoVirt spelling is wanted.
+``"canceled"``. stratopy is driven like StratoVirt, so it reports
+``"canceled"`` (the contract's spelling); ``MigrationStatus.parse`` accepts
+both.
 
 Legal transitions (anything else raises ``MigrationError``)::
 
@@ -34,7 +34,7 @@ class MigrationStatus(str, enum.Enum):
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
-    CANCELLED = "cancelled"
+    CANCELLED = "canceled"
 
     def __str__(self) -> str:
         return self.value
@@ -50,7 +50,7 @@ class MigrationStatus(str, enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> "MigrationStatus":
-        if text == "canceled":
+        if text == "cancelled":
             return cls.CANCELLED
         return cls(text)
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 from stratopy.errors import QmpError, StratoError
 
 from . import events as qmp_events
-from .protocol import NO_ID, Request, error_reply, reply, version_info
+from .protocol import Request, error_reply, reply, version_info
 
 log = logging.getLogger("stratopy.qmp")
 

@@ -10,16 +10,23 @@ Framing rules (see docs/qmp.md, "Framing")
 * Input: a stream of JSON texts.  Newlines are optional (StratoVirt's own test
   client and ``qemu.qmp`` send none); several objects may arrive in one read
   and one object may be split across reads.  A value may span several lines.
-* A top-level value is complete when its braces/brackets balance (a
-  depth scanner that respects strings and escapes).  Top-level scalars and
-  stray bytes (``123``, ``abc``, ``}``) are complete at the next whitespace,
-  ``{``, ``[`` or ``"``; each such token gets one error reply.
+* A top-level object/array is complete when its brackets balance (a stack of
+  open brackets, strings and escapes respected).  A closer that matches a
+  deeper opener closes down to it (``{"a":[1}`` ends there); a closer that
+  matches nothing open is ignored for framing.  Either way json.loads then
+  reports the error.  Top-level scalars (``123``, ``true``, ``"s"``) are
+  complete at the next whitespace, ``{``, ``[`` or ``"`` and are refused as
+  "not an object".
 * Error recovery, as in QEMU's JSON lexer: a byte that can never appear
   outside a string in JSON (e.g. ``0xff``, ``#``, a letter that is not part
-  of ``true``/``false``/``null``/an exponent) or a control byte inside a string
-  (a raw newline, which JSON forbids) ends the current message with a "JSON
-  parse error" reply and resets the scanner.  So ``\\xff\\n`` always brings a
-  session back to a clean state, whatever came before.
+  of ``true``/``false``/``null``/an exponent) ends the current message with
+  one "JSON parse error" reply; then input is skipped up to the next
+  structural character (``{ [`` start afresh, a ``} ]`` is swallowed) or
+  control byte (newline).  A control byte inside a string (a raw newline,
+  which JSON forbids) ends the message with an error and resyncs right
+  there.  ``0xfe``/``0xff`` between messages are ignored silently, so
+  ``\\xff\\n`` always brings a session back to a clean state, whatever came
+  before.
 * Bounded buffer: a message larger than ``max_message`` bytes (1 MiB by
   default) is not buffered.  The scanner drops its bytes but keeps tracking
   braces and strings until the message ends, then sends one GenericError

@@ -358,3 +358,40 @@ def test_stdio_pipe_pending_flushes_later():
 def test_unknown_backend():
     with pytest.raises(StratoError):
         Chardev(ChardevConfig(id="u", backend="tcp"))
+
+
+def test_stdio_pipe_flushes_with_the_real_event_loop():
+    """The machine's EventLoop has no add_writer: pending output is retried
+    from a timer armed on the loop thread, even when write() runs elsewhere
+    (a vCPU thread holding device_lock)."""
+    import threading
+
+    from stratopy.machine.eventloop import EventLoop
+
+    out_r, out_w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    loop = EventLoop()
+    t = threading.Thread(target=loop.run, daemon=True)
+    try:
+        ch = Chardev(ChardevConfig(id="x", backend="stdio"), stdin_fd=null, stdout_fd=out_w)
+        ch.open()
+        ch.attach(loop, lambda d: None)
+        t.start()
+        data = bytes(range(256)) * 400        # 100 KiB: more than the pipe holds
+        with loop.device_lock:                # as a vCPU thread does
+            ch.write(data)
+        assert ch.dropped == 0
+        got = b""
+        end = time.monotonic() + 5
+        while len(got) < len(data) and time.monotonic() < end:
+            rr, _, _ = select.select([out_r], [], [], 0.05)
+            if rr:
+                got += os.read(out_r, 65536)
+        assert got == data
+        loop.call(ch.close)
+    finally:
+        loop.stop()
+        t.join(5)
+        loop.close()
+        for fd in (out_r, out_w, null):
+            os.close(fd)

@@ -6,6 +6,7 @@ import base64
 import enum
 import json
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def test_codec_rejects(mutate, path, what):
     with pytest.raises(TemplateError) as ei:
         codec.from_plain(Machine, p)
     msg = str(ei.value)
-    assert __import__("re").search(path, msg), msg
+    assert re.search(path, msg), msg
     assert what in msg, msg
 
 
@@ -466,7 +467,7 @@ def test_codec_hostile_plain_only_template_error(value):
 
 def test_status_values():
     assert [s.value for s in MigrationStatus] == \
-        ["none", "setup", "active", "completed", "failed", "cancelled"]
+        ["none", "setup", "active", "completed", "failed", "canceled"]
     assert MigrationStatus.parse("canceled") is MigrationStatus.CANCELLED
     assert MigrationStatus.parse("active") is MigrationStatus.ACTIVE
     assert str(MigrationStatus.SETUP) == "setup"

@@ -192,7 +192,9 @@ class Client:
         return json.loads(line)
 
     def send(self, obj_or_bytes, fds=None):
-        data = obj_or_bytes if isinstance(obj_or_bytes, bytes) else json.dumps(obj_or_bytes).encode()
+        data = obj_or_bytes
+        if not isinstance(data, bytes):
+            data = json.dumps(data).encode()
         if fds:
             socket.send_fds(self.sock, [data], fds)
         else:
@@ -586,3 +588,51 @@ def test_seed_transcript_with_cli_tool(env, tool):
         {"return": {"status": "completed"}},
     ]
     assert vm.calls == [("migrate", "file:path/to/template")]
+
+
+def test_qmp_shell(env):
+    pytest.importorskip("qemu.qmp.qmp_shell")
+    import sys
+    server, vm, machine, path = env
+    proc = subprocess.run([sys.executable, "-m", "qemu.qmp.qmp_shell", path],
+                          input=b"query-status\nstop\nmigrate uri=file:/tmp/x\nquery-migrate\n",
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert "Connected to QEMU 5.0.1" in out        # read from greeting version.qemu
+    assert '{"return": {"running": true, "singlestep": false, "status": "running"}}' in out
+    assert '{"return": {"status": "completed"}}' in out
+    assert vm.calls == [("migrate", "file:/tmp/x")]
+
+
+def test_many_commands_without_reading(tmp):
+    """Flow control: a client that pipelines far more than max_pending commands."""
+    path = os.path.join(tmp, "q.sock")
+    with QmpServer([f"unix:{path}"], max_pending=8):
+        c = Client(path)
+        c.recv_msg()
+        n = 500
+        c.send(b"".join(b'{"execute":"query-kvm","id":%d}' % i for i in range(n)))
+        for i in range(n):
+            assert c.reply()["id"] == i
+        c.close()
+
+
+def test_client_that_never_reads_is_dropped(tmp):
+    path = os.path.join(tmp, "q.sock")
+    with QmpServer([f"unix:{path}"], max_output=64 * 1024) as server:
+        slow, good = Client(path), Client(path)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        good.recv_msg()
+        assert wait_for(lambda: server.client_count == 2)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(good.recv_msg() for _ in range(3000)))
+        reader.start()
+        for i in range(3000):
+            server.emit_event("RESUME", {"pad": "x" * 200, "i": i})
+        reader.join(20)
+        assert len(got) == 3000 and got[-1]["data"]["i"] == 2999
+        assert wait_for(lambda: server.client_count == 1)   # the slow one is gone
+        assert good.cmd("query-target") == {"return": {"arch": "x86_64"}}
+        slow.close()
+        good.close()

@@ -7,7 +7,12 @@ import struct
 import pytest
 
 from stratopy.devices.virtio.console import (
-    MAX_TX_CHAIN, ConsoleDevice, ConsoleState, RX_QUEUE, TX_QUEUE)
+    MAX_TX_CHAIN,
+    RX_QUEUE,
+    TX_QUEUE,
+    ConsoleDevice,
+    ConsoleState,
+)
 from stratopy.devices.virtio.device import VIRTIO_ID_CONSOLE
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
 from stratopy.errors import TemplateError

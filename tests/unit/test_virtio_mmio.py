@@ -18,7 +18,7 @@ from stratopy.devices.virtio import mmio as M
 from stratopy.devices.virtio.mmio import MmioState, VirtioMmioTransport
 from stratopy.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, QueueState)
-from stratopy.errors import DeviceError, TemplateError
+from stratopy.errors import TemplateError
 from stratopy.memory import GuestMemory
 
 RAM = 1 << 20

@@ -9,8 +9,13 @@ import struct
 
 from stratopy.devices.virtio import mmio
 from stratopy.devices.virtio.device import (
-    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1)
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+)
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
 from stratopy.memory import GuestMemory
 
@@ -22,7 +27,7 @@ DATA_BASE = 0x40000          # buffers are allocated from here
 
 
 class DriverQueue:
-    def __init__(self, drv: "Driver", index: int, size: int):
+    def __init__(self, drv: Driver, index: int, size: int):
         self.drv, self.index, self.size = drv, index, size
         base = RING_BASE + index * 0x4000
         self.desc, self.avail, self.used = base, base + 0x1000, base + 0x2000

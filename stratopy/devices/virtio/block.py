@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice
-from stratopy.errors import DeviceError, GuestMemoryError, TemplateError
+from stratopy.errors import DeviceError, TemplateError
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT
@@ -66,8 +66,10 @@ class FileBackend:
     filesystem refuses it (EINVAL, e.g. tmpfs) the file is reopened without
     and ``warning`` says so (the machine logs it). With O_DIRECT, I/O goes
     through a page-aligned bounce buffer (an anonymous mmap), since guest
-    buffers need not be 512-aligned; offsets and lengths must then be
-    multiples of 512 (the block device guarantees it for its requests).
+    buffers need not be 512-aligned. If O_DIRECT I/O itself fails with
+    EINVAL (an unaligned request, or a device with 4 KiB logical blocks), the
+    fd drops O_DIRECT (F_SETFL) and the request is retried buffered;
+    ``warning`` then says so (set after construction: the machine may poll it).
     """
 
     BOUNCE_SIZE = 1 << 20
@@ -114,21 +116,42 @@ class FileBackend:
             os.close(self.fd)
             self.fd = -1
 
-    def _check_direct(self, offset: int, length: int) -> None:
+    @staticmethod
+    def _check_direct(offset: int, length: int) -> None:
         if offset % SECTOR_SIZE or length % SECTOR_SIZE:
             raise OSError(errno.EINVAL, "unaligned O_DIRECT request")
 
+    def _drop_direct(self, why: str) -> None:
+        """The file took O_DIRECT at open but refuses it for I/O (EINVAL:
+        e.g. a 4 KiB logical block size): continue buffered on the same fd."""
+        import fcntl
+
+        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
+        self.direct = False
+        self.warning = f"{self.path}: O_DIRECT I/O refused ({why}); using buffered I/O"
+
     def read_into(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns the bytes read (short at EOF)."""
+        if self.direct:
+            try:
+                return self._read_direct(offset, buf)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._drop_direct(e.strerror or "EINVAL")
         total = len(buf)
         done = 0
-        if not self.direct:
-            while done < total:
-                n = os.preadv(self.fd, [buf[done:]], offset + done)
-                if n <= 0:
-                    break
-                done += n
-            return done
+        while done < total:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
+
+    def _read_direct(self, offset: int, buf: memoryview) -> int:
+        total = len(buf)
+        done = 0
         self._check_direct(offset, total)
         bounce = self._bounce_view
         while done < total:
@@ -146,15 +169,25 @@ class FileBackend:
         """Write all of ``buf`` at ``offset``; returns the bytes written."""
         if self.readonly:
             raise OSError(errno.EBADF, "read-only drive")
+        if self.direct:
+            try:
+                return self._write_direct(offset, buf)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._drop_direct(e.strerror or "EINVAL")
         total = len(buf)
         done = 0
-        if not self.direct:
-            while done < total:
-                n = os.pwritev(self.fd, [buf[done:]], offset + done)
-                if n <= 0:
-                    break
-                done += n
-            return done
+        while done < total:
+            n = os.pwritev(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
+
+    def _write_direct(self, offset: int, buf: memoryview) -> int:
+        total = len(buf)
+        done = 0
         self._check_direct(offset, total)
         bounce = self._bounce_view
         while done < total:

@@ -25,10 +25,15 @@ of ``process_queue`` or ``enqueue_input``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, VirtioDevice
+from stratopy.devices.virtio.device import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_CONSOLE,
+    VirtioDevice,
+)
 from stratopy.errors import StratoError, TemplateError
 
 RX_QUEUE = 0
@@ -55,7 +60,7 @@ class ConsoleDevice(VirtioDevice):
     avail_features = 0
 
     def __init__(self, out: Callable[[bytes], None] = lambda data: None,
-                 rx_ready: Optional[Callable[[], None]] = None,
+                 rx_ready: Callable[[], None] | None = None,
                  cols: int = 0, rows: int = 0) -> None:
         super().__init__()
         self.out = out
@@ -197,7 +202,7 @@ class ConsoleDevice(VirtioDevice):
 
     @classmethod
     def from_state(cls, state: ConsoleState, out: Callable[[bytes], None] = lambda d: None,
-                   rx_ready: Optional[Callable[[], None]] = None) -> "ConsoleDevice":
+                   rx_ready: Callable[[], None] | None = None) -> ConsoleDevice:
         dev = cls(out=out, rx_ready=rx_ready)
         dev.restore(state)
         return dev

@@ -18,10 +18,14 @@ DEVICE_NEEDS_RESET); nothing raises out of ``process_queue``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, VirtioDevice
+from stratopy.devices.virtio.device import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_RNG,
+    VirtioDevice,
+)
 from stratopy.errors import StratoError, TemplateError
 
 QUEUE_SIZE = 256
@@ -131,7 +135,7 @@ class RngDevice(VirtioDevice):
         self.acked_features = acked
 
     @classmethod
-    def from_state(cls, state: RngState, source: Callable[[int], bytes]) -> "RngDevice":
+    def from_state(cls, state: RngState, source: Callable[[int], bytes]) -> RngDevice:
         dev = cls(source)
         dev.restore(state)
         return dev

@@ -1,0 +1,71 @@
+"""Shared helpers for the benchmarks: images, disks, QEMU, medians.
+
+Benchmarks print figures as ratios against a baseline measured in the same
+invocation; they are never pass/fail tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from stratopy.kvm import backend as kvm_backend  # noqa: E402
+from tests import harness  # noqa: E402
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
+def workdir() -> str:
+    return tempfile.mkdtemp(prefix="stratopy-bench-")
+
+
+def copy_disk(images: dict, work: str, name: str) -> str:
+    path = os.path.join(work, name)
+    shutil.copyfile(images["rootfs"], path)
+    return path
+
+
+def guest_cmdline() -> str:
+    """The user's command line plus what the monitor itself would append on
+    this host (QEMU does not append anything, so the bench does)."""
+    extra = kvm_backend.extra_cmdline(kvm_backend.detect())
+    return f"{harness.LINUX_CMDLINE} {extra}".strip()
+
+
+def qemu_args(kernel: str, disk: str, mem: str = "256M", cpus: int = 1) -> list[str]:
+    return ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-enable-kvm",
+            "-cpu", "host", "-m", mem, "-smp", str(cpus), "-nodefaults", "-no-user-config",
+            "-display", "none", "-kernel", kernel, "-append", guest_cmdline(),
+            "-drive", f"id=rootfs,file={disk},format=raw,if=none",
+            "-device", "virtio-blk-device,drive=rootfs"]
+
+
+def qemu_vm(args: list[str]) -> harness.Vm:
+    return harness.Vm(args, program=[QEMU])
+
+
+def shell_ready(vm: harness.Vm, timeout: float = 900) -> None:
+    vm.wait_for(harness.READY, timeout=timeout)
+    vm.run("echo ok", timeout=120)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt(xs: list[float]) -> str:
+    return (f"median {median(xs) * 1000:9.1f} ms  (n={len(xs)}, "
+            f"min {min(xs) * 1000:.1f}, max {max(xs) * 1000:.1f})")
+
+
+def timed(fn):
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
