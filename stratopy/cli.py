@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 
-from stratopy import __version__
 from stratopy.errors import StratoError
 
 log = logging.getLogger("stratopy")
@@ -40,11 +39,8 @@ def run(argv: list[str]) -> int:
 
     try:
         config = parse_args(argv)
-    except HelpRequested as h:
+    except (HelpRequested, VersionRequested) as h:
         print(h.text)
-        return 0
-    except VersionRequested:
-        print(f"stratopy {__version__} (StratoVirt-compatible command line and QMP)")
         return 0
     _setup_logging(config)
 

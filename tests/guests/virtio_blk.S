@@ -118,9 +118,10 @@ main:
 6:      mov     VM_CONFIG(%rbx), %eax   /* capacity, 512-byte sectors */
         mov     VM_CONFIG + 4(%rbx), %edx
         shl     $32, %rdx
-        or      %rdx, %rax
+        or      %rax, %rdx
+        mov     %rdx, %r13
         PRINT   "CAPACITY="
-        PRINTDEC %rax
+        PRINTDEC %r13
         PRINT   "\n"
 
         /* --- queue 0 --- */
