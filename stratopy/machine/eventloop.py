@@ -106,13 +106,20 @@ class EventLoop:
                 events = self.sel.select(timeout)
             except InterruptedError:
                 continue
+            fd_map = self.sel.get_map()
             for key, _mask in events:
-                cb = key.data
-                if cb is self._drain_wake:
-                    cb()
+                # A callback earlier in this batch may have removed this fd.
+                if fd_map.get(key.fd) is not key:
+                    continue
+                if key.data is self._drain_wake:
+                    # Posted requests run WITHOUT device_lock: they may pause
+                    # vCPUs, and a vCPU blocked on the lock could never park.
+                    # A request that touches devices while vCPUs run takes
+                    # the lock itself.
+                    key.data()
                     continue
                 with self.device_lock:
-                    cb()
+                    key.data()
             for cb in list(self._always_ready.values()):
                 with self.device_lock:
                     cb()

@@ -233,6 +233,8 @@ class MicroVm:
             self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
+        if slot.config.driver == cfgmod.NET:
+            self._wire_net(slot)
 
     @staticmethod
     def _notify_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:
@@ -260,7 +262,7 @@ class MicroVm:
         if self.config.initrd:
             below_4g = layout.ram_layout(self.config.mem_size)[0][1]
             initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g)
-        boot.write_cmdline(mem, self.kernel_cmdline())
+        boot.write_cmdline(mem, self.kernel_cmdline(), kernel.cmdline_max)
         mem.write(layout.ZERO_PAGE_ADDR, boot.build_zero_page(kernel, self.config.mem_size, initrd))
         addr, table = mptable.build(self.config.cpus)
         mem.write(addr, table)
@@ -305,22 +307,55 @@ class MicroVm:
         self.state = VmState.PAUSED if paused else VmState.RUNNING
 
     def _chardev_input(self, ch) -> Callable[[bytes], None]:
-        if ch is self.serial_chardev:
-            pending = bytearray()
+        """Input from a chardev to the device it feeds, loss-free.
 
-            def feed(data: bytes) -> None:
-                pending.extend(data)
-                taken = self.serial.enqueue_input(bytes(pending))
+        What the device cannot take yet (UART FIFO full, no console receive
+        buffer) is kept, bounded by the chardev's own reader (it stops being
+        read while we hold input), and retried shortly.
+        """
+        sink: Callable[[bytes], int] | None = None
+        if ch is self.serial_chardev:
+            sink = self.serial.enqueue_input
+        else:
+            for slot in self.slots:
+                if slot.backend is ch and hasattr(slot.device, "enqueue_input"):
+                    sink = slot.device.enqueue_input
+        if sink is None:
+            return lambda data: None
+        pending = bytearray()
+        retry_armed = [False]
+
+        def flush() -> None:
+            retry_armed[0] = False
+            if pending:
+                taken = sink(bytes(pending))
                 del pending[:taken]
-                if pending:
-                    # FIFO full: try again shortly (the guest drains it).
-                    self.loop.call_later(0.01, lambda: feed(b""))
-            return feed
-        for slot in self.slots:
-            if slot.backend is ch and hasattr(slot.device, "enqueue_input"):
-                dev = slot.device
-                return lambda data: dev.enqueue_input(data)
-        return lambda data: None
+            if pending and not retry_armed[0]:
+                retry_armed[0] = True
+                self.loop.call_later(0.01, flush)
+
+        def feed(data: bytes) -> None:
+            pending.extend(data)
+            flush()
+        return feed
+
+    def _wire_net(self, slot: Slot) -> None:
+        """Tap -> device RX on the device thread; stop polling the tap while
+        the guest has no receive buffer (never busy-spin), re-arm on rx_ready."""
+        dev, tap, loop = slot.device, slot.backend, self.loop
+        fd = tap.fileno()
+        dev.signal_config = slot.transport.signal_config
+
+        def readable() -> None:
+            dev.on_backend_readable()
+            if dev.rx_blocked:
+                loop.remove_reader(fd)
+
+        def rearm() -> None:
+            loop.add_reader(fd, readable)
+            readable()
+        dev.rx_ready = lambda: loop.call_soon(rearm)
+        loop.add_reader(fd, readable)
 
     def run(self) -> int:
         """Run the device loop on this thread until the VM ends; return the exit code."""

@@ -100,6 +100,9 @@ def restore_machine(machine, incoming) -> None:
             if dev_plain is not None and dev_state_cls is not type(None):
                 dev.restore(from_plain(dev_state_cls, dev_plain))
             slot.transport.restore(mmio_state)
+            # A notification still unread in an ioeventfd at snapshot time was
+            # not saved: look at every queue once, as if the guest had kicked.
+            slot.transport.notify_all()
         machine.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
     # The incoming migration is complete once the state is applied.
     machine.migration.start()

@@ -8,8 +8,8 @@
  *     holds  pattern ^ (p * 0x9e3779b97f4a7c15),  pattern = cmdline
  *     "pattern=" (default 0x5a5a5a5a5a5a5a5a). Prints "FILLED pattern=...".
  *  3. Verifies, prints "CHECK ok=1 sum=0x... passes=N", then halts in a
- *     `sti; hlt` loop woken by the LAPIC timer every 100 ms. Every 10 ticks
- *     it re-verifies the whole range (a mismatch prints "CORRUPT at 0x..").
+ *     `sti; hlt` loop woken by the LAPIC timer every 100 ms. Every "every="
+ *     ticks (default 50, i.e. 5 s) it re-verifies the whole range (a mismatch prints "CORRUPT at 0x..").
  *     Each serial byte received prints a fresh "CHECK ok=<0|1> sum=..
  *     passes=N" line; 'q' exits.
  *
@@ -75,6 +75,12 @@ main:
         mov     $16, %esi
         call    cmdline_num
         shl     $8, %rax                /* MiB -> pages */
+        push    %rax
+        lea     key_every(%rip), %rdi
+        mov     $50, %esi
+        call    cmdline_num
+        mov     %rax, every(%rip)
+        pop     %rax
         mov     %rax, npages(%rip)
         shl     $12, %rax
         add     base(%rip), %rax
@@ -133,7 +139,7 @@ main:
         mov     ticks(%rip), %r12
 12:     mov     ticks(%rip), %rax
         sub     %r12, %rax
-        cmp     $10, %rax
+        cmp     every(%rip), %rax
         jb      10b
         mov     ticks(%rip), %r12
         call    verify
@@ -204,12 +210,14 @@ report:
 key_pattern:    .asciz "pattern="
 key_base:       .asciz "base="
 key_mib:        .asciz "mib="
+key_every:      .asciz "every="
 
         .bss
         .balign 8
 pattern:        .skip 8
 base:           .skip 8
 npages:         .skip 8
+every:          .skip 8
 ok:             .skip 8
 sum:            .skip 8
 passes:         .skip 8

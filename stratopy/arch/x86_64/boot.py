@@ -65,6 +65,7 @@ class LoadedKernel:
     entry: int            # guest-physical 64-bit entry point
     end: int              # first byte after the loaded image
     setup_header: bytes   # bzImage setup header to copy to the zero page (b"" for ELF)
+    cmdline_max: int = layout.CMDLINE_MAX - 1  # longest command line the kernel takes
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -119,6 +120,8 @@ def _load_elf(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
 
 
 def _load_bzimage(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
+    if len(data) < HDR_CMDLINE_SIZE + 4:
+        raise KernelError(f"-kernel {path}: truncated bzImage setup header")
     version = struct.unpack_from("<H", data, HDR_VERSION)[0]
     if version < 0x020C:
         raise KernelError(f"-kernel {path}: boot protocol {version >> 8}.{version & 0xff} "
@@ -137,8 +140,10 @@ def _load_bzimage(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
     mem.write(code32, payload)
     # The setup header runs from 0x1f1 to 0x202 + the byte at 0x201.
     hdr_end = HDR_MAGIC + data[HDR_JUMP + 1]
+    cmdline_max = struct.unpack_from("<I", data, HDR_CMDLINE_SIZE)[0]
     return LoadedKernel(entry=code32 + 0x200, end=code32 + len(payload),
-                        setup_header=data[HDR_SETUP_SECTS:hdr_end])
+                        setup_header=data[HDR_SETUP_SECTS:hdr_end],
+                        cmdline_max=cmdline_max or 255)
 
 
 def load_initrd(mem: GuestMemory, path: str, kernel_end: int, ram_below_4g: int) -> tuple[int, int]:
@@ -197,11 +202,14 @@ def build_zero_page(kernel: LoadedKernel, mem_size: int,
     return bytes(zp)
 
 
-def write_cmdline(mem: GuestMemory, cmdline: str) -> int:
+def write_cmdline(mem: GuestMemory, cmdline: str, limit: int = layout.CMDLINE_MAX - 1) -> int:
+    """Write the command line; refuse one the kernel would silently cut
+    (it would lose the virtio_mmio.device= entries appended at the end)."""
     raw = cmdline.encode() + b"\0"
-    if len(raw) > layout.CMDLINE_MAX:
-        raise KernelError(f"-append: kernel command line is {len(raw)} bytes, "
-                          f"at most {layout.CMDLINE_MAX - 1} fit")
+    limit = min(limit, layout.CMDLINE_MAX - 1)
+    if len(raw) - 1 > limit:
+        raise KernelError(f"-append: kernel command line is {len(raw) - 1} bytes "
+                          f"with the monitor's additions, the kernel takes at most {limit}")
     mem.write(layout.CMDLINE_ADDR, raw)
     return len(raw) - 1
 
