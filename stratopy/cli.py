@@ -2,6 +2,20 @@
 
 Every StratoError becomes one line on stderr and its exit code; a Python
 traceback reaching the user is a bug.
+
+Lifecycle (what the launcher sees):
+
+- ``-daemonize``: the launcher forks the daemon before anything is built (no
+  thread may exist at fork time) and exits 0 only once the daemon reports the
+  VM up (stratopy.daemon); a start-up error is printed by the launcher and
+  is its exit code.
+- SIGTERM, SIGINT, SIGHUP: clean shutdown as in QEMU ("terminating on signal
+  N", SHUTDOWN event with reason ``host-signal``, exit 0). The signals reach
+  the device loop through ``signal.set_wakeup_fd`` (a vCPU thread may be the
+  one the kernel delivers them to, and a Python handler must not take the
+  loop's locks). A signal during start-up aborts it (exit 0 as well).
+- Exit: the loop stops, the machine is torn down (terminal restored, chardev
+  and QMP socket files removed), then the pidfile is removed.
 """
 
 from __future__ import annotations
@@ -10,17 +24,42 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from stratopy.errors import StratoError
 
 log = logging.getLogger("stratopy")
 
+TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Terminated(BaseException):
+    """A termination signal arrived before the device loop ran."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+
+class _TidFilter(logging.Filter):
+    """Adds ``tid``: the kernel thread id (as in /proc/PID/task/TID)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.tid = threading.get_native_id()
+        return True
+
 
 def _setup_logging(config) -> None:
     level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.INFO
-    fmt = "%(asctime)s.%(msecs)03d [pid %(process)d tid %(thread)d] %(levelname)s %(name)s: %(message)s"
+    who = f"{config.name} " if config.name else ""
+    fmt = (f"%(asctime)s.%(msecs)03d [{who.replace('%', '%%')}pid %(process)d tid %(tid)d] "
+           "%(levelname)s %(name)s: %(message)s")
     if config.log_file:
-        handler: logging.Handler = logging.FileHandler(config.log_file)
+        try:
+            handler: logging.Handler = logging.FileHandler(config.log_file)
+        except OSError as e:
+            raise StratoError(f"-D: cannot open log file {config.log_file}: "
+                              f"{e.strerror or e}") from None
     elif config.logging:
         handler = logging.StreamHandler(sys.stderr)
     else:
@@ -28,10 +67,79 @@ def _setup_logging(config) -> None:
         handler = logging.StreamHandler(sys.stderr)
         level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.WARNING
         fmt = "stratopy: %(message)s"
+    handler.addFilter(_TidFilter())
     handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def _config_summary(config) -> str:
+    mib = config.mem_size // (1024 * 1024)
+    devs = ",".join(f"{d.driver}:{d.id}" for d in config.devices) or "none"
+    qmp = ",".join(q.path if q.kind == "unix" else f"tcp:{q.host}:{q.port}"
+                   for q in config.qmp) or "none"
+    serial = "none"
+    if config.serial is not None:
+        serial = config.serial.backend + (f":{config.serial.path}" if config.serial.path else "")
+    parts = [f"machine={config.machine_type}", f"cpus={config.cpus}", f"mem={mib}M",
+             f"kernel={config.kernel}"]
+    if config.initrd:
+        parts.append(f"initrd={config.initrd}")
+    parts += [f"devices={devs}", f"serial={serial}", f"qmp={qmp}"]
+    if config.incoming is not None:
+        parts.append(f"incoming={config.incoming.path}")
+    if config.start_paused:
+        parts.append("paused=on")
+    if config.daemonize:
+        parts.append("daemonize=on" + (f",pidfile={config.pidfile}" if config.pidfile else ""))
+    return " ".join(parts)
+
+
+class _Signals:
+    """SIGTERM/SIGINT/SIGHUP -> a clean shutdown of ``machine`` (see module doc)."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.raise_on_signal = True      # False once the loop owns them, and at exit
+        self.machine = None
+        self._old_wakeup = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, self._handler) for s in TERM_SIGNALS}
+
+    def _handler(self, signum, _frame) -> None:
+        # Runs on the main thread between bytecodes. Once the device loop
+        # runs, the wakeup fd has already carried the signal to it.
+        if self.raise_on_signal:
+            self.raise_on_signal = False
+            raise _Terminated(signum)
+
+    def attach(self, machine) -> None:
+        """Route signals to the machine's loop (before start())."""
+        self.machine = machine
+        machine.loop.add_reader(self.r, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.r, 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            if signum in TERM_SIGNALS and self.machine is not None:
+                self.terminate(signum)
+
+    def terminate(self, signum: int) -> None:
+        log.warning("terminating on signal %d", signum)
+        self.machine.request_shutdown("host-signal", guest=False, code=0)
+
+    def close(self) -> None:
+        for s, old in self._old.items():
+            try:
+                signal.signal(s, old if old is not None else signal.SIG_DFL)
+            except (TypeError, ValueError):
+                pass
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self.r)
+        os.close(self.w)
 
 
 def run(argv: list[str]) -> int:
@@ -42,35 +150,97 @@ def run(argv: list[str]) -> int:
     except (HelpRequested, VersionRequested) as h:
         print(h.text)
         return 0
-    _setup_logging(config)
 
-    from stratopy.machine.microvm import MicroVm
-    from stratopy.machine.control import attach_control
+    daemon = None
+    if config.daemonize:
+        from stratopy.daemon import Daemonizer
 
-    machine = MicroVm(config)
+        daemon = Daemonizer(config.pidfile)
+        code = daemon.detach()
+        if code is not None:
+            return code          # the launcher: the daemon reported back
     try:
-        if config.incoming is not None:
-            machine.build_from_template()
-        else:
-            machine.build_for_boot()
-        # QMP sockets exist before the first guest instruction runs.
-        control = attach_control(machine)
-
-        def on_signal(signum, _frame) -> None:
-            machine.request_shutdown("host-signal", guest=False, code=0)
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, on_signal)
-
-        machine.start()
-        if os.environ.get("STRATOPY_TIMINGS"):
-            _report_timings(machine)
-        code = machine.run()
-        control.close()
-        return code
-    except BaseException:
-        machine.teardown()
+        return _run_vm(config, daemon)
+    except StratoError as e:
+        if config.log_file and logging.getLogger().handlers:
+            log.error("%s", e)   # the log file has it too (stderr may be /dev/null)
+        if daemon is not None and daemon.reporting:
+            daemon.fail(str(e), e.exit_code)
+            return e.exit_code
         raise
+    except BaseException as e:
+        if daemon is not None and daemon.reporting:
+            daemon.fail(f"internal error: {type(e).__name__}: {e}", 1)
+        raise
+    finally:
+        if daemon is not None:
+            daemon.remove_pidfile()
+
+
+def _run_vm(config, daemon) -> int:
+    from stratopy import __version__
+    from stratopy.daemon import set_process_name
+
+    signals = _Signals()
+    try:
+        _setup_logging(config)
+        if daemon is not None:
+            daemon.write_pidfile()
+        if config.name:
+            set_process_name(config.name)
+        log.info("stratopy %s starting%s, pid %d", __version__,
+                 f" VM '{config.name}'" if config.name else "", os.getpid())
+        log.info("config: %s", _config_summary(config))
+
+        from stratopy.machine.control import attach_control
+        from stratopy.machine.microvm import MicroVm
+
+        machine = MicroVm(config)
+        control = None
+        try:
+            if config.incoming is not None:
+                machine.build_from_template()
+                log.info("VM built from template %s in %.1f ms", config.incoming.path,
+                         machine.timings.get("build", 0.0) * 1000)
+            else:
+                machine.build_for_boot()
+                log.info("kernel command line: %s", machine.kernel_cmdline())
+                log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
+            # QMP sockets exist before the first guest instruction runs.
+            control = attach_control(machine)
+            signals.attach(machine)
+            machine.start()
+            signals.raise_on_signal = False
+            if config.incoming is not None and config.start_paused:
+                log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
+            log.info("VM started, vCPUs %s",
+                     "paused (-S): waiting for 'cont'" if machine.state.value == "paused"
+                     else "running")
+            if daemon is not None:
+                log.info("daemonized%s", f", pidfile {daemon.pidfile}" if daemon.pidfile else "")
+                daemon.ready()
+            if os.environ.get("STRATOPY_TIMINGS"):
+                _report_timings(machine)
+            code = machine.run()
+            log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
+            return code
+        except _Terminated as t:
+            log.warning("terminating on signal %d", t.signum)
+            if daemon is not None and daemon.reporting:
+                daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
+            return 0
+        finally:
+            signals.raise_on_signal = False
+            machine.teardown()
+            if control is not None:
+                control.close()
+    except _Terminated as t:
+        log.warning("terminating on signal %d", t.signum)
+        if daemon is not None and daemon.reporting:
+            daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
+        return 0
+    finally:
+        signals.close()
 
 
 def _report_timings(machine) -> None:

@@ -124,7 +124,7 @@ class Vm:
         tag = f"{os.getpid()}{int(time.monotonic() * 1e6) % 10**9}"
         start = self.mark()
         self.send(f"echo B{tag}B; {command}; echo E{tag}E $?\n")
-        m = self.wait_for(rf"\nB{tag}B\r?\n(.*?)E{tag}E (\d+)", timeout, since=start)
+        m = self.wait_for(rf"(?s)\nB{tag}B\r?\n(.*?)E{tag}E (\d+)", timeout, since=start)
         self.last_status = int(m.group(2))
         return m.group(1).replace("\r", "")
 
