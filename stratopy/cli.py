@@ -206,11 +206,13 @@ def _run_vm(config, daemon) -> int:
                 machine.build_for_boot()
                 log.info("kernel command line: %s", machine.kernel_cmdline())
                 log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
+            # From here on QMP clients may connect: a signal takes the normal
+            # way (SHUTDOWN event) once the loop runs, however early it came.
+            signals.attach(machine)
+            signals.raise_on_signal = False
             # QMP sockets exist before the first guest instruction runs.
             control = attach_control(machine)
-            signals.attach(machine)
             machine.start()
-            signals.raise_on_signal = False
             if config.incoming is not None and config.start_paused:
                 log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
             log.info("VM started, vCPUs %s",

@@ -391,6 +391,9 @@ def _ensure_source(version: str, patches: list[tuple[str, bytes]], log: _BuildLo
     with _locked(base / f"{final.name}.lock"):
         if marker.is_file():
             return final / "linux-source-6.1"
+        # leftovers of an interrupted unpack (we hold the lock: nobody owns them)
+        for stale in base.glob(f"{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             shutil.rmtree(final)
         base.mkdir(parents=True, exist_ok=True)
@@ -582,6 +585,8 @@ def build_rootfs(force: bool = False) -> Path:
         mkfs = _which("mkfs.ext4")
         if not mkfs:
             raise StratoError("guest rootfs build needs mkfs.ext4: apt-get install e2fsprogs")
+        for stale in rdir.glob("staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         log = _BuildLog(rdir / "build.log", "rootfs")
         staging = Path(tempfile.mkdtemp(prefix="staging-", dir=rdir))
         tmp = rdir / f".{ROOTFS_NAME}.tmp-{os.getpid()}"

@@ -26,7 +26,9 @@ class EventLoop:
         self.sel = selectors.DefaultSelector()
         self.device_lock = threading.RLock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.sel.register(self._wake_fd, selectors.EVENT_READ, self._drain_wake)
+        # One bound method object, so run() can recognise it with ``is``.
+        self._wake_cb = self._drain_wake
+        self.sel.register(self._wake_fd, selectors.EVENT_READ, self._wake_cb)
         self._pending: list[Callable[[], None]] = []
         self._pending_lock = threading.Lock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -111,7 +113,7 @@ class EventLoop:
                 # A callback earlier in this batch may have removed this fd.
                 if fd_map.get(key.fd) is not key:
                     continue
-                if key.data is self._drain_wake:
+                if key.data is self._wake_cb:
                     # Posted requests run WITHOUT device_lock: they may pause
                     # vCPUs, and a vCPU blocked on the lock could never park.
                     # A request that touches devices while vCPUs run takes

@@ -426,6 +426,8 @@ class MicroVm:
             r.pause_requested = True
         for r in self.runners:
             if not r.pause():
+                # Leave the VM exactly as it was: running.
+                self.resume_vcpus()
                 raise StratoError(f"vCPU {r.vcpu.index} did not pause in time")
 
     def resume_vcpus(self) -> None:

@@ -79,6 +79,7 @@ def take_template(machine, uri: str) -> None:
 
     mig = machine.migration
     directory = parse_uri(uri)
+    created = False
     mig.start()                                      # -> setup
     was_running = machine.state is VmState.RUNNING
     paused_here = False
@@ -89,6 +90,7 @@ def take_template(machine, uri: str) -> None:
             raise MigrationError(reason)
         if machine.state not in (VmState.RUNNING, VmState.PAUSED):
             raise MigrationError(f"the VM is {machine.state.value}")
+        created = not os.path.exists(directory)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
@@ -101,14 +103,15 @@ def take_template(machine, uri: str) -> None:
         meta = fmt.host_meta(kvm_api_version=machine.kvm.api_version)
         meta["machine"] = machine_facts
         memfile.save_template(directory, machine.mem, meta, components)
-    except StratoError as e:
-        mig.fail(str(e))
-        if paused_here:
-            machine.resume()
-        raise MigrationError(str(e)) from None
-    except OSError as e:
-        msg = f"writing the template to {directory} failed: {e.strerror or e}"
+    except (StratoError, OSError) as e:
+        msg = str(e) if isinstance(e, StratoError) else \
+            f"writing the template to {directory} failed: {e.strerror or e}"
         mig.fail(msg)
+        if created:
+            try:
+                os.rmdir(directory)   # only if we made it and it stayed empty
+            except OSError:
+                pass
         if paused_here:
             machine.resume()
         raise MigrationError(msg) from None
