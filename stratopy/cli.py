@@ -224,6 +224,10 @@ def _run_vm(config, daemon) -> int:
             if os.environ.get("STRATOPY_TIMINGS"):
                 _report_timings(machine)
             code = machine.run()
+            if machine.failure is not None:
+                if config.log_file:
+                    log.error("%s", machine.failure)
+                print(f"stratopy: {machine.failure}", file=sys.stderr, flush=True)
             log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
             return code
         except _Terminated as t:

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from tests import harness
+from tests import harness, netns
 
 HAVE_KVM = os.path.exists("/dev/kvm")
 
@@ -71,19 +71,51 @@ def make_ro_disk(workdir) -> str:
     return path
 
 
-def session_args(images, disk: str, ro: str, kernel_key: str = "vmlinux") -> list[str]:
+GUEST_MAC = "52:54:00:12:34:56"
+
+
+def session_args(images, disk: str, ro: str, console_sock: str,
+                 kernel_key: str = "vmlinux") -> list[str]:
+    """Every device of the microvm, so the template round trip covers them all:
+    root disk, a read-only disk, virtio-net on a tap (inside the VM's own
+    network namespace), a virtio console on a unix socket, and virtio-rng."""
     return harness.linux_args(images[kernel_key], disk, cpus=2, extra=[
         "-drive", f"file={ro},id=ro,readonly=on,direct=off",
-        "-device", "virtio-blk-device,drive=ro,id=ro,serial=RO-DISK"])
+        "-device", "virtio-blk-device,drive=ro,id=ro,serial=RO-DISK",
+        "-netdev", f"tap,id=net0,ifname={netns.TAP}",
+        "-device", f"virtio-net-device,netdev=net0,id=net0,mac={GUEST_MAC}",
+        "-device", "virtio-serial-device,id=vser0",
+        "-chardev", f"socket,id=con0,path={console_sock},server,nowait",
+        "-device", "virtconsole,chardev=con0,id=console0",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0,id=rng0"])
+
+
+class GuestVm(harness.Vm):
+    """A Linux VM in its own network namespace, with its console socket."""
+
+    def __init__(self, args: list[str], console_sock: str):
+        self.ns = netns.new_netns()
+        self.console_sock = console_sock
+        try:
+            super().__init__(args, program=self.ns.program())
+        except BaseException:
+            self.ns.close()
+            raise
+
+    def kill(self) -> None:
+        super().kill()
+        self.ns.close()
 
 
 class Template:
-    def __init__(self, path, disk, ro, args, vm):
+    def __init__(self, path, disk, ro, args, vm, console_sock):
         self.path = path        # template directory
         self.disk = disk        # the disk the template VM used (clones copy it)
         self.ro = ro
         self.args = args        # the command line (without -incoming)
         self.vm = vm            # the template VM itself, paused after migrate
+        self.console_sock = console_sock
 
 
 @pytest.fixture(scope="session")
@@ -91,14 +123,16 @@ def booted(images, workdir):
     """One Linux VM cold-booted from the ELF vmlinux, prepared for templating."""
     disk = make_disk(images, workdir, "template-disk.img")
     ro = make_ro_disk(workdir)
-    args = session_args(images, disk, ro)
-    vm = harness.Vm(args)
+    console_sock = os.path.join(workdir, "console.sock")
+    args = session_args(images, disk, ro, console_sock)
+    vm = GuestVm(args, console_sock)
     try:
-        vm.wait_for(harness.READY, timeout=600)
+        vm.wait_for(harness.READY, timeout=900)
         vm.wait_for(r"# ", timeout=60)
         vm.run("echo tmpfs-marker-1234 > /tmp/marker")
         vm.run("(while true; do sleep 1; done) & echo $! > /tmp/bg.pid")
         vm.run("echo disk-marker-5678 > /root-file.txt; sync")
+        vm.run(f"ip addr add {netns.GUEST_IP}/{netns.PREFIX} dev eth0 && ip link set eth0 up")
         yield vm, args, disk, ro
     finally:
         vm.kill()
@@ -118,7 +152,7 @@ def template(booted, workdir):
         assert r["return"]["status"] == "completed", r
     finally:
         q.close()
-    return Template(path, disk, ro, args, vm)
+    return Template(path, disk, ro, args, vm, vm.console_sock)
 
 
 def clone_disk(template: Template, workdir: str, name: str) -> str:
@@ -127,8 +161,19 @@ def clone_disk(template: Template, workdir: str, name: str) -> str:
     return path
 
 
-def clone_args(template: Template, disk: str) -> list[str]:
-    """The template's command line with the clone's own disk copy."""
-    args = list(template.args)
-    args = [a.replace(f"file={template.disk},", f"file={disk},") for a in args]
+def clone_args(template: Template, disk: str, console_sock: str | None = None) -> list[str]:
+    """The template's command line with the clone's own disk copy (and its own
+    console socket), plus -incoming."""
+    console_sock = console_sock or disk + ".console.sock"
+    args = [a.replace(f"file={template.disk},", f"file={disk},")
+             .replace(f"path={template.console_sock},", f"path={console_sock},")
+            for a in template.args]
     return args + ["-incoming", f"file:{template.path}"]
+
+
+def start_clone(template: Template, disk: str, args: list[str] | None = None) -> GuestVm:
+    """A clone in a network namespace of its own (same guest IP and MAC as
+    the template, so clones must not share a link)."""
+    args = args or clone_args(template, disk)
+    sock = next(a.split("path=")[1].split(",")[0] for a in args if a.startswith("socket,id=con0"))
+    return GuestVm(args, sock)

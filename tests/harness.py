@@ -226,7 +226,7 @@ def guest_images() -> dict:
     """Paths of the Linux guest images (built on first use, cached)."""
     from stratopy.guest import guest_paths
 
-    return guest_paths()
+    return {k: str(v) for k, v in guest_paths().items()}
 
 
 def linux_args(kernel: str, disk: str, mem: str = "256M", cpus: int = 1,

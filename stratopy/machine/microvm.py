@@ -94,6 +94,7 @@ class MicroVm:
         self.backend = kvm_backend.detect()
         self.exit_code = 0
         self.shutdown_reason: str | None = None
+        self.failure: GuestError | None = None     # why the guest could not continue
         self.event_sink: Callable[[str, dict], None] = lambda name, data: None
         self.migration = MigrationState()
         self._shutdown_once = threading.Lock()
@@ -376,10 +377,8 @@ class MicroVm:
         for r in self.runners:
             if r.thread is threading.current_thread():
                 vcpu = r.vcpu
-        err = self._describe_failure(vcpu, ex)
-        log.error("%s", err)
-        import sys
-        print(f"stratopy: {err}", file=sys.stderr, flush=True)
+        # Kept for the CLI, which reports it once (stderr, and the -D log).
+        self.failure = self._describe_failure(vcpu, ex)
         self.request_shutdown("internal-error", guest=False, code=1)
 
     def _describe_failure(self, vcpu, ex) -> GuestError:

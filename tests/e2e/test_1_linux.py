@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests import harness
-from tests.conftest import clone_args, clone_disk
+from tests.conftest import clone_args, clone_disk, start_clone
 
 pytestmark = pytest.mark.linux
 
@@ -96,7 +96,7 @@ def test_concurrent_clones(template, workdir):
     try:
         for i in range(3):
             disk = clone_disk(template, workdir, f"clone{i}.img")
-            clones.append(harness.Vm(clone_args(template, disk)))
+            clones.append(start_clone(template, disk))
         errors = []
 
         def check(c):
@@ -123,7 +123,7 @@ def test_restore_chain_three_times(template, workdir):
     for gen in range(1, 4):
         args = clone_args(template, disk)
         args[-1] = f"file:{src}"
-        with harness.Vm(args) as vm:
+        with start_clone(template, disk, args) as vm:
             out = vm.run(f"cat /tmp/marker; echo gen{gen} >> /tmp/chain; cat /tmp/chain", timeout=60)
             assert "tmpfs-marker-1234" in out
             assert [ln for ln in out.split("\n") if ln.startswith("gen")] == \
@@ -137,7 +137,7 @@ def test_restore_chain_three_times(template, workdir):
         src = dst
     args = clone_args(template, disk)
     args[-1] = f"file:{src}"
-    with harness.Vm(args) as vm:
+    with start_clone(template, disk, args) as vm:
         assert vm.run("cat /tmp/chain", timeout=60).split() == ["gen1", "gen2", "gen3"]
 
 
@@ -145,7 +145,7 @@ def test_mapped_off_restore(template, workdir):
     disk = clone_disk(template, workdir, "unmapped.img")
     args = clone_args(template, disk)
     args[-1] += ",mapped=off"
-    with harness.Vm(args) as vm:
+    with start_clone(template, disk, args) as vm:
         assert vm.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
 
 
@@ -229,41 +229,3 @@ def test_foreign_memory_file_is_refused(template, workdir):
         assert "memory" in r.stderr and "Traceback" not in r.stderr
 
 
-# --- the template VM resumes, then reboots; the disk keeps what it wrote ---------------
-
-def test_template_vm_resumes_with_cont(template):
-    vm = template.vm
-    q = vm.qmp()
-    try:
-        assert q.cmd("cont") == {"return": {}}
-        assert q.wait_event("RESUME")["event"] == "RESUME"
-        assert vm.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
-    finally:
-        q.close()
-
-
-def test_guest_reboot_ends_the_vm_with_exit_0(template):
-    vm = template.vm
-    q = vm.qmp()
-    try:
-        vm.send("reboot\n")
-        ev = q.wait_event("SHUTDOWN", timeout=300)
-        assert ev["data"]["guest"] is True
-        assert vm.wait_exit(60) == 0
-    finally:
-        q.close()
-
-
-def test_bzimage_boots_and_reads_back_the_file(images, template, workdir):
-    """Boot again (bzImage this time) on the disk the first VM wrote and synced."""
-    assert template.vm.proc.poll() is not None, "the template VM must have exited"
-    args = harness.linux_args(images["bzImage"], template.disk, cpus=1)
-    with harness.Vm(args) as vm:
-        vm.wait_for(harness.READY, timeout=600)
-        assert vm.run("cat /root-file.txt", timeout=60).strip() == "disk-marker-5678"
-        assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "1"
-        q = vm.qmp()
-        assert q.cmd("quit") == {"return": {}}
-        assert q.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-qmp-quit"}
-        q.close()
-        assert vm.wait_exit(30) == 0
