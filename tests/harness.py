@@ -115,7 +115,7 @@ class Vm:
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def run(self, command: str, timeout: float = 30.0) -> str:
+    def run(self, command: str, timeout: float = 90.0) -> str:
         """Run a shell command on the serial console; return its output.
 
         The output is bracketed by unique markers so echo and prompts do not

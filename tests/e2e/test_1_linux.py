@@ -72,16 +72,17 @@ def test_template_vm_stays_paused_after_migrate(template):
 
 
 def _check_clone(clone: harness.Vm, template_time: int) -> None:
-    assert clone.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
-    assert clone.run("kill -0 $(cat /tmp/bg.pid) && echo alive").strip() == "alive"
-    assert clone.run("cat /root-file.txt").strip() == "disk-marker-5678"
-    now = int(clone.run("date +%s").strip())
-    assert now >= template_time
-    t1 = float(clone.run("cat /proc/uptime").split()[0])
-    time.sleep(1.2)
-    t2 = float(clone.run("cat /proc/uptime").split()[0])
-    assert t2 > t1, (t1, t2)                     # guest time moves on
-    clone.run("echo clone-write > /tmp/own && sync")
+    # One shell command per round trip: every process a PVM guest spawns costs
+    # a second or more of emulated kernel code (fork/exec), so keep them few.
+    out = clone.run("cat /tmp/marker /root-file.txt; kill -0 $(cat /tmp/bg.pid) && echo alive; "
+                    "date +%s; cut -d' ' -f1 /proc/uptime", timeout=180)
+    marker, disk, alive, now, up1 = out.split()
+    assert (marker, disk, alive) == ("tmpfs-marker-1234", "disk-marker-5678", "alive"), out
+    assert int(now) >= template_time                 # the wall clock was brought forward
+    time.sleep(1.5)
+    up2 = clone.run("cut -d' ' -f1 /proc/uptime", timeout=120).strip()
+    assert float(up2) > float(up1), (up1, up2)       # guest time moves on
+    clone.run("echo clone-write > /tmp/own && sync", timeout=120)
     q = clone.qmp()
     try:
         assert q.cmd("query-migrate")["return"]["status"] == "completed"
@@ -108,7 +109,7 @@ def test_concurrent_clones(template, workdir):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(180)
+            t.join(600)
         assert not errors, errors
     finally:
         for c in clones:
@@ -124,7 +125,7 @@ def test_restore_chain_three_times(template, workdir):
         args = clone_args(template, disk)
         args[-1] = f"file:{src}"
         with start_clone(template, disk, args) as vm:
-            out = vm.run(f"cat /tmp/marker; echo gen{gen} >> /tmp/chain; cat /tmp/chain", timeout=60)
+            out = vm.run(f"cat /tmp/marker; echo gen{gen} >> /tmp/chain; cat /tmp/chain", timeout=120)
             assert "tmpfs-marker-1234" in out
             assert [ln for ln in out.split("\n") if ln.startswith("gen")] == \
                 [f"gen{g}" for g in range(1, gen + 1)]
@@ -138,7 +139,7 @@ def test_restore_chain_three_times(template, workdir):
     args = clone_args(template, disk)
     args[-1] = f"file:{src}"
     with start_clone(template, disk, args) as vm:
-        assert vm.run("cat /tmp/chain", timeout=60).split() == ["gen1", "gen2", "gen3"]
+        assert vm.run("cat /tmp/chain", timeout=120).split() == ["gen1", "gen2", "gen3"]
 
 
 def test_mapped_off_restore(template, workdir):
@@ -146,7 +147,7 @@ def test_mapped_off_restore(template, workdir):
     args = clone_args(template, disk)
     args[-1] += ",mapped=off"
     with start_clone(template, disk, args) as vm:
-        assert vm.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
+        assert vm.run("cat /tmp/marker", timeout=120).strip() == "tmpfs-marker-1234"
 
 
 # --- mismatches and corruption: refused before any vCPU runs --------------------------

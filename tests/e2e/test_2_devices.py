@@ -51,7 +51,7 @@ def console_command(sock_path: str, command: str, expect: str, timeout: float = 
 
 
 def check_network(vm) -> None:
-    out = vm.run(f"ping -c 2 -W 3 {netns.HOST_IP} >/dev/null && echo ping-ok", timeout=60)
+    out = vm.run(f"ping -c 2 -W 3 {netns.HOST_IP} >/dev/null && echo ping-ok", timeout=120)
     assert "ping-ok" in out, out
     r = vm.ns.run("ping", "-c", "2", "-W", "3", netns.GUEST_IP)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -114,7 +114,7 @@ def test_virtio_rng(booted):
 def test_clone_has_working_devices(template, workdir):
     disk = clone_disk(template, workdir, "devices-clone.img")
     with start_clone(template, disk) as vm:
-        assert vm.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
+        assert vm.run("cat /tmp/marker", timeout=120).strip() == "tmpfs-marker-1234"
         check_network(vm)
         check_tcp_transfer(vm, 64 * 1024)
         check_console(vm)

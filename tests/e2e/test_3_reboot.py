@@ -18,7 +18,7 @@ def test_template_vm_resumes_with_cont(template):
     try:
         assert q.cmd("cont") == {"return": {}}
         assert q.wait_event("RESUME")["event"] == "RESUME"
-        assert vm.run("cat /tmp/marker", timeout=60).strip() == "tmpfs-marker-1234"
+        assert vm.run("cat /tmp/marker", timeout=120).strip() == "tmpfs-marker-1234"
     finally:
         q.close()
 
@@ -41,7 +41,7 @@ def test_bzimage_boots_and_reads_back_the_file(images, template, workdir):
     args = harness.linux_args(images["bzImage"], template.disk, cpus=1)
     with harness.Vm(args) as vm:
         vm.wait_for(harness.READY, timeout=600)
-        assert vm.run("cat /root-file.txt", timeout=60).strip() == "disk-marker-5678"
+        assert vm.run("cat /root-file.txt", timeout=120).strip() == "disk-marker-5678"
         assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "1"
         q = vm.qmp()
         assert q.cmd("quit") == {"return": {}}
