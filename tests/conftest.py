@@ -130,7 +130,7 @@ def booted(images, workdir):
         vm.wait_for(harness.READY, timeout=900)
         vm.wait_for(r"# ", timeout=60)
         vm.run("echo tmpfs-marker-1234 > /tmp/marker")
-        vm.run("(while true; do sleep 1; done) & echo $! > /tmp/bg.pid")
+        vm.run("sleep 999999 & echo $! > /tmp/bg.pid")
         vm.run("echo disk-marker-5678 > /root-file.txt; sync")
         vm.run(f"ip addr add {netns.GUEST_IP}/{netns.PREFIX} dev eth0 && ip link set eth0 up")
         yield vm, args, disk, ro

@@ -29,6 +29,8 @@ class GuestTimeout(AssertionError):
 class Vm:
     """A stratopy process with its serial console on stdin/stdout."""
 
+    _seq = 0
+
     def __init__(self, args: list[str], qmp: bool = True, env: dict | None = None,
                  cwd: str | None = None, program: list[str] | None = None):
         """``program``: the monitor's argv prefix (default ``python -m stratopy``;
@@ -118,13 +120,16 @@ class Vm:
     def run(self, command: str, timeout: float = 90.0) -> str:
         """Run a shell command on the serial console; return its output.
 
-        The output is bracketed by unique markers so echo and prompts do not
-        confuse the result.
+        The output is bracketed by short unique markers so echo and prompts
+        do not confuse the result. Short, because the guest shell echoes
+        every input character itself, and under PVM emulation each echoed
+        character costs the guest an interrupt's worth of kernel code.
         """
-        tag = f"{os.getpid()}{int(time.monotonic() * 1e6) % 10**9}"
+        Vm._seq += 1
+        tag = f"{Vm._seq:x}"
         start = self.mark()
-        self.send(f"echo B{tag}B; {command}; echo E{tag}E $?\n")
-        m = self.wait_for(rf"(?s)\nB{tag}B\r?\n(.*?)E{tag}E (\d+)", timeout, since=start)
+        self.send(f"echo @{tag}@;{command};echo ~{tag}~$?\n")
+        m = self.wait_for(rf"(?s)\n@{tag}@\r?\n(.*?)~{tag}~(\d+)", timeout, since=start)
         self.last_status = int(m.group(2))
         return m.group(1).replace("\r", "")
 
