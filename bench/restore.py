@@ -65,8 +65,9 @@ def warm_start(images, work, template, disk, mem="256M", i=0):
     env = {"STRATOPY_TIMINGS": "1", "STRATOPY_T0": repr(time.time())}
     t0 = time.monotonic()
     with harness.Vm(args, env=env) as vm:
-        out = vm.run("cat /tmp/marker", timeout=60)
+        common.answers(vm)
         dt = time.monotonic() - t0
+        out = vm.run("cat /tmp/marker", timeout=120)
         assert "template-marker" in out, out
         m = None
         for line in vm.stderr.splitlines():
@@ -88,8 +89,9 @@ def qemu_incoming(images, work, state, disk, i=0):
         while q.cmd("query-status")["return"]["status"] != "paused":
             time.sleep(0.002)
         q.cmd("cont")
-        out = vm.run("cat /tmp/marker", timeout=60)
+        common.answers(vm)
         dt = time.monotonic() - t0
+        out = vm.run("cat /tmp/marker", timeout=120)
         assert "template-marker" in out, out
         vm.kill()
     os.unlink(clone)
@@ -107,7 +109,7 @@ def density(images, work, template, disk, n):
             args = harness.linux_args(images["vmlinux"], clone) + ["-incoming", f"file:{template}"]
             vms.append(harness.Vm(args))
         for vm in vms:
-            vm.run("cat /tmp/marker > /dev/null", timeout=120)
+            common.answers(vm, timeout=300)
         time.sleep(1)
         uss, pss = [], []
         for vm in vms:

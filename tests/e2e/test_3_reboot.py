@@ -36,13 +36,13 @@ def test_guest_reboot_ends_the_vm_with_exit_0(template):
 
 
 def test_bzimage_boots_and_reads_back_the_file(images, template, workdir):
-    """Boot again (bzImage this time) on the disk the first VM wrote and synced."""
+    """Boot again (bzImage this time, 2 vCPUs) on the disk the first VM wrote and synced."""
     assert template.vm.proc.poll() is not None, "the template VM must have exited"
-    args = harness.linux_args(images["bzImage"], template.disk, cpus=1)
+    args = harness.linux_args(images["bzImage"], template.disk, cpus=2)
     with harness.Vm(args) as vm:
         vm.wait_for(harness.READY, timeout=600)
         assert vm.run("cat /root-file.txt", timeout=120).strip() == "disk-marker-5678"
-        assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "1"
+        assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "2"   # every -smp CPU online
         q = vm.qmp()
         assert q.cmd("quit") == {"return": {}}
         assert q.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-qmp-quit"}
