@@ -131,7 +131,7 @@ def booted(images, workdir):
     vm = GuestVm(args, console_sock)
     try:
         vm.wait_for(harness.READY, timeout=900)
-        vm.wait_for(r"# ", timeout=60)
+        vm.wait_for(r"# ", timeout=300)
         vm.run("echo tmpfs-marker-1234 > /tmp/marker")
         vm.run("sleep 999999 & echo $! > /tmp/bg.pid")
         vm.run("echo disk-marker-5678 > /root-file.txt; sync")

@@ -22,6 +22,10 @@ PVM_CMDLINE_TABLE: tuple[tuple[str, str], ...] = (
     ("clearcpuid=popcnt,rdrand,rdseed,smap,erms,fsrm",
      "POPCNT, RDRAND, RDSEED, SMAP (clac/stac), ERMS/FSRM (rep movsb paths) "
      "are not emulated"),
+    ("rcupdate.rcu_cpu_stall_suppress=1",
+     "a restored clone sees the host's TSC jump forward (PVM does not offset "
+     "it), RCU reports a stall and sends NMI-backtrace IPIs through KVM's PV "
+     "hypercall, which the emulator faults on from an interrupt (guest panic)"),
 )
 
 

@@ -59,6 +59,19 @@ class Vm:
         lvl = uapi.kvm_irq_level(irq=irq, level=level)
         ioctl(self.fd, uapi.KVM_IRQ_LINE, ctypes.byref(lvl))
 
+    def irq_pulse(self, irq: int):
+        """A callable that raises then lowers ``irq`` (an edge), allocation-free."""
+        hi = uapi.kvm_irq_level(irq=irq, level=1)
+        lo = uapi.kvm_irq_level(irq=irq, level=0)
+        hi_ref, lo_ref = ctypes.byref(hi), ctypes.byref(lo)
+        fd, req = self.fd, uapi.KVM_IRQ_LINE
+
+        def pulse() -> None:
+            ioctl(fd, req, hi_ref)
+            ioctl(fd, req, lo_ref)
+        pulse._structs = (hi, lo)   # keep the structs alive with the callable
+        return pulse
+
     def register_irqfd(self, efd: int, gsi: int) -> None:
         req = uapi.kvm_irqfd(fd=efd, gsi=gsi)
         ioctl(self.fd, uapi.KVM_IRQFD, ctypes.byref(req))
