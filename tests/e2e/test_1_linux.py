@@ -19,6 +19,7 @@ import pytest
 
 from tests import harness
 from tests.conftest import clone_args, clone_disk, start_clone
+from tests.e2e.guestchecks import check_console, check_network, check_rng, check_tcp_transfer
 
 pytestmark = pytest.mark.linux
 
@@ -48,6 +49,28 @@ def test_readonly_drive_rejects_writes(booted):
     assert "rc=0" not in out, out
     assert re.search(r"I/O error|Operation not permitted|Read-only", out), out
     assert sha256(ro) == before
+
+
+# --- devices of the cold-booted VM (before it is templated and paused) ------------
+
+def test_network_both_ways(booted):
+    vm, *_ = booted
+    check_network(vm)
+
+
+def test_tcp_transfer_into_the_guest(booted):
+    vm, *_ = booted
+    check_tcp_transfer(vm)
+
+
+def test_virtio_console_shell(booted):
+    vm, *_ = booted
+    check_console(vm)
+
+
+def test_virtio_rng(booted):
+    vm, *_ = booted
+    check_rng(vm)
 
 
 # --- the template -------------------------------------------------------------------
@@ -174,7 +197,8 @@ def test_mismatched_command_lines_are_refused(template, workdir):
     disk = clone_disk(template, workdir, "mismatch.img")
     base = clone_args(template, disk)
     k = base.index("-smp")
-    _refused(base[:k + 1] + ["1"] + base[k + 2:], "vCPU count", "2", "1")
+    assert base[k + 1] == "1"
+    _refused(base[:k + 1] + ["2"] + base[k + 2:], "vCPU count", "1", "2")
     i = base.index("-m")
     _refused(base[:i + 1] + ["512M"] + base[i + 2:], "memory size")
     j = base.index("-drive", base.index("-drive") + 1)
