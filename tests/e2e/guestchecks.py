@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import time
 
 from tests import harness, netns
@@ -54,13 +55,15 @@ def check_network(vm) -> None:
 def check_tcp_transfer(vm, size: int = 256 * 1024) -> None:
     blob = os.urandom(size)
     vm.run("rm -f /tmp/recv; (nc -l -p 5555 > /tmp/recv) & sleep 1")
-    r = vm.ns.run("ncat", "--send-only", netns.GUEST_IP, "5555", input=blob.decode("latin-1"),
-                  timeout=120)
+    # Bytes, not text: a text-mode pipe would re-encode the random bytes.
+    r = subprocess.run(["ip", "netns", "exec", vm.ns.name, "ncat", "--send-only",
+                        netns.GUEST_IP, "5555"], input=blob, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     want = hashlib.md5(blob).hexdigest()
-    for _ in range(30):
+    deadline = time.monotonic() + 120
+    while True:
         got = vm.run("md5sum /tmp/recv").split()[0]
-        if got == want:
+        if got == want or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert got == want
