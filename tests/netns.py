@@ -16,6 +16,7 @@ HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
 PREFIX = 24
 TAP = "stap0"
+HOST_MAC = "02:00:00:77:00:01"
 
 
 def _ip(*args: str) -> None:
@@ -31,6 +32,9 @@ class NetNs:
         try:
             self.run_ok("ip", "link", "set", "lo", "up")
             self.run_ok("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
+            # The same host MAC in every namespace: a clone keeps the ARP
+            # entry its template learnt, so the host side must not change.
+            self.run_ok("ip", "link", "set", TAP, "address", HOST_MAC)
             self.run_ok("ip", "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", TAP)
             self.run_ok("ip", "link", "set", TAP, "up")
         except BaseException:

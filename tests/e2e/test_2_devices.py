@@ -21,7 +21,7 @@ def test_clone_has_working_devices(template, workdir):
     with start_clone(template, disk) as vm:
         assert vm.run("cat /tmp/marker", timeout=120).strip() == "tmpfs-marker-1234"
         check_network(vm)
-        check_tcp_transfer(vm, 64 * 1024)
+        check_tcp_transfer(vm)
         check_console(vm)
         check_rng(vm)
 
