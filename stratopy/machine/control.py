@@ -8,8 +8,14 @@ method here therefore runs on the device thread and may touch machine state.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
-from stratopy.errors import MigrationError, QmpError
+from stratopy import config as cfgmod
+from stratopy.cli_parse import MAX_BLK_SERIAL_LEN, MAX_ID_LEN, _mac
+from stratopy.errors import ConfigError, MigrationError, QmpError, StratoError
+from stratopy.machine import devices as devfactory
+from stratopy.machine import slots as slotmod
 from stratopy.qmp import commands as qmpcmd
 from stratopy.qmp import events as qmpev
 
@@ -22,6 +28,10 @@ class MachineControl:
     def __init__(self, machine):
         self.m = machine
         self.fds: dict[str, int] = {}
+        # backends registered by blockdev-add / netdev_add, not bound yet:
+        # name -> (DriveConfig, FileBackend) / (NetdevConfig, Tap)
+        self.drives: dict[str, tuple] = {}
+        self.netdevs: dict[str, tuple] = {}
 
     # --- run state ------------------------------------------------------------
     def query_status(self) -> dict:
@@ -91,24 +101,227 @@ class MachineControl:
         # this request runs, no migration is in progress. Nothing to cancel.
         return None
 
-    # --- hot-replace (issue: microvm hot-replace) ---------------------------------
-    def blockdev_add(self, **args) -> None:
-        raise QmpError("blockdev-add: hot-replace is not implemented yet")
+    # --- hot-replace -----------------------------------------------------------------
+    # StratoVirt's microvm hot-replace (machine/src/micro_common/mod.rs):
+    # blockdev-add / netdev_add register a backend under a name; device_add
+    # binds it into one of the reserved slots (blk addr 0x0-0x3, net addr
+    # 0x0-0x1, relative to the kind); device_del unbinds it (the slot's
+    # device stays, empty) and emits DEVICE_DELETED. See docs/qmp.md.
 
-    def netdev_add(self, **args) -> None:
-        raise QmpError("netdev_add: hot-replace is not implemented yet")
+    def _live_ids(self) -> set[str]:
+        """Ids of the devices the machine has now (deleted ones excluded)."""
+        ids = {s.config.id for s in self.m.slots if s.config is not None}
+        ids |= {d.id for d in self.m.config.devices if d.driver == cfgmod.CONSOLE}
+        return ids
 
-    def device_add(self, **args) -> None:
-        raise QmpError("device_add: hot-replace is not implemented yet")
+    def _check_limit(self) -> None:
+        bound = sum(1 for s in self.m.slots if s.replaceable and s.config is not None)
+        if bound + len(self.drives) + len(self.netdevs) >= slotmod.RESERVED_COUNT:
+            raise QmpError(f"A maximum of {slotmod.RESERVED_COUNT} replaceable devices "
+                           f"(bound or waiting for device_add) are supported")
+
+    def _check_backend_name(self, what: str, name: str) -> None:
+        if not name or len(name) > MAX_ID_LEN or "\0" in name:
+            raise QmpError(f"{what}: invalid id '{name[:40]}' (1 to {MAX_ID_LEN} characters)")
+        if name in self.drives or name in self.netdevs:
+            raise QmpError(f"{what}: {name} is already registered")
+        if name in self._live_ids():
+            # StratoVirt keeps one namespace for device ids and backends
+            raise QmpError(f"{what}: {name} is already registered (a device has this id)")
+
+    def _open_files(self):
+        for s in self.m.slots:
+            if s.config is not None and s.kind == "blk" and s.backend is not None:
+                yield s.config.id, s.backend
+        for name, (_, be) in self.drives.items():
+            yield name, be
+
+    def blockdev_add(self, node_name: str, file: dict, cache: dict | None = None,
+                     read_only: bool | None = None, driver: str | None = None,
+                     media: str | None = None, aio: str | None = None, **_ignored) -> None:
+        """Register a raw file as block backend ``node_name`` (opened now)."""
+        self._check_backend_name("blockdev-add", node_name)
+        if file.get("driver") not in ("file", "host_device"):
+            raise QmpError(f"blockdev-add: file driver '{file.get('driver')}' is not "
+                           f"supported (use 'file')")
+        if driver not in (None, "raw", "file"):
+            raise QmpError(f"blockdev-add: format '{driver}' is not supported (only raw)")
+        if media not in (None, "disk"):
+            raise QmpError(f"blockdev-add: media '{media}' is not supported (only disk)")
+        for engine in (aio, file.get("aio")):
+            if engine not in (None, "off", "native", "io_uring", "threads"):
+                raise QmpError(f"blockdev-add: aio '{engine}' is not supported")
+        path = file["filename"]
+        if not path:
+            raise QmpError("blockdev-add: file.filename must not be empty")
+        readonly = bool(read_only)
+        direct = True if cache is None or cache.get("direct") is None else bool(cache["direct"])
+        self._check_limit()
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise QmpError(f"blockdev-add: cannot open {path}: {e.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise QmpError(f"blockdev-add: {path} is not a regular file or block device")
+        for other, be in self._open_files():
+            try:
+                ost = os.fstat(be.fd)
+            except OSError:
+                continue
+            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino) and not (
+                    readonly and be.readonly):
+                raise QmpError(f"blockdev-add: {path} is already in use by {other} "
+                               f"(only read-only drives may share a file)")
+        drive = cfgmod.DriveConfig(id=node_name, file=path, readonly=readonly, direct=direct,
+                                   aio="native" if direct else "off")
+        try:
+            backend = devfactory.open_drive(drive, "blockdev-add")
+        except ConfigError as e:
+            raise QmpError(str(e)) from None
+        self.drives[node_name] = (drive, backend)
+
+    def netdev_add(self, id: str, type: str | None = None, ifname: str | None = None,
+                   fd=None, fds=None, vhost: bool | None = None, queues: int | None = None,
+                   **_ignored) -> None:
+        """Register a tap (``ifname``, or ``fd``/``fds``: a getfd name or a
+        descriptor number) as net backend ``id`` (opened now)."""
+        self._check_backend_name("netdev_add", id)
+        if type not in (None, "tap"):
+            raise QmpError(f"netdev_add: type '{type}' is not supported (only tap)")
+        if vhost:
+            raise QmpError("netdev_add: vhost-net is not supported (nor by templates)")
+        if queues not in (None, 1, 2):
+            raise QmpError("netdev_add: multi-queue is not supported on microvm")
+        ref = fds if fds is not None else fd
+        if isinstance(ref, str) and ":" in ref:
+            ref = ref.split(":")[-1]          # StratoVirt takes the last of "a:b"
+        if ref is None and not ifname:
+            raise QmpError("netdev_add: ifname or fd is required")
+        self._check_limit()
+        owned = False
+        fdnum = None
+        if ref is not None:
+            if isinstance(ref, str) and ref in self.fds:
+                fdnum, owned = self.fds.pop(ref), True
+            else:
+                try:
+                    fdnum = int(ref, 0) if isinstance(ref, str) else int(ref)
+                except ValueError:
+                    raise QmpError(f"netdev_add: fd '{ref}' is neither a name given to "
+                                   f"getfd nor a descriptor number") from None
+                taken = {s.backend.fileno() for s in self.m.slots
+                         if s.kind == "net" and s.backend is not None}
+                taken |= {t.fileno() for _, t in self.netdevs.values()}
+                if fdnum < 0 or fdnum in taken:
+                    raise QmpError(f"netdev_add: fd {fdnum} is not a free tap descriptor")
+        nd = cfgmod.NetdevConfig(id=id, ifname=None if fdnum is not None else ifname,
+                                 fd=fdnum)
+        try:
+            tap = devfactory.open_tap(nd)
+        except StratoError as e:
+            if owned:
+                os.close(fdnum)
+            raise QmpError(f"netdev_add: {e}") from None
+        self.netdevs[id] = (nd, tap)
+
+    @staticmethod
+    def _slot_number(dev_id: str, addr, lun) -> int:
+        if addr is not None:
+            try:
+                n = int(str(addr), 0)
+            except ValueError:
+                raise QmpError(f"Invalid addr for device {dev_id}") from None
+            if n < 0:
+                raise QmpError(f"Invalid addr for device {dev_id}")
+            return n
+        if lun is not None:
+            try:
+                return int(lun) + 1         # StratoVirt: slot = lun + 1
+            except ValueError:
+                raise QmpError(f"Invalid lun for device {dev_id}") from None
+        return 0
+
+    def device_add(self, id: str, driver: str, addr=None, lun=None,
+                   drive: str | None = None, netdev: str | None = None,
+                   mac: str | None = None, serial: str | None = None, **_ignored) -> None:
+        """Bind a registered backend into a free replaceable slot."""
+        kind = {"virtio-blk-device": slotmod.BLK, "virtio-blk-mmio": slotmod.BLK,
+                "virtio-net-device": slotmod.NET, "virtio-net-mmio": slotmod.NET}.get(driver)
+        if kind is None:
+            raise QmpError(f"device_add: '{driver}' cannot be hot-replaced on microvm "
+                           f"(virtio-blk-device, virtio-blk-mmio, virtio-net-device, "
+                           f"virtio-net-mmio can)")
+        if not id or len(id) > MAX_ID_LEN or "\0" in id:
+            raise QmpError(f"device_add: invalid id '{id[:40]}' (1 to {MAX_ID_LEN} characters)")
+        if id in self._live_ids():
+            raise QmpError(f"device_add: device id '{id}' is already in use")
+        n = self._slot_number(id, addr, lun)
+        first, count = slotmod.RESERVED[kind]
+        what = "block" if kind == slotmod.BLK else "net"
+        if n >= count:
+            raise QmpError(f"A maximum of {count} {what} replaceable devices are supported "
+                           f"(addr 0x0-{count - 1:#x}); addr {n:#x} is out of range")
+        slot = self.m.slots[first + n]
+        # StratoVirt finds the backend by the device id (node-name / netdev
+        # id == device id); stratopy also takes drive= / netdev= when given.
+        ref = (drive if kind == slotmod.BLK else netdev) or id
+        mine, theirs = ((self.drives, self.netdevs) if kind == slotmod.BLK
+                        else (self.netdevs, self.drives))
+        if ref not in mine:
+            if ref in theirs:
+                raise QmpError(f"The device type is {what}, but the backend '{ref}' is not "
+                               f"for this type")
+            how = "blockdev-add" if kind == slotmod.BLK else "netdev_add"
+            raise QmpError(f"device_add: no {what} backend '{ref}' (add it with {how} first)")
+        if slot.config is not None:
+            raise QmpError(f"The slot {n:#x} is occupied already (by device "
+                           f"'{slot.config.id}')")
+        if kind == slotmod.BLK:
+            drv, backend = mine[ref]
+            if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
+                raise QmpError(f"device_add: serial is longer than {MAX_BLK_SERIAL_LEN} "
+                               f"characters")
+            config = cfgmod.DeviceConfig(driver=cfgmod.BLK, id=id, drive=drv, serial=serial)
+        else:
+            nd, backend = mine[ref]
+            if mac is not None:
+                try:
+                    mac = _mac(mac)
+                except ConfigError as e:
+                    raise QmpError(f"device_add: {e.reason}") from None
+            config = cfgmod.DeviceConfig(driver=cfgmod.NET, id=id, netdev=nd, mac=mac)
+        self.m.hot_bind(slot, config, backend)
+        del mine[ref]
+        log.info("device_add: %s (%s) bound into %s slot %#x", id, ref, what, n)
 
     def device_del(self, id: str) -> None:  # noqa: A002
-        if self.m.config.device(id) is None:
-            raise QmpError(f"Failed to find device {id}", "DeviceNotFound")
-        raise QmpError("device_del: hot-replace is not implemented yet")
+        """Unbind device ``id`` from its replaceable slot (the slot stays,
+        empty) and emit DEVICE_DELETED."""
+        for slot in self.m.slots:
+            if slot.config is not None and slot.config.id == id:
+                if not slot.replaceable:
+                    raise QmpError(f"Device {id} cannot be removed: only virtio-blk and "
+                                   f"virtio-net devices in the replaceable slots can "
+                                   f"(microvm hot-replace)", "DeviceNotFound")
+                self.m.hot_unbind(slot)
+                self.m.event_sink(qmpev.DEVICE_DELETED, qmpev.device_deleted_data(id))
+                return
+        for registry in (self.drives, self.netdevs):
+            if id in registry:
+                # StratoVirt: device_del also drops a backend that was never
+                # bound (microvm has no blockdev-del / netdev_del)
+                _, backend = registry.pop(id)
+                backend.close()
+                self.m.event_sink(qmpev.DEVICE_DELETED, qmpev.device_deleted_data(id))
+                return
+        d = self.m.config.device(id)
+        if d is not None and d.driver not in (cfgmod.BLK, cfgmod.NET):
+            raise QmpError(f"Device {id} cannot be removed: only virtio-blk and virtio-net "
+                           f"devices in the replaceable slots can (microvm hot-replace)",
+                           "DeviceNotFound")
+        raise QmpError(f"Device {id} not found", "DeviceNotFound")
 
     def getfd(self, fdname: str, fd: int) -> None:
-        import os
-
         old = self.fds.pop(fdname, None)
         if old is not None:
             os.close(old)

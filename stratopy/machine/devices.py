@@ -15,19 +15,48 @@ from stratopy.errors import ConfigError, StratoError
 log = logging.getLogger(__name__)
 
 
+def open_drive(drive: cfgmod.DriveConfig, option: str = "-drive"):
+    """The FileBackend of a drive (ConfigError naming ``option`` when it cannot open)."""
+    from stratopy.devices.virtio.block import FileBackend
+
+    try:
+        backend = FileBackend(drive.file, readonly=drive.readonly, direct=drive.direct)
+    except OSError as e:
+        raise ConfigError(option, f"cannot open {drive.file}: {e.strerror}") from None
+    warning = getattr(backend, "warning", None)
+    if warning:
+        log.warning("%s", warning)
+    return backend
+
+
+def open_tap(nd: cfgmod.NetdevConfig):
+    """The Tap of a netdev (StratoError when it cannot be opened/adopted)."""
+    from stratopy.devices.virtio.tap import Tap
+
+    return Tap(ifname=nd.ifname, fd=nd.fd)
+
+
+def mac_bytes(mac: str | None) -> bytes | None:
+    return bytes(int(x, 16) for x in mac.split(":")) if mac else None
+
+
 def make_device(machine, slot):
     d = slot.config
+    if d is None:
+        # A reserved hot-replace slot with no backend (StratoVirt's
+        # replaceable device before device_add): a block device of capacity
+        # 0, a net device with no tap and its link down.
+        if slot.kind == "blk":
+            from stratopy.devices.virtio.block import BlockDevice
+            return BlockDevice(None), None
+        if slot.kind == "net":
+            from stratopy.devices.virtio.net import NetDevice
+            return NetDevice(None, link_up=False), None
+        raise StratoError(f"virtio-mmio slot {slot.index} has no device")
     if d.driver == cfgmod.BLK:
-        from stratopy.devices.virtio.block import BlockDevice, FileBackend
+        from stratopy.devices.virtio.block import BlockDevice
 
-        drive = d.drive
-        try:
-            backend = FileBackend(drive.file, readonly=drive.readonly, direct=drive.direct)
-        except OSError as e:
-            raise ConfigError("-drive", f"cannot open {drive.file}: {e.strerror}") from None
-        warning = getattr(backend, "warning", None)
-        if warning:
-            log.warning("%s", warning)
+        backend = open_drive(d.drive)
         return BlockDevice(backend, serial=d.serial or ""), backend
     if d.driver == cfgmod.RNG:
         from stratopy.devices.virtio.rng import RngDevice
@@ -60,11 +89,7 @@ def make_device(machine, slot):
         return ConsoleDevice(out=out), ch
     if d.driver == cfgmod.NET:
         from stratopy.devices.virtio.net import NetDevice
-        from stratopy.devices.virtio.tap import Tap
 
-        nd = d.netdev
-        tap = Tap(ifname=nd.ifname, fd=nd.fd)
-        mac = bytes(int(x, 16) for x in d.mac.split(":")) if d.mac else None
-        dev = NetDevice(tap, mac=mac)
-        return dev, tap
+        tap = open_tap(d.netdev)
+        return NetDevice(tap, mac=mac_bytes(d.mac)), tap
     raise StratoError(f"device {d.driver} is not supported")

@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from stratopy import config as cfgmod
@@ -22,11 +21,13 @@ from stratopy.config import MachineConfig
 from stratopy.devices.bus import Bus
 from stratopy.devices.i8042 import I8042Device
 from stratopy.devices.serial import Serial
+from stratopy.devices.virtio.device import VIRTIO_ID_NET
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
 from stratopy.errors import ConfigError, GuestError, KvmError, StratoError
 from stratopy.kvm import backend as kvm_backend
 from stratopy.kvm import exits, uapi
 from stratopy.kvm.system import Kvm
+from stratopy.machine import slots as slotmod
 from stratopy.machine.eventloop import EventLoop
 from stratopy.machine.vcpu_thread import VcpuRunner, install_kick_handler
 from stratopy.memory import GuestMemory
@@ -42,32 +43,9 @@ class VmState(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-class EmptySlot:
-    """A reserved virtio-mmio slot with no device (device id 0): Linux skips it."""
-
-    def read(self, offset: int, size: int) -> bytes:
-        if size != 4:
-            return bytes(size)
-        value = {0x000: 0x74726976, 0x004: 2, 0x00C: 0x554D4551}.get(offset, 0)
-        return value.to_bytes(4, "little")
-
-    def write(self, offset: int, data: bytes) -> None:
-        pass
-
-
-@dataclass
-class Slot:
-    """One virtio-mmio transport slot: where it is and what sits in it."""
-
-    index: int
-    base: int
-    irq: int
-    kind: str                     # "blk" | "net" | "other"
-    config: cfgmod.DeviceConfig | None = None
-    device: object = None         # the VirtioDevice
-    transport: object = None      # VirtioMmioTransport or EmptySlot
-    notify_fds: tuple = ()
-    backend: object = None        # block file / tap / chardev / rng source
+# Slot and the slot layout live in slots.py (pure data, shared with the
+# template facts); re-exported here for the machine's users.
+Slot = slotmod.Slot
 
 
 class MicroVm:
@@ -180,28 +158,10 @@ class MicroVm:
         self.pio.insert(layout.SERIAL_PORT, 8, self.serial)
         self.pio.insert(layout.I8042_DATA_PORT, 5, I8042Device(reset=self._guest_reset))
 
-    def _slot_plan(self) -> list[Slot]:
-        """StratoVirt's layout: 4 blk slots, 2 net slots, then the rest in order."""
-        blk = [d for d in self.config.transport_devices() if d.driver == cfgmod.BLK]
-        net = [d for d in self.config.transport_devices() if d.driver == cfgmod.NET]
-        other = [d for d in self.config.transport_devices()
-                 if d.driver not in (cfgmod.BLK, cfgmod.NET)]
-        slots: list[Slot] = []
-        idx = 0
-        extra_blk = blk[layout.BLK_SLOTS:]
-        extra_net = net[layout.NET_SLOTS:]
-        for kind, count, devs in (("blk", layout.BLK_SLOTS, blk), ("net", layout.NET_SLOTS, net)):
-            for i in range(count):
-                base, irq = layout.virtio_slot(idx)
-                slots.append(Slot(idx, base, irq, kind, devs[i] if i < len(devs) else None))
-                idx += 1
-        for d in extra_blk + extra_net + other:
-            base, irq = layout.virtio_slot(idx)
-            if irq > layout.IRQ_MAX:
-                raise ConfigError("-device", f"too many devices: no IRQ left for {d.id}")
-            slots.append(Slot(idx, base, irq, "other", d))
-            idx += 1
-        return slots
+    def _slot_plan(self, placement: dict[str, int] | None = None) -> list[Slot]:
+        """StratoVirt's layout: 4 blk slots, 2 net slots (always present,
+        replaceable), then the rest in order; see slots.plan_slots."""
+        return slotmod.plan_slots(self.config, placement)
 
     def _make_device(self, slot: Slot):
         """The VirtioDevice and its backend for a slot's DeviceConfig."""
@@ -211,10 +171,9 @@ class MicroVm:
     def _setup_virtio(self) -> None:
         self.slots = self._slot_plan()
         for slot in self.slots:
-            if slot.config is None:
-                slot.transport = EmptySlot()
-            else:
-                self._plug(slot)
+            # Every slot holds a device, the reserved ones too (a block device
+            # of capacity 0 / a net device with no tap until device_add).
+            self._plug(slot)
             self.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
 
     def _plug(self, slot: Slot) -> None:
@@ -231,7 +190,7 @@ class MicroVm:
             self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
-        if slot.config.driver == cfgmod.NET:
+        if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
 
     @staticmethod
@@ -339,21 +298,59 @@ class MicroVm:
 
     def _wire_net(self, slot: Slot) -> None:
         """Tap -> device RX on the device thread; stop polling the tap while
-        the guest has no receive buffer (never busy-spin), re-arm on rx_ready."""
-        dev, tap, loop = slot.device, slot.backend, self.loop
-        fd = tap.fileno()
-        dev.signal_config = slot.transport.signal_config
+        the guest has no receive buffer (never busy-spin), re-arm on rx_ready.
+        The tap is ``slot.backend`` at each call: hot-replace swaps it (None:
+        nothing to poll)."""
+        dev, loop = slot.device, self.loop
 
         def readable() -> None:
             dev.on_backend_readable()
-            if dev.rx_blocked:
-                loop.remove_reader(fd)
+            if dev.rx_blocked and slot.backend is not None:
+                loop.remove_reader(slot.backend.fileno())
 
         def rearm() -> None:
-            loop.add_reader(fd, readable)
+            if slot.backend is None:
+                return
+            loop.add_reader(slot.backend.fileno(), readable)
             readable()
+        slot.net_readable = readable
         dev.rx_ready = lambda: loop.call_soon(rearm)
-        loop.add_reader(fd, readable)
+        if slot.backend is not None:
+            loop.add_reader(slot.backend.fileno(), readable)
+
+    # --- hot-replace (QMP device_add / device_del; device thread) -------------
+    def hot_bind(self, slot: Slot, config: cfgmod.DeviceConfig, backend) -> None:
+        """Bind an opened ``backend`` (drive or tap) into the free replaceable
+        ``slot`` as device ``config``; the guest is notified (block: capacity
+        change; net: link up). vCPUs may be running: device state changes
+        under device_lock, as their register accesses do."""
+        from stratopy.machine import devices as devfactory
+
+        with self.loop.device_lock:
+            if slot.kind == slotmod.BLK:
+                slot.device.replace_backend(backend, serial=config.serial or "")
+            else:
+                slot.device.replace_backend(backend, mac=devfactory.mac_bytes(config.mac))
+            slot.config, slot.backend, slot.hot = config, backend, True
+            if slot.kind == slotmod.NET:
+                self.loop.add_reader(backend.fileno(), slot.net_readable)
+
+    def hot_unbind(self, slot: Slot) -> None:
+        """Take the backend out of replaceable ``slot`` and close it: the
+        slot is empty again (block: capacity 0, requests fail; net: link
+        down, no tap)."""
+        with self.loop.device_lock:
+            old = slot.backend
+            if slot.kind == slotmod.NET and old is not None:
+                self.loop.remove_reader(old.fileno())
+            slot.device.replace_backend(None)
+            slot.config, slot.backend, slot.hot = None, None, False
+        close = getattr(old, "close", None)
+        if close is not None:
+            try:
+                close()
+            except OSError:
+                log.debug("closing a hot-replaced backend failed", exc_info=True)
 
     def run(self) -> int:
         """Run the device loop on this thread until the VM ends; return the exit code."""

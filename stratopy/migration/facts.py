@@ -5,6 +5,16 @@ virtio-net ``mac``, virtio-blk ``serial`` (and what follows from the drive:
 read-only flag and capacity, since the guest negotiated features and sized
 its disk on them). A drive may be the same file or a copy of it, so its path
 is recorded for information only.
+
+Devices are listed in the order the guest sees them: the devices of the
+virtio-mmio slots in slot order (each with its ``slot``), then the devices
+that are not transports of their own (virtconsole) in command-line order.
+A template records what the slots held when it was taken, so a device
+hot-replaced into a reserved slot (QMP ``device_add``) is in it, marked
+``hot``, and one removed with ``device_del`` is not: the restore command
+line must carry the former and not the latter. ``placement`` gives the
+restore the template's slot of each device, so a hot-replaced device may
+sit anywhere on the restore command line.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import os
 
 from stratopy import config as cfgmod
 from stratopy.errors import TemplateError
+from stratopy.machine import slots as slotmod
 
 
 def _device_facts(d: cfgmod.DeviceConfig) -> dict:
@@ -29,13 +40,61 @@ def _device_facts(d: cfgmod.DeviceConfig) -> dict:
     return f
 
 
-def machine_facts(config: cfgmod.MachineConfig) -> dict:
+def slot_facts(config: cfgmod.MachineConfig, slots) -> dict:
+    """The facts of a machine whose slots are ``slots`` (planned or live)."""
+    devices = []
+    for s in slots:
+        if s.config is None:
+            continue
+        f = _device_facts(s.config)
+        f["slot"] = s.index
+        if getattr(s, "hot", False):
+            f["hot"] = True
+        devices.append(f)
+    for d in config.devices:
+        if d.driver == cfgmod.CONSOLE:
+            f = _device_facts(d)
+            f["slot"] = None
+            devices.append(f)
     return {
         "machine": config.machine_type,
         "cpus": config.cpus,
         "mem_size": config.mem_size,
-        "devices": [_device_facts(d) for d in config.devices],
+        "devices": devices,
     }
+
+
+def machine_facts(config: cfgmod.MachineConfig,
+                  placement: dict[str, int] | None = None) -> dict:
+    """The facts of a command line (its slots planned with ``placement``)."""
+    return slot_facts(config, slotmod.plan_slots(config, placement))
+
+
+def live_facts(machine) -> dict:
+    """The facts of a running machine: what its slots hold now."""
+    return slot_facts(machine.config, machine.slots)
+
+
+def placement(template: dict) -> dict[str, int]:
+    """Device id -> reserved slot index, from a template's facts ({} if none)."""
+    out: dict[str, int] = {}
+    devs = template.get("devices") if isinstance(template, dict) else None
+    if not isinstance(devs, list):
+        return out
+    for d in devs:
+        if (isinstance(d, dict) and isinstance(d.get("id"), str)
+                and type(d.get("slot")) is int and 0 <= d["slot"] < slotmod.RESERVED_COUNT):
+            out[d["id"]] = d["slot"]
+    return out
+
+
+def _slot_name(slot) -> str:
+    if type(slot) is not int:
+        return "no slot"
+    for kind, (first, count) in slotmod.RESERVED.items():
+        if first <= slot < first + count:
+            return f"virtio-{kind} slot {slot - first} (addr {slot - first:#x})"
+    return f"virtio-mmio slot {slot}"
 
 
 def compare(template: dict, current: dict) -> None:
@@ -51,14 +110,32 @@ def compare(template: dict, current: dict) -> None:
     cdevs = current["devices"]
     if not isinstance(tdevs, list):
         raise TemplateError("device list missing from the state file")
-    if len(tdevs) != len(cdevs):
-        raise TemplateError("", attribute="number of devices",
-                            expected=[d.get("id") if isinstance(d, dict) else d for d in tdevs],
-                            found=[d["id"] for d in cdevs])
-    for i, (t, c) in enumerate(zip(tdevs, cdevs)):
+    for i, t in enumerate(tdevs):
         if not isinstance(t, dict):
             raise TemplateError(f"device {i} is malformed in the state file")
-        for key in ("driver", "id", "mac", "serial", "readonly", "capacity"):
+        if "slot" not in t:
+            raise TemplateError("the template was written by an older stratopy (no slot "
+                                "layout in its device list); take the template again")
+    tids = [t.get("id") for t in tdevs]
+    cids = [c["id"] for c in cdevs]
+    if len(tdevs) != len(cdevs) or set(tids) != set(cids):
+        hints = []
+        for t in tdevs:
+            if t.get("id") not in cids:
+                if t.get("hot"):
+                    hints.append(f"device '{t.get('id')}' was hot-replaced into "
+                                 f"{_slot_name(t.get('slot'))} before the snapshot and must be "
+                                 f"on the restore command line")
+                else:
+                    hints.append(f"device '{t.get('id')}' is missing")
+        for c in cdevs:
+            if c["id"] not in tids:
+                hints.append(f"device '{c['id']}' is not in the template (removed with "
+                             f"device_del before the snapshot?)")
+        attr = "number of devices" if len(tdevs) != len(cdevs) else "set of devices"
+        raise TemplateError("; ".join(hints), attribute=attr, expected=tids, found=cids)
+    for i, (t, c) in enumerate(zip(tdevs, cdevs)):
+        for key in ("driver", "id", "slot", "mac", "serial", "readonly", "capacity"):
             if key in c and t.get(key) != c[key]:
                 name = {"driver": "type", "capacity": "disk size"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",

@@ -36,7 +36,12 @@ def restore_machine(machine, incoming) -> None:
     directory = incoming.path
     # Header, checksum, host arch/vendor, then the memory file's pairing.
     meta, components = fmt.read_state(os.path.join(directory, memfile.STATE_NAME))
-    facts.compare(meta.get("machine"), facts.machine_facts(machine.config))
+    # Each blk/net device goes back to the reserved slot the template had it
+    # in (a device hot-replaced before the snapshot is on this command line,
+    # anywhere); then the command line must match the template's facts.
+    template_facts = meta.get("machine")
+    plan = machine._slot_plan(facts.placement(template_facts))
+    facts.compare(template_facts, facts.slot_facts(machine.config, plan))
     if "memory" not in meta:
         raise TemplateError("state file: meta.memory missing")
     memory_path = os.path.join(directory, memfile.MEMORY_NAME)
@@ -56,7 +61,6 @@ def restore_machine(machine, incoming) -> None:
     vm_state.validate()
     serial_state = from_plain(SerialState, _get(components, "serial", dict))
     slot_list = _get(components, "slots", list)
-    plan = machine._slot_plan()
     if len(slot_list) != len(plan):
         raise TemplateError(f"state file has {len(slot_list)} virtio-mmio slots, "
                             f"the command line makes {len(plan)}")
@@ -65,12 +69,13 @@ def restore_machine(machine, incoming) -> None:
         if not isinstance(saved, dict):
             raise TemplateError("state file: malformed slot entry")
         driver = slot.config.driver if slot.config else ""
-        if saved.get("index") != slot.index or saved.get("driver") != driver:
+        if (saved.get("index") != slot.index or saved.get("driver") != driver
+                or saved.get("kind") != slot.kind):
             raise TemplateError("", attribute=f"virtio-mmio slot {slot.index}",
-                                expected=saved.get("driver") or "empty", found=driver or "empty")
-        if slot.config is None:
-            parsed_slots.append((None, None))
-            continue
+                                expected=saved.get("driver") or f"empty {saved.get('kind')}",
+                                found=driver or f"empty {slot.kind}")
+        # every slot has a device, the empty reserved ones too (the guest
+        # driver probed them): transport and device state for all
         mmio_state = from_plain(MmioState, _get(saved, "transport", dict))
         parsed_slots.append((mmio_state, saved.get("device")))
 
@@ -89,20 +94,16 @@ def restore_machine(machine, incoming) -> None:
     machine._setup_legacy_devices()
     machine.serial.restore(serial_state)
     machine.slots = plan
-    from stratopy.machine.microvm import EmptySlot
     for slot, (mmio_state, dev_plain) in zip(plan, parsed_slots):
-        if slot.config is None:
-            slot.transport = EmptySlot()
-        else:
-            machine._plug(slot)
-            dev = slot.device
-            dev_state_cls = type(dev.state())
-            if dev_plain is not None and dev_state_cls is not type(None):
-                dev.restore(from_plain(dev_state_cls, dev_plain))
-            slot.transport.restore(mmio_state)
-            # A notification still unread in an ioeventfd at snapshot time was
-            # not saved: look at every queue once, as if the guest had kicked.
-            slot.transport.notify_all()
+        machine._plug(slot)
+        dev = slot.device
+        dev_state_cls = type(dev.state())
+        if dev_plain is not None and dev_state_cls is not type(None):
+            dev.restore(from_plain(dev_state_cls, dev_plain))
+        slot.transport.restore(mmio_state)
+        # A notification still unread in an ioeventfd at snapshot time was
+        # not saved: look at every queue once, as if the guest had kicked.
+        slot.transport.notify_all()
         machine.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
     # The incoming migration is complete once the state is applied.
     machine.migration.start()

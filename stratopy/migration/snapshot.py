@@ -70,7 +70,8 @@ def collect(machine) -> tuple[dict, dict]:
         "serial": to_plain(machine.serial.state()),
         "slots": slots,
     }
-    return facts.machine_facts(machine.config), components
+    # what the slots hold now: hot-replaced devices in, deleted ones out
+    return facts.live_facts(machine), components
 
 
 def take_template(machine, uri: str) -> None:

@@ -50,8 +50,9 @@ def test_machine_facts(disks):
     assert f["mem_size"] == 512 << 20
     assert f["machine"] == "microvm"
     assert f["devices"] == [
-        {"driver": BLK, "id": "blk0", "serial": "SER1", "readonly": True, "capacity": 1 << 20},
-        {"driver": NET, "id": "net0", "mac": MAC},
+        {"driver": BLK, "id": "blk0", "serial": "SER1", "readonly": True, "capacity": 1 << 20,
+         "slot": 0},
+        {"driver": NET, "id": "net0", "mac": MAC, "slot": 4},
     ]
     json.dumps(f)   # stored in the state file: must be plain JSON data
 
@@ -102,10 +103,23 @@ def test_number_of_devices_differs(disks, devices):
 
 
 def test_device_type_differs(disks):
-    # same number of devices, other order: device 0 is now a net device
-    e = _mismatch(facts(disks["a"]), facts(disks["a"], devices=("net", "blk")))
-    assert "type" in e.attribute and "device 0" in e.attribute
-    assert (e.expected, e.found) == (BLK, NET)
+    # same number of devices, the other devices in another order: the
+    # virtio-mmio slot 6 holds an rng device instead of the console
+    def other(order):
+        args = argv(disks["a"]) + ["-object", "rng-random,id=rng0,filename=/dev/urandom"]
+        for d in order:
+            args += (["-device", "virtio-rng-device,rng=rng0,id=rng0"] if d == "rng" else
+                     ["-device", "virtio-serial-device,id=vser0"])
+        return machine_facts(parse_args(args))
+    e = _mismatch(other(("serial", "rng")), other(("rng", "serial")))
+    assert "type" in e.attribute and "device 2" in e.attribute
+    assert (e.expected, e.found) == ("virtio-serial-device", "virtio-rng-device")
+
+
+def test_blk_and_net_order_on_the_command_line_does_not_matter(disks):
+    # blk and net devices fill their own reserved slots: the guest sees the
+    # same machine whichever comes first on the command line
+    compare(facts(disks["a"]), facts(disks["a"], devices=("net", "blk")))
 
 
 def test_mac_differs(disks):

@@ -420,7 +420,7 @@ def test_state_round_trip_through_transport(tmp_path):
         mstate = r.t.state()
         assert dstate == BlockState(acked_features=r.dev.acked_features,
                                     capacity=SECTORS, serial="stratopy-disk-0",
-                                    readonly=False)
+                                    readonly=False, offered_features=r.dev.avail_features)
         # a clone: a copy of the disk, a new device and transport, same memory
         clone_path = str(tmp_path / "clone.img")
         with open(disk, "rb") as f, open(clone_path, "wb") as g:

@@ -253,7 +253,8 @@ def test_avail_idx_jump_marks_broken():
 def test_state_round_trip_and_validation():
     drv, dev, be, ready, feats = setup()
     st = dev.state()
-    assert st == NetState(mac="52:54:00:12:34:56", acked_features=feats, link_up=True)
+    assert st == NetState(mac="52:54:00:12:34:56", acked_features=feats, link_up=True,
+                          offered_features=dev.avail_features)
     dev2 = NetDevice.from_state(st, FakeBackend())
     assert dev2.mac == MAC and dev2.state() == st
     with pytest.raises(TemplateError, match="mac"):

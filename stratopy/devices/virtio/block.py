@@ -54,6 +54,8 @@ SEG_MAX = QUEUE_SIZE - 2          # header and status take two descriptors
 
 _HEADER = struct.Struct("<IIQ")   # type, reserved, sector
 _CONFIG_LEN = 24                  # capacity, size_max, seg_max, geometry, blk_size
+_OFFERABLE = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
+              | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_RO))
 
 
 # ---------------------------------------------------------------------------
@@ -218,6 +220,9 @@ class BlockState:
     capacity: int = 0          # in 512-byte sectors
     serial: str = ""
     readonly: bool = False
+    # The features the driver was offered (its view of VIRTIO_BLK_F_RO may
+    # predate a hot-replace of the drive); -1: the new backend's offer.
+    offered_features: int = -1
 
 
 def _serial_bytes(serial: str) -> bytes:
@@ -270,17 +275,26 @@ class _Segments:
 
 class BlockDevice(VirtioDevice):
     """virtio-blk over ``backend`` (``size``, ``readonly``, ``read_into``,
-    ``write_from``, ``flush``). One request queue of 256 entries."""
+    ``write_from``, ``flush``). One request queue of 256 entries.
+
+    ``backend`` may be None: a hot-replace slot with no drive (StratoVirt's
+    replaceable block device before ``device_add``). It has capacity 0 and
+    answers every request with VIRTIO_BLK_S_IOERR. ``replace_backend`` binds
+    or unbinds a drive while the guest runs.
+    """
 
     device_type = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, backend, serial: str = ""):
         super().__init__()
+        self._set_backend(backend, serial)
+
+    def _set_backend(self, backend, serial: str) -> None:
         self.backend = backend
         self.serial = serial
-        self.readonly = bool(backend.readonly)
-        self.capacity = int(backend.size) >> SECTOR_SHIFT
+        self.readonly = bool(backend.readonly) if backend is not None else False
+        self.capacity = int(backend.size) >> SECTOR_SHIFT if backend is not None else 0
         self._limit = self.capacity << SECTOR_SHIFT      # bytes addressable
         self._id = _serial_bytes(serial).ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         feats = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
@@ -292,6 +306,23 @@ class BlockDevice(VirtioDevice):
         struct.pack_into("<QII", cfg, 0, self.capacity, 0, SEG_MAX)
         struct.pack_into("<I", cfg, 20, SECTOR_SIZE)
         self._config = bytes(cfg)
+
+    def replace_backend(self, backend, serial: str = ""):
+        """Hot-replace: serve ``backend`` (None: no drive, capacity 0) from now
+        on; returns the previous backend (the caller closes it).
+
+        The config space (capacity) changes and the transport is told
+        (``signal_config``: ConfigGeneration bump and config interrupt, so
+        the guest re-reads the capacity). The negotiated features stay: a
+        driver that negotiated without VIRTIO_BLK_F_RO keeps its view, and a
+        write to a read-only drive still fails with VIRTIO_BLK_S_IOERR. The
+        new offer (RO) applies when the driver probes again. Requests are
+        served synchronously, so none is in flight across the switch.
+        """
+        old = self.backend
+        self._set_backend(backend, serial)
+        self.signal_config()
+        return old
 
     # --- config space ---------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
@@ -358,6 +389,10 @@ class BlockDevice(VirtioDevice):
             return VIRTIO_BLK_S_IOERR, 0
         header = b"".join(mem.read(a, n) for a, n in rd.take(_HEADER.size))
         rtype, _, sector = _HEADER.unpack(header)
+        if self.backend is None:
+            # no drive in this hot-replace slot: every request fails, as
+            # StratoVirt's block device without a backend answers
+            return VIRTIO_BLK_S_IOERR, 0
         if rtype == VIRTIO_BLK_T_IN:
             segs = [s for s in writable if s[1] > 0]
             length = sum(n for _, n in segs)
@@ -428,13 +463,23 @@ class BlockDevice(VirtioDevice):
     # --- snapshot ----------------------------------------------------------------------
     def state(self) -> BlockState:
         return BlockState(acked_features=self.acked_features, capacity=self.capacity,
-                          serial=self.serial, readonly=self.readonly)
+                          serial=self.serial, readonly=self.readonly,
+                          # what the driver negotiated against: today's offer
+                          # plus what it acked before a hot-replace changed it
+                          offered_features=self.avail_features
+                          | (self.acked_features & _OFFERABLE))
 
-    def _check_state(self, state: BlockState) -> int:
+    def _check_state(self, state: BlockState) -> tuple[int, int]:
         if not isinstance(state, BlockState):
             raise TemplateError(f"virtio-blk state has the wrong type {type(state).__name__}")
+        avail = state.offered_features
+        if avail == -1:
+            avail = self.avail_features
+        if type(avail) is not int or avail < 0 or avail & ~_OFFERABLE:
+            raise TemplateError(f"virtio-blk state field offered_features {avail!r} holds "
+                                f"features this device never offers")
         acked = state.acked_features
-        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
+        offered = avail | (1 << VIRTIO_F_VERSION_1)
         if type(acked) is not int or acked < 0 or acked & ~offered:
             raise TemplateError(f"virtio-blk state field acked_features {acked!r} is not a "
                                 f"subset of the offered features {offered:#x}")
@@ -454,11 +499,13 @@ class BlockDevice(VirtioDevice):
         if state.readonly != self.readonly:
             raise TemplateError("", attribute="virtio-blk readonly",
                                 expected=state.readonly, found=self.readonly)
-        return acked
+        return acked, avail
 
     def restore(self, state: BlockState) -> None:
-        """Check ``state`` against this device's backend and apply it."""
-        self.acked_features = self._check_state(state)
+        """Check ``state`` against this device's backend and apply it (the
+        feature offer too: the driver negotiated against it, possibly before
+        a hot-replace; a read-only backend is enforced whatever it says)."""
+        self.acked_features, self.avail_features = self._check_state(state)
 
     @classmethod
     def from_state(cls, state: BlockState, backend, serial: Optional[str] = None

@@ -50,6 +50,11 @@ class VirtioDevice:
         # notification (e.g. a tap or console becoming readable); exceptions
         # out of process_queue() are turned into this by the transport itself.
         self.signal_broken: Callable[[str], None] = lambda reason: None
+        # set by the transport: the device's config space changed (e.g. a
+        # hot-replaced backend changed the disk capacity). The transport bumps
+        # ConfigGeneration and raises the config interrupt once the driver
+        # is running.
+        self.signal_config: Callable[[], None] = lambda: None
         self.activated = False
 
     # --- config space ----------------------------------------------------

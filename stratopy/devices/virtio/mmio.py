@@ -115,6 +115,7 @@ class VirtioMmioTransport:
         self.broken_reason = ""
         self._signal_used = self.signal_used      # bound once, handed to the device
         device.signal_broken = self.mark_broken
+        device.signal_config = self.config_changed
 
     # --- features -------------------------------------------------------------
     @property
@@ -347,6 +348,19 @@ class VirtioMmioTransport:
             self.config_generation = (self.config_generation + 1) & U32
         self.interrupt_status |= INT_CONFIG
         self.irq()
+
+    def config_changed(self) -> None:
+        """The device's config space changed (a hot-replaced backend).
+
+        ConfigGeneration always moves on (a driver reading the config space
+        sees the change); the interrupt is raised only once the driver is
+        running (DRIVER_OK, not failed), as StratoVirt's virtio-mmio does:
+        a driver that probes later reads the new config anyway.
+        """
+        self.config_generation = (self.config_generation + 1) & U32
+        if self.status & (STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_DRIVER_OK:
+            self.interrupt_status |= INT_CONFIG
+            self.irq()
 
     def mark_broken(self, reason: str) -> None:
         """DEVICE_NEEDS_RESET: stop processing until the driver resets us."""

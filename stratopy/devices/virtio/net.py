@@ -67,6 +67,7 @@ TX_HDR = bytes(VNET_HDR_LEN)
 MAX_TX_FRAME = VNET_HDR_LEN + 65536 + 4096    # as QEMU's VIRTIO_NET_MAX_BUFSIZE
 RX_BATCH = 64                                 # frames per on_backend_readable call
 
+_OFFERABLE = (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MAC)
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -85,6 +86,9 @@ class NetState:
     mac: str = ""                 # "52:54:00:12:34:56", "" when none is configured
     acked_features: int = 0
     link_up: bool = True
+    # The features the driver was offered (VIRTIO_NET_F_MAC may have changed
+    # with a hot-replace since it negotiated); -1: this device's own offer.
+    offered_features: int = -1
 
 
 class NetDevice(VirtioDevice):
@@ -134,6 +138,29 @@ class NetDevice(VirtioDevice):
         cfg = (self.mac or bytes(6)) + struct.pack("<HHH", status, 1, 0)
         return (cfg[offset:offset + size] + bytes(size))[:size]
 
+    def replace_backend(self, backend, mac: bytes | None = None):
+        """Hot-replace: exchange frames with ``backend`` (None: no tap) from
+        now on; returns the previous backend (the caller closes it and stops
+        polling its fd before calling this).
+
+        ``mac`` becomes the config-space MAC (VIRTIO_NET_F_MAC is offered
+        from then on); a running Linux driver read the MAC at probe time and
+        keeps its own, as with StratoVirt. The link follows the backend (up
+        with a tap, down without): with VIRTIO_NET_F_STATUS negotiated the
+        guest gets a config interrupt and sees the carrier change.
+        """
+        old = self.backend
+        if mac is not None:
+            mac = bytes(mac)
+            if len(mac) != 6:
+                raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+        self.backend = backend
+        self.mac = mac
+        self.avail_features = (1 << VIRTIO_NET_F_STATUS) | (
+            (1 << VIRTIO_NET_F_MAC) if mac is not None else 0)
+        self.set_link(backend is not None)
+        return old
+
     def set_link(self, up: bool) -> None:
         up = bool(up)
         if up != self.link_up:
@@ -175,7 +202,7 @@ class NetDevice(VirtioDevice):
     def on_backend_readable(self) -> None:
         """The backend has frames: deliver as many as the posted chains allow."""
         q = self._queue(RX_QUEUE)
-        if q is None or not self.link_up:
+        if q is None or not self.link_up or self.backend is None:
             self.rx_blocked = True
             return
         mem = self.mem
@@ -267,6 +294,9 @@ class NetDevice(VirtioDevice):
             self.signal_used(TX_QUEUE)
 
     def _send(self, frame: bytes) -> None:
+        if self.backend is None:       # a hot-replace slot with no tap
+            self.tx_dropped += 1
+            return
         try:
             ok = self.backend.write_frame(frame)
         except OSError:
@@ -279,7 +309,10 @@ class NetDevice(VirtioDevice):
     # --- snapshot ----------------------------------------------------------
     def state(self) -> NetState:
         return NetState(mac=mac_to_str(self.mac), acked_features=self.acked_features,
-                        link_up=self.link_up)
+                        link_up=self.link_up,
+                        # what the driver negotiated against: today's offer
+                        # plus what it acked before a hot-replace changed it
+                        offered_features=self.avail_features | (self.acked_features & _OFFERABLE))
 
     def restore(self, state: NetState) -> None:
         """Check ``state`` against this device (same MAC) and apply it."""
@@ -291,8 +324,14 @@ class NetDevice(VirtioDevice):
         if state.mac != mine:
             raise TemplateError("", attribute="virtio-net mac",
                                 expected=state.mac or "(none)", found=mine or "(none)")
+        avail = state.offered_features
+        if avail == -1:
+            avail = self.avail_features
+        if type(avail) is not int or avail < 0 or avail & ~_OFFERABLE:
+            raise TemplateError(f"virtio-net state field offered_features {avail!r} holds "
+                                f"features this device never offers")
         acked = state.acked_features
-        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
+        offered = avail | (1 << VIRTIO_F_VERSION_1)
         if type(acked) is not int or acked < 0 or acked & ~offered:
             raise TemplateError(f"virtio-net state field acked_features {acked!r} is not a "
                                 f"subset of the offered features {offered:#x}")
@@ -300,6 +339,7 @@ class NetDevice(VirtioDevice):
             raise TemplateError(f"virtio-net state field link_up is not a bool: "
                                 f"{state.link_up!r}")
         self.acked_features = acked
+        self.avail_features = avail
         self.link_up = state.link_up
 
     @classmethod
