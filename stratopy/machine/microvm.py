@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from stratopy import config as cfgmod
-from stratopy.arch.x86_64 import boot, cpu, layout, mptable
+from stratopy.arch.x86_64 import cpu, layout
 from stratopy.config import MachineConfig
 from stratopy.devices.bus import Bus
 from stratopy.devices.i8042 import I8042Device
@@ -213,6 +213,9 @@ class MicroVm:
         return " ".join(p for p in parts if p)
 
     def _load_guest(self) -> int:
+        # Cold boot only: a warm start never loads a kernel.
+        from stratopy.arch.x86_64 import boot, mptable
+
         mem = self.mem
         kernel = boot.load_kernel(mem, self.config.kernel)
         initrd = None
@@ -309,10 +312,14 @@ class MicroVm:
                 loop.remove_reader(slot.backend.fileno())
 
         def rearm() -> None:
-            if slot.backend is None:
-                return
-            loop.add_reader(slot.backend.fileno(), readable)
-            readable()
+            # Posted with call_soon, so it runs without device_lock: take it,
+            # as every other device callback on this thread does (a vCPU may
+            # be resetting the device through its registers right now).
+            with loop.device_lock:
+                if slot.backend is None:
+                    return
+                loop.add_reader(slot.backend.fileno(), readable)
+                readable()
         slot.net_readable = readable
         dev.rx_ready = lambda: loop.call_soon(rearm)
         if slot.backend is not None:

@@ -19,7 +19,7 @@ import pytest
 
 from tests import harness
 from tests.conftest import clone_args, clone_disk, start_clone
-from tests.e2e.guestchecks import check_console, check_network, check_rng
+from tests.e2e.guestchecks import check_console, check_network, check_rng, check_tcp_transfer
 
 pytestmark = pytest.mark.linux
 
@@ -56,6 +56,11 @@ def test_readonly_drive_rejects_writes(booted):
 def test_network_both_ways(booted):
     vm, *_ = booted
     check_network(vm)
+
+
+def test_tcp_transfer_into_the_guest(booted):
+    vm, *_ = booted
+    check_tcp_transfer(vm)
 
 
 def test_virtio_console_shell(booted):

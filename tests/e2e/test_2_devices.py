@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import GUEST_MAC, clone_args, clone_disk, start_clone
-from tests.e2e.guestchecks import check_console, check_network, check_rng
+from tests.e2e.guestchecks import check_console, check_network, check_rng, check_tcp_transfer
 
 pytestmark = pytest.mark.linux
 
@@ -21,6 +21,7 @@ def test_clone_has_working_devices(template, workdir):
     with start_clone(template, disk) as vm:
         assert vm.run("cat /tmp/marker", timeout=120).strip() == "tmpfs-marker-1234"
         check_network(vm)
+        check_tcp_transfer(vm)
         check_console(vm)
         check_rng(vm)
 
