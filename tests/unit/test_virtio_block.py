@@ -481,3 +481,48 @@ def test_direct_io_einval_drops_to_buffered(tmp_path):
         assert not be.direct and "O_DIRECT" in be.warning
     finally:
         be.close()
+
+
+def test_partial_transfers_are_continued_and_eof_is_short(tmp_path, monkeypatch):
+    disk = image(tmp_path)                      # SECTORS * 512 bytes
+    with open(disk, "rb") as f:
+        data = f.read()
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+    calls = []
+
+    def trickle(real):
+        def op(fd, bufs, off):                  # the kernel moves at most 100 bytes a call
+            calls.append(off)
+            return real(fd, [bufs[0][:100]], off)
+        return op
+    monkeypatch.setattr(B.os, "preadv", trickle(real_preadv))
+    monkeypatch.setattr(B.os, "pwritev", trickle(real_pwritev))
+    be = FileBackend(disk)
+    try:
+        buf = bytearray(512)
+        assert be.read_into(512, memoryview(buf)) == 512
+        assert bytes(buf) == data[512:1024] and len(calls) == 6
+        calls.clear()
+        assert be.write_from(1024, memoryview(b"\xaa" * 300)) == 300 and len(calls) == 3
+        end = len(data) - 256                   # a read past EOF comes back short
+        assert be.read_into(end, memoryview(bytearray(512))) == 256
+    finally:
+        be.close()
+    with open(disk, "rb") as f:
+        assert f.read()[1024:1324] == b"\xaa" * 300
+
+
+def test_direct_short_chunk_ends_the_transfer(tmp_path, monkeypatch):
+    disk = image(tmp_path)
+    be = FileBackend(disk, direct=True)
+    try:
+        if not be.direct:
+            pytest.skip("this filesystem refuses O_DIRECT at open")
+        real_preadv = os.preadv
+        monkeypatch.setattr(B.os, "preadv",
+                            lambda fd, bufs, off: real_preadv(fd, [bufs[0][:512]], off))
+        monkeypatch.setattr(FileBackend, "BOUNCE_SIZE", 1024)
+        assert be.read_into(0, memoryview(bytearray(2048))) == 512    # not retried
+        assert be.direct
+    finally:
+        be.close()

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from stratopy.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice
+from stratopy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from stratopy.errors import DeviceError, TemplateError
 
 SECTOR_SHIFT = 9
@@ -135,72 +135,56 @@ class FileBackend:
 
     def read_into(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns the bytes read (short at EOF)."""
-        if self.direct:
-            try:
-                return self._read_direct(offset, buf)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._drop_direct(e.strerror or "EINVAL")
-        total = len(buf)
-        done = 0
-        while done < total:
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n <= 0:
-                break
-            done += n
-        return done
-
-    def _read_direct(self, offset: int, buf: memoryview) -> int:
-        total = len(buf)
-        done = 0
-        self._check_direct(offset, total)
-        bounce = self._bounce_view
-        while done < total:
-            chunk = min(total - done, self.BOUNCE_SIZE)
-            n = os.preadv(self.fd, [bounce[:chunk]], offset + done)
-            if n <= 0:
-                break
-            buf[done:done + n] = bounce[:n]
-            done += n
-            if n < chunk:
-                break
-        return done
+        return self._transfer(offset, buf, False)
 
     def write_from(self, offset: int, buf: memoryview) -> int:
         """Write all of ``buf`` at ``offset``; returns the bytes written."""
         if self.readonly:
             raise OSError(errno.EBADF, "read-only drive")
+        return self._transfer(offset, buf, True)
+
+    def _transfer(self, offset: int, buf: memoryview, write: bool) -> int:
+        """Move ``buf`` to the file (``write``) or from it, at ``offset``;
+        returns the bytes moved. Partial transfers are continued; a transfer
+        of 0 bytes (EOF on a read) ends it short.
+
+        With O_DIRECT the data goes through the bounce buffer, one chunk of at
+        most BOUNCE_SIZE at a time, and a short chunk ends the transfer. If
+        O_DIRECT refuses the request (EINVAL: unaligned, or a 4 KiB logical
+        block size) the fd drops O_DIRECT and the whole request is done again
+        buffered. Other OSErrors propagate (EINTR is retried by os itself).
+        """
+        op = os.pwritev if write else os.preadv
+        fd = self.fd
+        total = len(buf)
         if self.direct:
+            done = 0
             try:
-                return self._write_direct(offset, buf)
+                self._check_direct(offset, total)
+                bounce = self._bounce_view
+                while done < total:
+                    chunk = min(total - done, self.BOUNCE_SIZE)
+                    if write:
+                        bounce[:chunk] = buf[done:done + chunk]
+                    n = op(fd, [bounce[:chunk]], offset + done)
+                    if n <= 0:
+                        break
+                    if not write:
+                        buf[done:done + n] = bounce[:n]
+                    done += n
+                    if n < chunk:
+                        break
+                return done
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._drop_direct(e.strerror or "EINVAL")
-        total = len(buf)
         done = 0
         while done < total:
-            n = os.pwritev(self.fd, [buf[done:]], offset + done)
+            n = op(fd, [buf[done:]], offset + done)
             if n <= 0:
                 break
             done += n
-        return done
-
-    def _write_direct(self, offset: int, buf: memoryview) -> int:
-        total = len(buf)
-        done = 0
-        self._check_direct(offset, total)
-        bounce = self._bounce_view
-        while done < total:
-            chunk = min(total - done, self.BOUNCE_SIZE)
-            bounce[:chunk] = buf[done:done + chunk]
-            n = os.pwritev(self.fd, [bounce[:chunk]], offset + done)
-            if n <= 0:
-                break
-            done += n
-            if n < chunk:
-                break
         return done
 
     def flush(self) -> None:
@@ -285,6 +269,7 @@ class BlockDevice(VirtioDevice):
 
     device_type = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
+    label = "virtio-blk"
 
     def __init__(self, backend, serial: str = ""):
         super().__init__()
@@ -338,9 +323,11 @@ class BlockDevice(VirtioDevice):
 
     # --- requests -----------------------------------------------------------------
     def process_queue(self, index: int) -> None:
-        if index != 0 or not self.activated:
+        if index != 0:
             return
-        q = self.queues[0]
+        q = self._ready_queue(0)
+        if q is None:
+            return
         mem = self.mem
         done = 0
         try:
@@ -394,45 +381,12 @@ class BlockDevice(VirtioDevice):
             # StratoVirt's block device without a backend answers
             return VIRTIO_BLK_S_IOERR, 0
         if rtype == VIRTIO_BLK_T_IN:
-            segs = [s for s in writable if s[1] > 0]
-            length = sum(n for _, n in segs)
-            if not self._range_ok(sector, length):
-                return VIRTIO_BLK_S_IOERR, 0
-            offset = sector << SECTOR_SHIFT
-            done = 0
-            for addr, n in segs:
-                view = mem.view(addr, n)
-                try:
-                    got = self.backend.read_into(offset + done, view)
-                except OSError:
-                    got = -1
-                finally:
-                    view.release()
-                if got != n:
-                    return VIRTIO_BLK_S_IOERR, done + max(got, 0)
-                done += n
-            return VIRTIO_BLK_S_OK, done
+            return self._move(mem, writable, sector, self.backend.read_into)
         if rtype == VIRTIO_BLK_T_OUT:
             if self.readonly:
                 return VIRTIO_BLK_S_IOERR, 0
-            segs = [s for s in rd.rest() if s[1] > 0]
-            length = sum(n for _, n in segs)
-            if not self._range_ok(sector, length):
-                return VIRTIO_BLK_S_IOERR, 0
-            offset = sector << SECTOR_SHIFT
-            done = 0
-            for addr, n in segs:
-                view = mem.view(addr, n)
-                try:
-                    put = self.backend.write_from(offset + done, view)
-                except OSError:
-                    put = -1
-                finally:
-                    view.release()
-                if put != n:
-                    return VIRTIO_BLK_S_IOERR, 0
-                done += n
-            return VIRTIO_BLK_S_OK, 0
+            # nothing is written into guest buffers, whatever was written to disk
+            return self._move(mem, rd.rest(), sector, self.backend.write_from)[0], 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             try:
                 self.backend.flush()
@@ -454,6 +408,30 @@ class BlockDevice(VirtioDevice):
             return VIRTIO_BLK_S_OK, done
         return VIRTIO_BLK_S_UNSUPP, 0
 
+    def _move(self, mem, segs, sector: int, move) -> tuple[int, int]:
+        """Data of a T_IN/T_OUT request between the disk at ``sector`` and the
+        guest buffers ``segs``, through ``move(offset, view) -> bytes moved``
+        (the backend's ``read_into`` or ``write_from``); -> (status, bytes
+        of guest buffers moved, a failing segment's partial count included)."""
+        segs = [s for s in segs if s[1] > 0]
+        length = sum(n for _, n in segs)
+        if not self._range_ok(sector, length):
+            return VIRTIO_BLK_S_IOERR, 0
+        offset = sector << SECTOR_SHIFT
+        done = 0
+        for addr, n in segs:
+            view = mem.view(addr, n)
+            try:
+                got = move(offset + done, view)
+            except OSError:
+                got = -1
+            finally:
+                view.release()
+            if got != n:
+                return VIRTIO_BLK_S_IOERR, done + max(got, 0)
+            done += n
+        return VIRTIO_BLK_S_OK, done
+
     def _range_ok(self, sector: int, length: int) -> bool:
         if length % SECTOR_SIZE:
             return False
@@ -472,17 +450,8 @@ class BlockDevice(VirtioDevice):
     def _check_state(self, state: BlockState) -> tuple[int, int]:
         if not isinstance(state, BlockState):
             raise TemplateError(f"virtio-blk state has the wrong type {type(state).__name__}")
-        avail = state.offered_features
-        if avail == -1:
-            avail = self.avail_features
-        if type(avail) is not int or avail < 0 or avail & ~_OFFERABLE:
-            raise TemplateError(f"virtio-blk state field offered_features {avail!r} holds "
-                                f"features this device never offers")
-        acked = state.acked_features
-        offered = avail | (1 << VIRTIO_F_VERSION_1)
-        if type(acked) is not int or acked < 0 or acked & ~offered:
-            raise TemplateError(f"virtio-blk state field acked_features {acked!r} is not a "
-                                f"subset of the offered features {offered:#x}")
+        avail = self._check_offered(state.offered_features, _OFFERABLE)
+        acked = self._check_acked(state.acked_features, avail)
         if type(state.capacity) is not int or state.capacity < 0:
             raise TemplateError(f"virtio-blk state field capacity out of range: "
                                 f"{state.capacity!r}")

@@ -27,14 +27,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
-from stratopy.devices.virtio.device import (
-    VIRTIO_F_VERSION_1,
-    VIRTIO_ID_CONSOLE,
-    VirtioDevice,
-)
-from stratopy.errors import StratoError, TemplateError
+from stratopy.devices.virtio.device import VIRTIO_ID_CONSOLE, VirtioDevice
+from stratopy.errors import TemplateError
 
 RX_QUEUE = 0
 TX_QUEUE = 1
@@ -58,6 +53,7 @@ class ConsoleDevice(VirtioDevice):
     device_type = VIRTIO_ID_CONSOLE
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     avail_features = 0
+    label = "virtio-console"
 
     def __init__(self, out: Callable[[bytes], None] = lambda data: None,
                  rx_ready: Callable[[], None] | None = None,
@@ -67,46 +63,20 @@ class ConsoleDevice(VirtioDevice):
         self.rx_ready = rx_ready
         self.cols = cols & 0xFFFF
         self.rows = rows & 0xFFFF
-        self.broken = False
 
     # --- transport hooks ---------------------------------------------------
-    def signal_broken(self, reason: str) -> None:   # replaced by the transport
-        self.broken = True
-        self.broken_reason = reason
-
-    def _broke(self, e: BaseException) -> None:
-        self.broken = True
-        if isinstance(e, StratoError):
-            self.signal_broken(f"virtio-console: {e}")
-        else:
-            self.signal_broken(f"virtio-console: internal error {type(e).__name__}: {e}")
-
     def read_config(self, offset: int, size: int) -> bytes:
         cfg = _CONFIG.pack(self.cols, self.rows, 0, 0)
         if offset < 0 or size <= 0:
             return bytes(max(size, 0))
         return (cfg[offset:offset + size] + bytes(size))[:size]
 
-    def activate(self, mem, queues: list, signal_used) -> None:
-        super().activate(mem, queues, signal_used)
-        self.broken = False
-
-    def reset(self) -> None:
-        super().reset()
-        self.broken = False
-
-    def _queue(self, index: int):
-        if not self.activated or self.broken or index >= len(self.queues):
-            return None
-        q = self.queues[index]
-        return q if q.ready else None
-
     def process_queue(self, index: int) -> None:
         if index == TX_QUEUE:
             self._process_tx()
         elif index == RX_QUEUE:
             # new receive buffers: whoever holds pending input may retry
-            if self._queue(RX_QUEUE) is not None and self.rx_ready is not None:
+            if self._ready_queue(RX_QUEUE) is not None and self.rx_ready is not None:
                 try:
                     self.rx_ready()
                 except Exception:  # noqa: BLE001 - a machine bug must not break the guest
@@ -114,7 +84,7 @@ class ConsoleDevice(VirtioDevice):
 
     # --- guest -> host -------------------------------------------------------
     def _process_tx(self) -> None:
-        q = self._queue(TX_QUEUE)
+        q = self._ready_queue(TX_QUEUE)
         if q is None:
             return
         mem = self.mem
@@ -151,7 +121,7 @@ class ConsoleDevice(VirtioDevice):
     # --- host -> guest -------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:
         """Copy ``data`` into posted receive buffers; -> bytes taken."""
-        q = self._queue(RX_QUEUE)
+        q = self._ready_queue(RX_QUEUE)
         if q is None or not data:
             return 0
         mem = self.mem
@@ -188,11 +158,7 @@ class ConsoleDevice(VirtioDevice):
     def restore(self, state: ConsoleState) -> None:
         if not isinstance(state, ConsoleState):
             raise TemplateError(f"virtio-console state has the wrong type {type(state).__name__}")
-        acked = state.acked_features
-        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
-        if type(acked) is not int or acked < 0 or acked & ~offered:
-            raise TemplateError(f"virtio-console state field acked_features {acked!r} is not "
-                                f"a subset of the offered features {offered:#x}")
+        acked = self._check_acked(state.acked_features, self.avail_features)
         for name in ("cols", "rows"):
             v = getattr(state, name)
             if type(v) is not int or not 0 <= v <= 0xFFFF:

@@ -7,7 +7,9 @@ status; it calls the device through these methods.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from stratopy.errors import StratoError, TemplateError
 
 # Device ids (virtio spec 1.1 §5)
 VIRTIO_ID_NET = 1
@@ -31,14 +33,18 @@ STATUS_FAILED = 0x80
 class VirtioDevice:
     """Base class of virtio device logic.
 
-    Subclasses set ``device_type``, ``queue_sizes`` (max size of each queue)
-    and ``avail_features`` (a bit mask; the transport always adds
-    VIRTIO_F_VERSION_1), and implement the hooks below.
+    Subclasses set ``device_type``, ``queue_sizes`` (max size of each queue),
+    ``avail_features`` (a bit mask; the transport always adds
+    VIRTIO_F_VERSION_1) and ``label`` (the name that starts their broken
+    reasons and template errors, e.g. "virtio-net"), and implement the hooks
+    below. The helpers at the end (``_ready_queue``, ``_broke``,
+    ``_check_offered``, ``_check_acked``) are shared by the devices.
     """
 
     device_type: int = 0
     queue_sizes: Sequence[int] = ()
     avail_features: int = 0
+    label: str = "virtio"
 
     def __init__(self) -> None:
         self.acked_features = 0
@@ -49,13 +55,17 @@ class VirtioDevice:
         # config interrupt). For device work that does not start from a queue
         # notification (e.g. a tap or console becoming readable); exceptions
         # out of process_queue() are turned into this by the transport itself.
+        # Devices call it through _broke().
         self.signal_broken: Callable[[str], None] = lambda reason: None
         # set by the transport: the device's config space changed (e.g. a
-        # hot-replaced backend changed the disk capacity). The transport bumps
-        # ConfigGeneration and raises the config interrupt once the driver
-        # is running.
+        # hot-replaced backend changed the disk capacity, or virtio-net's link
+        # status changed). The transport bumps ConfigGeneration and raises the
+        # config interrupt once the driver is running.
         self.signal_config: Callable[[], None] = lambda: None
         self.activated = False
+        # set by _broke(): the device stops touching its queues until the
+        # driver resets it (or it is activated again)
+        self.broken = False
 
     # --- config space ----------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
@@ -73,12 +83,14 @@ class VirtioDevice:
         self.queues = queues
         self.signal_used = signal_used
         self.activated = True
+        self.broken = False
 
     def reset(self) -> None:
         """Called when the driver writes status 0: forget all queue state."""
         self.activated = False
         self.queues = []
         self.acked_features = 0
+        self.broken = False
 
     def process_queue(self, index: int) -> None:
         """The driver notified queue ``index`` (MMIO write or ioeventfd).
@@ -94,3 +106,44 @@ class VirtioDevice:
 
     def restore(self, state: Any) -> None:
         """Apply a validated state (see each device's from_state)."""
+
+    # --- helpers for the devices -----------------------------------------------
+    def _ready_queue(self, index: int) -> Optional[Any]:
+        """Queue ``index`` if the device may use it now (activated, not
+        broken, the index exists, the driver made the queue ready); else None."""
+        if not self.activated or self.broken or not 0 <= index < len(self.queues):
+            return None
+        q = self.queues[index]
+        return q if q.ready else None
+
+    def _broke(self, e: BaseException) -> None:
+        """A queue turned out broken while the device worked on it: stop using
+        the queues and tell the transport (``signal_broken``), with the reason
+        prefixed by ``label``; an unexpected exception is named as an
+        internal error. Never raises for a StratoError or plain Exception."""
+        self.broken = True
+        if isinstance(e, StratoError):
+            self.signal_broken(f"{self.label}: {e}")
+        else:
+            self.signal_broken(f"{self.label}: internal error {type(e).__name__}: {e}")
+
+    def _check_offered(self, avail: Any, offerable: int) -> int:
+        """A template's ``offered_features`` (what the driver was offered; -1:
+        this device's own offer): -> the offer, or TemplateError if it holds
+        bits outside ``offerable`` (or is not a non-negative int)."""
+        if avail == -1:
+            avail = self.avail_features
+        if type(avail) is not int or avail < 0 or avail & ~offerable:
+            raise TemplateError(f"{self.label} state field offered_features {avail!r} holds "
+                                f"features this device never offers")
+        return avail
+
+    def _check_acked(self, acked: Any, avail: int) -> int:
+        """A template's ``acked_features`` checked against the offer ``avail``
+        (device bits; VIRTIO_F_VERSION_1 is always offered): -> ``acked``, or
+        TemplateError if it is not a non-negative int within the offer."""
+        offered = avail | (1 << VIRTIO_F_VERSION_1)
+        if type(acked) is not int or acked < 0 or acked & ~offered:
+            raise TemplateError(f"{self.label} state field acked_features {acked!r} is not a "
+                                f"subset of the offered features {offered:#x}")
+        return acked

@@ -105,14 +105,8 @@ class VirtioMmioTransport:
         self.mem = mem
         self.irq = irq
         self.queues = [Queue(n) for n in device.queue_sizes]
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.acked_features = 0
-        self.queue_sel = 0
-        self.interrupt_status = 0
-        self.status = 0
+        self._clear_registers()
         self.config_generation = 0
-        self.broken_reason = ""
         self._signal_used = self.signal_used      # bound once, handed to the device
         device.signal_broken = self.mark_broken
         device.signal_config = self.config_changed
@@ -307,6 +301,12 @@ class VirtioMmioTransport:
             pass
         for q in self.queues:
             q.reset()
+        self._clear_registers()
+
+    def _clear_registers(self) -> None:
+        """The negotiation state as at power-on and after a reset: selectors,
+        features, status, interrupt status, broken reason (not the queues;
+        nor ConfigGeneration, which only moves on)."""
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.acked_features = 0

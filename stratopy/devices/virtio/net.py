@@ -44,14 +44,9 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
-from stratopy.devices.virtio.device import (
-    VIRTIO_F_VERSION_1,
-    VIRTIO_ID_NET,
-    VirtioDevice,
-)
-from stratopy.errors import StratoError, TemplateError
+from stratopy.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice
+from stratopy.errors import TemplateError
 
 RX_QUEUE = 0
 TX_QUEUE = 1
@@ -94,43 +89,34 @@ class NetState:
 class NetDevice(VirtioDevice):
     device_type = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    label = "virtio-net"
 
     def __init__(self, backend, mac: bytes | None = None,
                  rx_ready: Callable[[], None] | None = None,
                  link_up: bool = True) -> None:
         super().__init__()
+        self._set_backend(backend, mac)
+        self.rx_ready = rx_ready
+        self.link_up = bool(link_up)
+        self.rx_blocked = False
+        # statistics (not state)
+        self.rx_frames = self.tx_frames = 0
+        self.rx_dropped = self.tx_dropped = 0
+        self.backend_errors = 0
+
+    def _set_backend(self, backend, mac: bytes | None) -> None:
+        """Use ``backend`` and ``mac`` (6 bytes or None: no MAC configured,
+        VIRTIO_NET_F_MAC not offered); ValueError for a malformed MAC."""
         if mac is not None:
             mac = bytes(mac)
             if len(mac) != 6:
                 raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
         self.backend = backend
         self.mac = mac
-        self.rx_ready = rx_ready
-        self.link_up = bool(link_up)
         self.avail_features = (1 << VIRTIO_NET_F_STATUS) | (
             (1 << VIRTIO_NET_F_MAC) if mac is not None else 0)
-        self.rx_blocked = False
-        self.broken = False
-        # statistics (not state)
-        self.rx_frames = self.tx_frames = 0
-        self.rx_dropped = self.tx_dropped = 0
-        self.backend_errors = 0
 
     # --- transport hooks ---------------------------------------------------
-    def signal_broken(self, reason: str) -> None:   # replaced by the transport
-        self.broken = True
-        self.broken_reason = reason
-
-    def signal_config(self) -> None:                # the machine may wire this
-        """Raise a configuration-change interrupt (link status changed)."""
-
-    def _broke(self, e: BaseException) -> None:
-        self.broken = True
-        if isinstance(e, StratoError):
-            self.signal_broken(f"virtio-net: {e}")
-        else:
-            self.signal_broken(f"virtio-net: internal error {type(e).__name__}: {e}")
-
     def read_config(self, offset: int, size: int) -> bytes:
         if offset < 0 or size <= 0:
             return bytes(max(size, 0))
@@ -150,14 +136,7 @@ class NetDevice(VirtioDevice):
         guest gets a config interrupt and sees the carrier change.
         """
         old = self.backend
-        if mac is not None:
-            mac = bytes(mac)
-            if len(mac) != 6:
-                raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
-        self.backend = backend
-        self.mac = mac
-        self.avail_features = (1 << VIRTIO_NET_F_STATUS) | (
-            (1 << VIRTIO_NET_F_MAC) if mac is not None else 0)
+        self._set_backend(backend, mac)
         self.set_link(backend is not None)
         return old
 
@@ -172,25 +151,11 @@ class NetDevice(VirtioDevice):
                 if self.rx_ready is not None:
                     self.rx_ready()
 
-    def activate(self, mem, queues: list, signal_used) -> None:
-        super().activate(mem, queues, signal_used)
-        self.broken = False
-
-    def reset(self) -> None:
-        super().reset()
-        self.broken = False
-
-    def _queue(self, index: int):
-        if not self.activated or self.broken or index >= len(self.queues):
-            return None
-        q = self.queues[index]
-        return q if q.ready else None
-
     def process_queue(self, index: int) -> None:
         if index == TX_QUEUE:
             self._process_tx()
         elif index == RX_QUEUE:
-            if self.rx_blocked and self._queue(RX_QUEUE) is not None:
+            if self.rx_blocked and self._ready_queue(RX_QUEUE) is not None:
                 self.rx_blocked = False
                 if self.rx_ready is not None:
                     try:
@@ -201,7 +166,7 @@ class NetDevice(VirtioDevice):
     # --- backend -> guest --------------------------------------------------
     def on_backend_readable(self) -> None:
         """The backend has frames: deliver as many as the posted chains allow."""
-        q = self._queue(RX_QUEUE)
+        q = self._ready_queue(RX_QUEUE)
         if q is None or not self.link_up or self.backend is None:
             self.rx_blocked = True
             return
@@ -266,7 +231,7 @@ class NetDevice(VirtioDevice):
 
     # --- guest -> backend ----------------------------------------------------
     def _process_tx(self) -> None:
-        q = self._queue(TX_QUEUE)
+        q = self._ready_queue(TX_QUEUE)
         if q is None:
             return
         mem = self.mem
@@ -324,17 +289,8 @@ class NetDevice(VirtioDevice):
         if state.mac != mine:
             raise TemplateError("", attribute="virtio-net mac",
                                 expected=state.mac or "(none)", found=mine or "(none)")
-        avail = state.offered_features
-        if avail == -1:
-            avail = self.avail_features
-        if type(avail) is not int or avail < 0 or avail & ~_OFFERABLE:
-            raise TemplateError(f"virtio-net state field offered_features {avail!r} holds "
-                                f"features this device never offers")
-        acked = state.acked_features
-        offered = avail | (1 << VIRTIO_F_VERSION_1)
-        if type(acked) is not int or acked < 0 or acked & ~offered:
-            raise TemplateError(f"virtio-net state field acked_features {acked!r} is not a "
-                                f"subset of the offered features {offered:#x}")
+        avail = self._check_offered(state.offered_features, _OFFERABLE)
+        acked = self._check_acked(state.acked_features, avail)
         if type(state.link_up) is not bool:
             raise TemplateError(f"virtio-net state field link_up is not a bool: "
                                 f"{state.link_up!r}")

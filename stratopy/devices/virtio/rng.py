@@ -21,12 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stratopy.devices.virtio.device import (
-    VIRTIO_F_VERSION_1,
-    VIRTIO_ID_RNG,
-    VirtioDevice,
-)
-from stratopy.errors import StratoError, TemplateError
+from stratopy.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
+from stratopy.errors import TemplateError
 
 QUEUE_SIZE = 256
 MAX_REQUEST = 64 * 1024
@@ -43,6 +39,7 @@ class RngDevice(VirtioDevice):
     device_type = VIRTIO_ID_RNG
     queue_sizes = (QUEUE_SIZE,)
     avail_features = 0
+    label = "virtio-rng"
 
     def __init__(self, source: Callable[[int], bytes], max_request: int = MAX_REQUEST) -> None:
         super().__init__()
@@ -50,21 +47,7 @@ class RngDevice(VirtioDevice):
             raise ValueError(f"max_request {max_request} out of range")
         self.source = source
         self.max_request = max_request
-        self.broken = False
         self.bytes_served = 0          # statistics, not state
-
-    # --- transport hooks ---------------------------------------------------
-    def signal_broken(self, reason: str) -> None:   # replaced by the transport
-        self.broken = True
-        self.broken_reason = reason
-
-    def activate(self, mem, queues: list, signal_used) -> None:
-        super().activate(mem, queues, signal_used)
-        self.broken = False
-
-    def reset(self) -> None:
-        super().reset()
-        self.broken = False
 
     def _fetch(self, n: int) -> bytes:
         out = bytearray()
@@ -79,10 +62,10 @@ class RngDevice(VirtioDevice):
         return bytes(out)
 
     def process_queue(self, index: int) -> None:
-        if index != 0 or not self.activated or self.broken or not self.queues:
+        if index != 0:
             return
-        q = self.queues[0]
-        if not q.ready:
+        q = self._ready_queue(0)
+        if q is None:
             return
         mem = self.mem
         used = 0
@@ -111,12 +94,8 @@ class RngDevice(VirtioDevice):
                 self.bytes_served += done
                 q.add_used(mem, chain.head, done)
                 used += 1
-        except StratoError as e:           # DeviceError / GuestMemoryError
-            self.broken = True
-            self.signal_broken(f"virtio-rng: {e}")
-        except Exception as e:  # noqa: BLE001 - never crash the monitor
-            self.broken = True
-            self.signal_broken(f"virtio-rng: internal error {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
+            self._broke(e)
         if used:
             self.signal_used(0)
 
@@ -127,12 +106,7 @@ class RngDevice(VirtioDevice):
     def restore(self, state: RngState) -> None:
         if not isinstance(state, RngState):
             raise TemplateError(f"virtio-rng state has the wrong type {type(state).__name__}")
-        acked = state.acked_features
-        offered = self.avail_features | (1 << VIRTIO_F_VERSION_1)
-        if type(acked) is not int or acked < 0 or acked & ~offered:
-            raise TemplateError(f"virtio-rng state field acked_features {acked!r} is not a "
-                                f"subset of the offered features {offered:#x}")
-        self.acked_features = acked
+        self.acked_features = self._check_acked(state.acked_features, self.avail_features)
 
     @classmethod
     def from_state(cls, state: RngState, source: Callable[[int], bytes]) -> RngDevice:
