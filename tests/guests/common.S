@@ -155,8 +155,9 @@ _start64:
         call    main
         jmp     exit_ok
 
-/* Map 3-4 GiB (virtio-mmio, IOAPIC, LAPIC) uncached, 2 MiB pages, by adding
-   PDPT[3] to the page tables the loader gave us. */
+/* Map 3-4 GiB (virtio-mmio, IOAPIC, LAPIC) uncached, and 4-5 GiB (the RAM
+   above the MMIO gap when -m > 3 GiB) write-back, 2 MiB pages, by adding
+   PDPT[3] and PDPT[4] to the page tables the loader gave us. */
 map_high:
         lea     high_pd(%rip), %rdi
         mov     $0xc000009b, %eax       /* P RW PWT PCD PS */
@@ -165,6 +166,13 @@ map_high:
         add     $8, %rdi
         add     $0x200000, %rax
         loop    1b
+        lea     above4g_pd(%rip), %rdi
+        movabs  $0x100000083, %rax      /* 4 GiB: P RW PS */
+        mov     $512, %ecx
+2:      mov     %rax, (%rdi)
+        add     $8, %rdi
+        add     $0x200000, %rax
+        loop    2b
         movabs  $0x000ffffffffff000, %r8
         mov     %cr3, %rax
         and     %r8, %rax
@@ -173,6 +181,9 @@ map_high:
         lea     high_pd(%rip), %rcx
         or      $3, %rcx
         mov     %rcx, 24(%rdx)          /* PDPT[3]: 3 GiB .. 4 GiB */
+        lea     above4g_pd(%rip), %rcx
+        or      $3, %rcx
+        mov     %rcx, 32(%rdx)          /* PDPT[4]: 4 GiB .. 5 GiB */
         mov     %cr3, %rax
         mov     %rax, %cr3
         ret
@@ -618,6 +629,7 @@ idtr:
         .bss
         .balign 4096
 high_pd:        .skip 4096
+above4g_pd:     .skip 4096
 idt:            .skip 256 * 16
 stack:          .skip 16384
 stack_top:

@@ -4,7 +4,8 @@
  *  1. Prints the e820 table from boot_params ("E820 addr size type"), then
  *     "RAM=<bytes> TOP=0x<end of highest RAM>".
  *  2. Fills [base, base + mib MiB) (cmdline "base=", default 0x1000000;
- *     "mib=", default 16) page by page: every qword of page p (its address)
+ *     "mib=", default 16; inside the mapped RAM: the first 1 GiB, or
+ *     4-5 GiB) page by page: every qword of page p (its address)
  *     holds  pattern ^ (p * 0x9e3779b97f4a7c15),  pattern = cmdline
  *     "pattern=" (default 0x5a5a5a5a5a5a5a5a). Prints "FILLED pattern=...".
  *  3. Verifies, prints "CHECK ok=1 sum=0x... passes=N", then halts in a
@@ -88,9 +89,16 @@ main:
         jbe     4f
         PRINT   "RANGE BEYOND RAM\n"
         jmp     99f
+        /* mapped RAM: the first 1 GiB, and 4-5 GiB (common.S map_high) */
 4:      cmp     $0x40000000, %rax
         jbe     5f
-        PRINT   "RANGE BEYOND THE 1 GiB IDENTITY MAP\n"
+        movabs  $0x100000000, %rdx
+        cmp     %rdx, base(%rip)
+        jb      3f
+        movabs  $0x140000000, %rdx
+        cmp     %rdx, %rax
+        jbe     5f
+3:      PRINT   "RANGE OUTSIDE THE MAPPED RAM (0-1 GiB, 4-5 GiB)\n"
         jmp     99f
 
         /* --- fill --- */

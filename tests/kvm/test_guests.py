@@ -286,6 +286,43 @@ def test_memcheck_survives_template_restore(guests, start_vm, tmp_path):
     exited_cleanly(clone)
 
 
+def test_memcheck_ram_above_4g_and_its_template(guests, start_vm, tmp_path):
+    """-m above 3 GiB: RAM resumes at 4 GiB after the MMIO gap (e820), the
+    guest fills and verifies 16 MiB there, the template's memory file holds
+    it right after the 3 GiB below the gap, and a clone verifies it again."""
+    mem_mib = 3 * 1024 + 512
+    pattern = 0x0F1E2D3C4B5A6978
+    pages = 16 * 256
+    args = base_args(guests["memcheck"], mem=str(mem_mib),
+                     append=f"pattern={pattern:#x} base=0x100000000 mib=16 every=30")
+    vm = start_vm(args, qmp=True)
+    m = vm.wait_for(rf"RAM=(\d+) TOP={HEX}\r?\n", TIMEOUT)
+    assert int(m.group(2), 16) == 4 * 1024 * MiB + 512 * MiB
+    assert int(m.group(1)) == 0x9FC00 + mem_mib * MiB - MiB
+    e820 = [(int(a, 16), int(z, 16), int(t))
+            for a, z, t in re.findall(rf"E820 {HEX} {HEX} (\d+)", vm.output)]
+    assert (0x100000, 3 * 1024 * MiB - 0x100000, 1) in e820
+    assert (0x100000000, 512 * MiB, 1) in e820
+    ok, s1, _ = check_line(vm)
+    assert ok == 1 and s1 == expected_sum(pattern, pages)
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    assert os.path.getsize(os.path.join(tpl, "memory")) == mem_mib * MiB
+    high = 3 * 1024 * MiB                     # file offset of guest-physical 4 GiB
+    assert read_guest_u64(tpl, high) == pattern
+    assert read_guest_u64(tpl, high + 4096 * 7 + 16) == ((7 * GOLDEN) & M64) ^ pattern
+    vm.kill()
+
+    clone = start_vm(args + ["-incoming", f"file:{tpl}"], qmp=True)
+    clone.send("x")
+    ok, s2, _ = check_line(clone)
+    assert ok == 1 and s2 == s1
+    assert "FILLED" not in clone.output, "the clone rebooted"
+    clone.send("q")
+    clone.wait_for(r"EXIT", TIMEOUT)
+    exited_cleanly(clone)
+
+
 # --- counter ---------------------------------------------------------------------------
 COUNTER_APPEND = "poll=12"
 
