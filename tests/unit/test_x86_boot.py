@@ -385,6 +385,23 @@ def test_initrd_respects_ram_below_4g_argument(mem, tmp_path):
     assert mem.read(addr, size) == b"\x5A" * 5000
 
 
+def test_bzimage_initrd_addr_max_caps_the_placement(tmp_path):
+    """A bzImage's initrd_addr_max (0x7FFFFFFF here) bounds the initrd even
+    when RAM below the MMIO gap reaches 3 GiB; an ELF states no limit."""
+    big = GuestMemory.anonymous([(0, 3 * 1024 * MiB)])
+    try:
+        k = boot.load_kernel(big, write_file(tmp_path, "bzImage", make_bzimage()))
+        assert k.initrd_addr_max == 0x7FFFFFFF
+        path = write_file(tmp_path, "initrd", b"\x33" * 9000)
+        addr, size = boot.load_initrd(big, path, k.end, 3 * 1024 * MiB, k.initrd_addr_max)
+        assert addr + size - 1 <= 0x7FFFFFFF and 0x80000000 - (addr + size) < 4096
+        assert big.read(addr, size) == b"\x33" * 9000
+        addr, size = boot.load_initrd(big, path, k.end, 3 * 1024 * MiB)
+        assert 3 * 1024 * MiB - (addr + size) < 4096     # no limit given: top of RAM
+    finally:
+        big.close()
+
+
 def test_initrd_does_not_fit_above_kernel(mem, tmp_path):
     path = write_file(tmp_path, "initrd", bytes(8 * MiB))
     with pytest.raises(KernelError):

@@ -66,6 +66,9 @@ class LoadedKernel:
     end: int              # first byte after the loaded image
     setup_header: bytes   # bzImage setup header to copy to the zero page (b"" for ELF)
     cmdline_max: int = layout.CMDLINE_MAX - 1  # longest command line the kernel takes
+    # highest address an initrd byte may have (bzImage header initrd_addr_max;
+    # an ELF vmlinux states none: the 32-bit ramdisk fields are the limit)
+    initrd_addr_max: int = 0xFFFFFFFF
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -141,16 +144,20 @@ def _load_bzimage(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
     # The setup header runs from 0x1f1 to 0x202 + the byte at 0x201.
     hdr_end = HDR_MAGIC + data[HDR_JUMP + 1]
     cmdline_max = struct.unpack_from("<I", data, HDR_CMDLINE_SIZE)[0]
+    # 0 means the boot protocol's historical default (Documentation/x86/boot.rst)
+    initrd_max = struct.unpack_from("<I", data, HDR_INITRD_ADDR_MAX)[0] or 0x37FFFFFF
     return LoadedKernel(entry=code32 + 0x200, end=code32 + len(payload),
                         setup_header=data[HDR_SETUP_SECTS:hdr_end],
-                        cmdline_max=cmdline_max or 255)
+                        cmdline_max=cmdline_max or 255, initrd_addr_max=initrd_max)
 
 
-def load_initrd(mem: GuestMemory, path: str, kernel_end: int, ram_below_4g: int) -> tuple[int, int]:
-    """Place the initrd as high as possible below the 32-bit RAM end."""
+def load_initrd(mem: GuestMemory, path: str, kernel_end: int, ram_below_4g: int,
+                addr_max: int = 0xFFFFFFFF) -> tuple[int, int]:
+    """Place the initrd as high as possible below the 32-bit RAM end, with
+    its last byte at or below ``addr_max`` (the kernel's initrd_addr_max)."""
     data = _read_file(path, "-initrd")
     size = len(data)
-    top = min(ram_below_4g, 1 << 32)
+    top = min(ram_below_4g, 1 << 32, addr_max + 1)
     addr = (top - size) & ~(layout.INITRD_ALIGN - 1)
     if size == 0 or addr <= kernel_end:
         raise KernelError(f"-initrd {path}: {size} bytes do not fit in guest RAM above the kernel")
