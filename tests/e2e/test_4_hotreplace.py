@@ -3,7 +3,8 @@ template: the reserved block slots exist at boot (empty: /dev/vdc and
 /dev/vdd with size 0), QMP blockdev-add + device_add binds a disk into one,
 the guest sees the capacity change and reads and writes it; a template taken
 then restores with the disk on the command line; device_del empties the
-slot again."""
+slot again. Likewise a NIC: netdev_add + device_add into the empty reserved
+net slot (eth1, link down) brings the link up and the guest pings over it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 
+from tests import netns
 from tests.conftest import clone_args, clone_disk, start_clone
 
 pytestmark = pytest.mark.linux
@@ -94,3 +96,52 @@ def test_hot_replace_a_disk_into_a_clone(template, workdir):
         out = vm.run(_size_after_wait("vdc", '[ "$s" != 0 ]') + "; " + _read_mark("vdc"),
                      timeout=300)
         assert out.split() == ["size=0"], out
+
+
+HOT_TAP, HOT_HOST_IP, HOT_GUEST_IP = "stap1", "10.78.0.1", "10.78.0.2"
+
+
+def test_hot_replace_a_nic_into_a_clone(template, workdir):
+    """The reserved net slot the session VM left empty is eth1 in the guest,
+    link down. netdev_add (a second tap in the clone's namespace) +
+    device_add virtio-net-mmio at net addr 0x1: the link comes up (config
+    interrupt) and the guest pings the host over it; device_del takes the
+    link down again (DEVICE_DELETED)."""
+    disk = clone_disk(template, workdir, "hotnet-clone.img")
+    with start_clone(template, disk) as vm:
+        # (carrier reads only while the interface is up)
+        out = vm.run("ip link set eth1 up; read c </sys/class/net/eth1/carrier; echo carrier=$c",
+                     timeout=120)
+        assert "carrier=0" in out.split(), out
+        vm.ns.run_ok("ip", "tuntap", "add", "dev", HOT_TAP, "mode", "tap", "vnet_hdr")
+        vm.ns.run_ok("ip", "addr", "add", f"{HOT_HOST_IP}/24", "dev", HOT_TAP)
+        vm.ns.run_ok("ip", "link", "set", HOT_TAP, "up")
+        q = vm.qmp()
+        try:
+            _ok(q.cmd("netdev_add", id="hotnet", ifname=HOT_TAP))
+            _ok(q.cmd("device_add", id="hotnet", driver="virtio-net-mmio", addr="0x1",
+                      mac="52:54:00:00:00:02"))
+            out = vm.run(f"ip addr add {HOT_GUEST_IP}/24 dev eth1; "
+                         + _carrier_after_wait("eth1", '[ "$c" = 0 ]')
+                         + f"; ping -c 2 -W 3 {HOT_HOST_IP} >/dev/null && echo ping-ok",
+                         timeout=300)
+            assert out.split() == ["carrier=1", "ping-ok"], out
+            r = vm.ns.run("ping", "-c", "2", "-W", "3", HOT_GUEST_IP)
+            assert r.returncode == 0, r.stdout + r.stderr
+            _ok(q.cmd("device_del", id="hotnet"))
+            ev = q.wait_event("DEVICE_DELETED")
+            assert ev["data"] == {"device": "hotnet", "path": "hotnet"}, ev
+        finally:
+            q.close()
+        out = vm.run(_carrier_after_wait("eth1", '[ "$c" = 1 ]'), timeout=300)
+        assert out.split() == ["carrier=0"], out
+        # eth0 (the command-line NIC) was never disturbed
+        out = vm.run(f"ping -c 1 -W 3 {netns.HOST_IP} >/dev/null && echo eth0-ok", timeout=120)
+        assert "eth0-ok" in out.split(), out
+
+
+def _carrier_after_wait(dev: str, until: str) -> str:
+    """Guest shell: wait (up to ~60 s) while /sys/class/net/DEV/carrier
+    matches ``until`` (a shell test on $c), then print carrier=N."""
+    return (f"i=0; while read c </sys/class/net/{dev}/carrier && {until} && [ $i -lt 300 ]; "
+            f"do sleep 0.2; i=$((i+1)); done; echo carrier=$c")
