@@ -12,13 +12,16 @@ packages that are installed on the machine:
   .config: Kconfig silently drops options whose dependencies are missing.
 * rootfs: ``busybox-static`` + ``tools/guest/init`` as /sbin/init, turned
   into a 32 MiB ext4 image by ``mkfs.ext4 -d`` (no mounting, no root needed).
+  Beside it, ``initrd.cpio``: an uncompressed initramfs (cpio "newc") with
+  busybox and ``tools/guest/initrd-init`` as /init, which mounts the
+  virtio-blk root and switches to it (for ``-initrd`` tests).
 
 Results are cached outside the checkout, by content hash of their inputs:
 ``$STRATOPY_CACHE/guest/`` if STRATOPY_CACHE is set, else
 ``${XDG_CACHE_HOME:-~/.cache}/stratopy/guest/``:
 
     <kernel-sha256>/{vmlinux,bzImage,config,build.log}
-    <rootfs-sha256>/{rootfs.ext4,build.log}
+    <rootfs-sha256>/{rootfs.ext4,initrd.cpio,build.log}
     src/<source-sha256>/linux-source-6.1/   unpacked + patched, shared by
                                             every fragment (built with O=)
 
@@ -62,6 +65,7 @@ BUSYBOX_BINARY = Path("/bin/busybox")
 KERNEL_ARCH = "x86_64"
 ROOTFS_SIZE = "32M"
 ROOTFS_NAME = "rootfs.ext4"
+INITRD_NAME = "initrd.cpio"
 #: Printed on the console by /sbin/init once the guest is up (own line).
 READY_MARKER = "STRATOPY-GUEST-READY"
 #: The guest shell's prompt (PS1).
@@ -99,6 +103,10 @@ def fragment_path() -> Path:
 
 def init_script_path() -> Path:
     return tools_dir() / "init"
+
+
+def initrd_init_path() -> Path:
+    return tools_dir() / "initrd-init"
 
 
 def patch_paths() -> list[Path]:
@@ -173,10 +181,17 @@ def kernel_cache_key(source_version: str, patches: Sequence[tuple[str, bytes]],
     return _hash_parts(*flat)
 
 
-def rootfs_cache_key(busybox_id: str, init_script: bytes,
+def rootfs_cache_key(busybox_id: str, init_script: bytes, initrd_init: bytes = b"",
                      builder_version: str = BUILDER_VERSION) -> str:
-    """Key of a rootfs build: busybox (version + binary hash) + init script."""
-    return _hash_parts("rootfs", builder_version, ROOTFS_SIZE, busybox_id, init_script)
+    """Key of a rootfs (+ initramfs) build: busybox (version + binary hash)
+    + both init scripts."""
+    return _hash_parts("rootfs", builder_version, ROOTFS_SIZE, busybox_id, init_script,
+                       "initrd", initrd_init)
+
+
+def _rootfs_key() -> str:
+    return rootfs_cache_key(_busybox_id(), init_script_path().read_bytes(),
+                            initrd_init_path().read_bytes())
 
 
 def _read_patches() -> list[tuple[str, bytes]]:
@@ -528,8 +543,45 @@ def _busybox_id() -> str:
 
 def rootfs_path() -> Path:
     """Where the rootfs of the current recipe is (or will be) cached."""
-    key = rootfs_cache_key(_busybox_id(), init_script_path().read_bytes())
-    return cache_root() / key / ROOTFS_NAME
+    return cache_root() / _rootfs_key() / ROOTFS_NAME
+
+
+def initrd_path() -> Path:
+    """Where the initramfs of the current recipe is (or will be) cached."""
+    return rootfs_path().with_name(INITRD_NAME)
+
+
+# cpio "newc" (Documentation/driver-api/early-userspace/buffer-format.rst):
+# "070701", then 13 fields of 8 hex digits: ino mode uid gid nlink mtime
+# filesize devmajor devminor rdevmajor rdevminor namesize check; the name
+# (NUL-terminated) and the data are each padded to a multiple of 4 bytes.
+_S_IFDIR, _S_IFREG, _S_IFCHR = 0o040000, 0o100000, 0o020000
+
+
+def _cpio_entry(ino: int, name: str, mode: int, data: bytes = b"",
+                rdev: tuple[int, int] = (0, 0)) -> bytes:
+    bname = name.encode() + b"\0"
+    nlink = 2 if mode & _S_IFDIR == _S_IFDIR else 1
+    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(bname), 0)
+    head = b"070701" + b"".join(b"%08X" % f for f in fields) + bname
+    head += bytes(-len(head) % 4)
+    return head + data + bytes(-len(data) % 4)
+
+
+def initramfs_bytes(busybox: bytes, init_script: bytes) -> bytes:
+    """An uncompressed initramfs: /init (``init_script``), /bin/busybox,
+    /dev/console, and the mount point /newroot."""
+    entries = [("dev", _S_IFDIR | 0o755, b"", (0, 0)),
+               ("dev/console", _S_IFCHR | 0o600, b"", (5, 1)),
+               ("bin", _S_IFDIR | 0o755, b"", (0, 0)),
+               ("bin/busybox", _S_IFREG | 0o755, busybox, (0, 0)),
+               ("newroot", _S_IFDIR | 0o755, b"", (0, 0)),
+               ("init", _S_IFREG | 0o755, init_script, (0, 0))]
+    out = [_cpio_entry(i + 1, name, mode, data, rdev)
+           for i, (name, mode, data, rdev) in enumerate(entries)]
+    out.append(_cpio_entry(0, "TRAILER!!!", 0))
+    blob = b"".join(out)
+    return blob + bytes(-len(blob) % 512)
 
 
 _ROOTFS_DIRS = {"bin": 0o755, "sbin": 0o755, "usr": 0o755, "usr/bin": 0o755,
@@ -572,15 +624,14 @@ def populate_rootfs_dir(staging: Path, busybox: Path = BUSYBOX_BINARY,
 
 def build_rootfs(force: bool = False) -> Path:
     """Build (unless cached) and return the ext4 root file system image."""
-    init_bytes = init_script_path().read_bytes()
-    key = rootfs_cache_key(_busybox_id(), init_bytes)
-    rdir = cache_root() / key
+    rdir = cache_root() / _rootfs_key()
     image = rdir / ROOTFS_NAME
-    if image.is_file() and not force:
+    initrd = rdir / INITRD_NAME
+    if image.is_file() and initrd.is_file() and not force:
         return image
     rdir.mkdir(parents=True, exist_ok=True)
     with _locked(rdir / ".lock"):
-        if image.is_file() and not force:
+        if image.is_file() and initrd.is_file() and not force:
             return image
         mkfs = _which("mkfs.ext4")
         if not mkfs:
@@ -590,17 +641,23 @@ def build_rootfs(force: bool = False) -> Path:
         log = _BuildLog(rdir / "build.log", "rootfs")
         staging = Path(tempfile.mkdtemp(prefix="staging-", dir=rdir))
         tmp = rdir / f".{ROOTFS_NAME}.tmp-{os.getpid()}"
+        tmp_initrd = rdir / f".{INITRD_NAME}.tmp-{os.getpid()}"
         try:
             _progress(f"rootfs: staging busybox + /sbin/init in {staging}")
             populate_rootfs_dir(staging)
             log.run(f"mkfs.ext4 -d ({ROOTFS_SIZE})",
                     [mkfs, "-q", "-F", "-L", "stratopy-root", "-E", "root_owner=0:0",
                      "-d", staging, tmp, ROOTFS_SIZE])
+            tmp_initrd.write_bytes(initramfs_bytes(BUSYBOX_BINARY.read_bytes(),
+                                                   initrd_init_path().read_bytes()))
+            log.note(f"{INITRD_NAME}: {tmp_initrd.stat().st_size} bytes")
+            os.replace(tmp_initrd, initrd)
             os.replace(tmp, image)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            for t in (tmp, tmp_initrd):
+                with contextlib.suppress(FileNotFoundError):
+                    t.unlink()
         _progress(f"rootfs: done: {image}")
     return image
 
@@ -611,10 +668,12 @@ def ensure_rootfs() -> Path:
 
 
 def guest_paths() -> dict[str, Path]:
-    """``{"vmlinux", "bzImage", "rootfs"}`` -> cached image paths (builds
-    what is missing)."""
+    """``{"vmlinux", "bzImage", "rootfs", "initrd"}`` -> cached image paths
+    (builds what is missing)."""
     k = ensure_kernel()
-    return {"vmlinux": k.vmlinux, "bzImage": k.bzimage, "rootfs": ensure_rootfs()}
+    rootfs = ensure_rootfs()
+    return {"vmlinux": k.vmlinux, "bzImage": k.bzimage, "rootfs": rootfs,
+            "initrd": rootfs.with_name(INITRD_NAME)}
 
 
 # --------------------------------------------------------------------------
@@ -627,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build (if not cached) the stratopy test guest kernel and rootfs "
                     "and print their paths.")
     ap.add_argument("--kernel", action="store_true", help="only the kernel")
-    ap.add_argument("--rootfs", action="store_true", help="only the root file system")
+    ap.add_argument("--rootfs", action="store_true", help="only the root file system (and the initramfs)")
     ap.add_argument("--print-paths", action="store_true",
                     help="build nothing: print the cache paths (exit 1 if any is missing)")
     ap.add_argument("--json", action="store_true",
@@ -644,12 +703,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths.update(vmlinux=kd / "vmlinux", bzImage=kd / "bzImage")
             if want_rootfs:
                 paths["rootfs"] = rootfs_path()
+                paths["initrd"] = initrd_path()
         else:
             if want_kernel:
                 k = build_kernel(force=args.force)
                 paths.update(vmlinux=k.vmlinux, bzImage=k.bzimage)
             if want_rootfs:
                 paths["rootfs"] = build_rootfs(force=args.force)
+                paths["initrd"] = paths["rootfs"].with_name(INITRD_NAME)
     except StratoError as e:
         print(f"stratopy.guest: error: {e}", file=sys.stderr)
         return e.exit_code

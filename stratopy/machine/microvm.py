@@ -221,7 +221,8 @@ class MicroVm:
         initrd = None
         if self.config.initrd:
             below_4g = layout.ram_layout(self.config.mem_size)[0][1]
-            initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g)
+            initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g,
+                                      kernel.initrd_addr_max)
         boot.write_cmdline(mem, self.kernel_cmdline(), kernel.cmdline_max)
         mem.write(layout.ZERO_PAGE_ADDR, boot.build_zero_page(kernel, self.config.mem_size, initrd))
         addr, table = mptable.build(self.config.cpus)

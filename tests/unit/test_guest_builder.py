@@ -242,12 +242,40 @@ def test_cli_print_paths_builds_nothing(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 1, r.stderr          # nothing built yet
     paths = json.loads(r.stdout)
-    assert set(paths) == {"vmlinux", "bzImage", "rootfs"}
+    assert set(paths) == {"vmlinux", "bzImage", "rootfs", "initrd"}
     assert all(p.startswith(str(tmp_path / "guest")) for p in paths.values())
     assert not (tmp_path / "guest").exists() or not any((tmp_path / "guest").iterdir())
 
     r = subprocess.run([sys.executable, "-m", "stratopy.guest", "--rootfs", "--json"],
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"rootfs": paths["rootfs"]}
-    assert Path(paths["rootfs"]).is_file()
+    assert json.loads(r.stdout) == {"rootfs": paths["rootfs"], "initrd": paths["initrd"]}
+    assert Path(paths["rootfs"]).is_file() and Path(paths["initrd"]).is_file()
+
+
+def test_initramfs_is_a_newc_archive_that_cpio_reads(tmp_path):
+    """The -initrd image: checked with GNU cpio (an independent reader),
+    entry names, types, modes, device numbers and file contents."""
+    busybox = b"\x7fELF-not-really-busybox" * 7           # odd length: exercises padding
+    init = b"#!/bin/busybox sh\necho hi\n"
+    blob = guest.initramfs_bytes(busybox, init)
+    assert len(blob) % 512 == 0 and blob.startswith(b"070701")
+    path = tmp_path / "initrd.cpio"
+    path.write_bytes(blob)
+    with open(path, "rb") as f:
+        r = subprocess.run(["cpio", "-itv", "--quiet"], stdin=f, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listing = {line.split()[-1]: line.split() for line in r.stdout.splitlines()}
+    assert list(listing) == ["dev", "dev/console", "bin", "bin/busybox", "newroot", "init"]
+    assert listing["dev/console"][0] == "crw-------"
+    assert listing["dev/console"][4:6] == ["5,", "1"]
+    assert listing["init"][0] == "-rwxr-xr-x" and listing["newroot"][0] == "drwxr-xr-x"
+    out = tmp_path / "x"
+    out.mkdir()
+    with open(path, "rb") as f:
+        r = subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames",
+                            "bin/busybox", "init"], stdin=f, cwd=out,
+                           capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "bin" / "busybox").read_bytes() == busybox
+    assert (out / "init").read_bytes() == init
