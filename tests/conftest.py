@@ -79,9 +79,9 @@ def session_args(images, disk: str, ro: str, console_sock: str,
     """Every device of the microvm, so the template round trip covers them all:
     root disk, a read-only disk, virtio-net on a tap (inside the VM's own
     network namespace), a virtio console on a unix socket, and virtio-rng."""
-    # One vCPU: with several, Linux uses KVM's PV IPI hypercall, which the PVM
-    # emulator here does not always execute (a #PF on VMMCALL from an
-    # interrupt; docs/architecture.md). SMP is covered by a cold boot.
+    # One vCPU: every vCPU makes a cold boot under PVM slower. SMP, and an
+    # SMP template round trip, are covered by test_3_reboot's bzImage boot
+    # (see docs/architecture.md for the PV IPI gap seen once on PVM).
     return harness.linux_args(images[kernel_key], disk, cpus=1, extra=[
         "-drive", f"file={ro},id=ro,readonly=on,direct=off",
         "-device", "virtio-blk-device,drive=ro,id=ro,serial=RO-DISK",
