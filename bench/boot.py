@@ -8,7 +8,6 @@ rootfs, command line, KVM), and monitor start-up on a test guest.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 
@@ -45,6 +44,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-linux", action="store_true")
     a = ap.parse_args()
+    common.compile_bytecode()
     work = common.workdir()
     try:
         from tests.guests.build import build_guests

@@ -17,7 +17,6 @@ docs/cli.md is the user-facing description of every rule below.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 from stratopy import __version__
@@ -607,6 +606,8 @@ def _parse_qmp(text: str) -> QmpConfig:
     if scheme == "unix":
         return QmpConfig(kind="unix", path=_sock_path(o, "unix", rest))
     if scheme == "tcp":
+        import ipaddress  # only for a TCP socket: not on every start-up
+
         host, colon, port_raw = rest.rpartition(":")
         if not colon or not host:
             raise ConfigError(o, f"'{uri}': use tcp:IP:PORT")

@@ -7,71 +7,129 @@ tested with synthetic exits and no KVM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from stratopy.kvm import uapi
 
 
-@dataclass(slots=True)
-class IoOut:
-    port: int
-    size: int
-    data: bytes        # size * count bytes, in order
+class _Exit:
+    """Base of the exit types: value equality and a repr, as @dataclass gives.
+
+    The exit types are written out rather than generated with @dataclass:
+    this module is imported by every start, and generating eleven dataclasses
+    (each one's ``__init__``, ``__repr__`` and ``__eq__`` compiled with
+    ``exec``) cost ~5 ms of it (docs/performance.md, issue #4). Exits are
+    created on the vCPU hot path, so each type keeps ``__slots__`` and a
+    plain ``__init__``.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None     # mutable values, like an @dataclass with eq=True
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(slots=True)
-class IoIn:
-    port: int
-    size: int
-    count: int
+class IoOut(_Exit):
+    """KVM_EXIT_IO, out: ``size * count`` bytes written to ``port``."""
+
+    __slots__ = ("port", "size", "data")
+
+    def __init__(self, port: int, size: int, data: bytes):
+        self.port = port
+        self.size = size
+        self.data = data        # size * count bytes, in order
 
 
-@dataclass(slots=True)
-class MmioRead:
-    addr: int
-    size: int
+class IoIn(_Exit):
+    """KVM_EXIT_IO, in: ``count`` reads of ``size`` bytes from ``port``."""
+
+    __slots__ = ("port", "size", "count")
+
+    def __init__(self, port: int, size: int, count: int):
+        self.port = port
+        self.size = size
+        self.count = count
 
 
-@dataclass(slots=True)
-class MmioWrite:
-    addr: int
-    data: bytes
+class MmioRead(_Exit):
+    """KVM_EXIT_MMIO read of ``size`` bytes at guest-physical ``addr``."""
+
+    __slots__ = ("addr", "size")
+
+    def __init__(self, addr: int, size: int):
+        self.addr = addr
+        self.size = size
 
 
-@dataclass(slots=True)
-class Hlt:
-    pass
+class MmioWrite(_Exit):
+    """KVM_EXIT_MMIO write of ``data`` at guest-physical ``addr``."""
+
+    __slots__ = ("addr", "data")
+
+    def __init__(self, addr: int, data: bytes):
+        self.addr = addr
+        self.data = data
 
 
-@dataclass(slots=True)
-class Shutdown:
+class Hlt(_Exit):
+    """KVM_EXIT_HLT: the vCPU executed HLT."""
+
+    __slots__ = ()
+
+
+class Shutdown(_Exit):
     """Triple fault (or a guest that asked KVM to shut down)."""
 
-
-@dataclass(slots=True)
-class SystemEvent:
-    type: int
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class InternalError:
-    suberror: int
-    data: tuple
+class SystemEvent(_Exit):
+    """KVM_EXIT_SYSTEM_EVENT (shutdown, reset, crash: ``type``)."""
+
+    __slots__ = ("type",)
+
+    def __init__(self, type: int):  # noqa: A002 - the kvm_run field's name
+        self.type = type
 
 
-@dataclass(slots=True)
-class FailEntry:
-    reason: int
+class InternalError(_Exit):
+    """KVM_EXIT_INTERNAL_ERROR: ``suberror`` and up to 16 data words."""
+
+    __slots__ = ("suberror", "data")
+
+    def __init__(self, suberror: int, data: tuple):
+        self.suberror = suberror
+        self.data = data
 
 
-@dataclass(slots=True)
-class Interrupted:
+class FailEntry(_Exit):
+    """KVM_EXIT_FAIL_ENTRY: the hardware refused VM entry (``reason``)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int):
+        self.reason = reason
+
+
+class Interrupted(_Exit):
     """KVM_RUN returned EINTR (a kick: signal or immediate_exit)."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class Unknown:
-    reason: int
+
+class Unknown(_Exit):
+    """An exit reason stratopy does not decode."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int):
+        self.reason = reason
 
 
 SUBERROR_NAMES = {

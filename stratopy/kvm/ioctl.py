@@ -23,7 +23,6 @@ way a signal / ``immediate_exit`` kicks a vCPU out, so the caller decides.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from stratopy.errors import KvmError
 
@@ -101,7 +100,10 @@ def _IOC_SIZE(nr: int) -> int:
 
 # --- the one ioctl -----------------------------------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library's ioctl, from the symbols already loaded into this process
+# (dlopen(NULL), as daemon.py does): ctypes.util.find_library("c") would run
+# ldconfig in a subprocess at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
 # int ioctl(int fd, unsigned long request, ...): on x86_64 a pointer or an
 # integer argument travels in the same register, so c_void_p covers both

@@ -3,6 +3,10 @@
 The QMP server runs its own thread and only posts requests: ``dispatch(fn)``
 runs ``fn`` on the device thread (EventLoop.call) and waits for it. Every
 method here therefore runs on the device thread and may touch machine state.
+
+Start-up cost: the QMP command table (``stratopy.qmp.commands``) is not
+imported here; the server loads it when the first command arrives, after the
+vCPUs run (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from stratopy.cli_parse import MAX_BLK_SERIAL_LEN, MAX_ID_LEN, _mac
 from stratopy.errors import ConfigError, MigrationError, QmpError, StratoError
 from stratopy.machine import devices as devfactory
 from stratopy.machine import slots as slotmod
-from stratopy.qmp import commands as qmpcmd
 from stratopy.qmp import events as qmpev
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class MachineControl:
 
     def query_cpus(self) -> list:
         from stratopy.machine.microvm import VmState
+        from stratopy.qmp import commands as qmpcmd
 
         halted = self.m.state is not VmState.RUNNING
         out = []
@@ -80,6 +84,8 @@ class MachineControl:
         return out
 
     def query_hotpluggable_cpus(self) -> list:
+        from stratopy.qmp import commands as qmpcmd
+
         n = self.m.config.cpus
         return [qmpcmd.hotpluggable_cpu(i, present=i < n, props=qmpcmd.cpu_props(core_id=i))
                 for i in range(max(self.m.config.max_cpus, n))]

@@ -15,7 +15,6 @@ import os
 import selectors
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,10 @@ class EventLoop:
         """Run ``fn`` on the loop thread and return its result (or raise its error)."""
         if threading.get_ident() == self.thread_id:
             return fn()
-        fut: Future = Future()
+        # Only QMP requests come here (after start-up): import on first use.
+        from concurrent.futures import Future
+
+        fut = Future()
 
         def run() -> None:
             if not fut.set_running_or_notify_cancel():

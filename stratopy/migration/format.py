@@ -13,7 +13,7 @@ Layout (all integers little-endian)::
 The checksum covers the header fields before it as well as the payload, so
 no byte of the file can change unnoticed.
 
-``meta`` (see ``host_meta``): ``arch`` (platform.machine()), ``cpu_vendor``
+``meta`` (see ``host_meta``): ``arch`` (``uname -m``), ``cpu_vendor``
 (/proc/cpuinfo vendor_id: GenuineIntel, AuthenticAMD, ...), ``kvm_api_version``,
 ``stratopy_version``, ``created`` (Unix time, float), plus whatever the caller
 adds: ``machine`` (the command-line facts a restore must match) and
@@ -35,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import secrets
 import stat
 import struct
 import time
@@ -54,6 +52,15 @@ MAX_PAYLOAD = 256 << 20
 STATE_NAME = "state"
 
 _HOST = object()   # sentinel: "compare with this host"
+
+
+def host_arch() -> str:
+    """The machine architecture (``uname -m``: x86_64, aarch64, ...).
+
+    ``os.uname()`` is what ``platform.machine()`` reads on Linux; the
+    ``platform`` module itself is not needed on the warm-start path.
+    """
+    return os.uname().machine
 
 
 def host_cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -80,7 +87,7 @@ def host_meta(cpu_vendor: str | None = None, kvm_api_version: int | None = None)
         from stratopy.kvm import uapi
         kvm_api_version = uapi.KVM_API_VERSION
     return {
-        "arch": platform.machine(),
+        "arch": host_arch(),
         "cpu_vendor": cpu_vendor if cpu_vendor is not None else host_cpu_vendor(),
         "kvm_api_version": kvm_api_version,
         "stratopy_version": __version__,
@@ -125,6 +132,8 @@ def _fsync_dir(path_dir: str) -> None:
 def write_file_tmp(path_dir: str, prefix: str, data: bytes) -> str:
     """Write ``data`` to a fresh temporary file in ``path_dir``, fsync it and
     return its path. The file is removed again on any failure."""
+    import secrets  # the write path only (not needed by a warm start)
+
     tmp = os.path.join(path_dir, f".{prefix}.tmp-{secrets.token_hex(8)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -276,7 +285,7 @@ def decode_payload(head: bytes, payload: bytes, name: str, expect_arch: Any,
             raise TemplateError(f"{name}: meta.{key} missing or not a string")
     host = None
     if expect_arch is _HOST or expect_vendor is _HOST:
-        host = {"arch": platform.machine(), "cpu_vendor": host_cpu_vendor()}
+        host = {"arch": host_arch(), "cpu_vendor": host_cpu_vendor()}
     if expect_arch is _HOST:
         expect_arch = host["arch"]
     if expect_vendor is _HOST:

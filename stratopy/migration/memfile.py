@@ -66,11 +66,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import os
 import re
-import secrets
 import stat
 import struct
 from dataclasses import dataclass
@@ -125,6 +123,8 @@ def write_memory(path_dir: str, mem: GuestMemory, template_id: str | None = None
     The temp file is removed on any failure (MigrationError). The caller
     renames it (``commit_template``) or deletes it.
     """
+    import secrets  # the write path only (not needed by a warm start)
+
     regions = sorted(mem.regions, key=lambda r: r.file_offset)
     total = 0
     for r in regions:
@@ -304,6 +304,8 @@ def commit_template(path_dir: str, memory_tmp: str, state_tmp: str) -> None:
 
 def remove_stale_temps(path_dir: str) -> None:
     """Delete temp files a crashed snapshot left in ``path_dir``."""
+    import glob  # the write path only (not needed by a warm start)
+
     for pattern in (f".{MEMORY_NAME}.tmp-*", f".{STATE_NAME}.tmp-*"):
         for p in glob.glob(os.path.join(glob.escape(path_dir), pattern)):
             _unlink_quiet(p)

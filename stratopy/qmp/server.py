@@ -57,7 +57,6 @@ from typing import Any, Callable, Iterable, Optional, Union
 import stratopy
 from stratopy.errors import StratoError
 
-from . import commands as qmp_commands
 from .protocol import (MAX_MESSAGE, NO_ID, ProtocolError, QmpSession, Request, encode,
                        error_reply, event, greeting)
 
@@ -406,6 +405,10 @@ class QmpServer:
                 self._deliver(client, req.reply)
                 continue
             try:
+                # The command table is imported with the first command, not at
+                # start-up: the VM's first KVM_RUN does not wait for it.
+                from . import commands as qmp_commands
+
                 log.debug("QMP <- %s %r id=%r", req.name, req.arguments, req.id)
                 qmp_commands.execute(req, self._vm, self._dispatch, fd,
                                      deliver=lambda rep, c=client: self._deliver(c, rep))

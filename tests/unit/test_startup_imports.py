@@ -1,0 +1,84 @@
+"""Start-up cost (issue #4): what a warm start imports before its first KVM_RUN.
+
+``python -m stratopy ... -incoming file:DIR`` spends most of its time before
+the first KVM_RUN in interpreter start-up and imports (docs/performance.md).
+START_PATH is what that path imports: the CLI, the machine, the restore, the
+devices every machine has (the reserved block and net slots), the QMP
+listeners. What is only needed later -- a QMP command, writing a template, a
+cold boot, -daemonize/-name -- must stay out of it, and so must a few
+standard modules that cost start-up time for nothing.
+
+Each check runs in a fresh interpreter and only counts the modules the
+stratopy imports added (the interpreter's site hooks may import anything).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+START_PATH = (
+    "stratopy.cli",
+    "stratopy.cli_parse",
+    "stratopy.machine.microvm",
+    "stratopy.migration.restore",
+    "stratopy.machine.devices",
+    "stratopy.devices.virtio.block",
+    "stratopy.devices.virtio.net",
+    "stratopy.chardev",
+    "stratopy.machine.control",
+    "stratopy.qmp.server",
+)
+
+NOT_AT_START = {
+    "stratopy.qmp.commands": "the QMP command table: loaded by the first command",
+    "stratopy.migration.snapshot": "writing a template (QMP migrate)",
+    "stratopy.arch.x86_64.boot": "loading a kernel: cold boot only",
+    "stratopy.arch.x86_64.mptable": "cold boot only",
+    "stratopy.daemon": "-daemonize and -name only",
+    "ctypes.util": "find_library('c') runs ldconfig in a subprocess",
+    "platform": "os.uname() gives the architecture",
+    "ipaddress": "-qmp tcp:HOST:PORT only",
+    "secrets": "template writing only",
+    "glob": "template writing only",
+    "concurrent.futures": "EventLoop.call: QMP requests only",
+}
+
+_PROBE = """
+import json, sys
+before = set(sys.modules)
+for name in sys.argv[1:]:
+    __import__(name)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def imported_by(*modules: str) -> set[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _PROBE, *modules], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return set(json.loads(r.stdout))
+
+
+def test_warm_start_path_does_not_import_what_runs_later():
+    loaded = imported_by(*START_PATH)
+    assert set(START_PATH) <= loaded
+    unexpected = {m: why for m, why in NOT_AT_START.items() if m in loaded}
+    assert not unexpected, f"imported before the first KVM_RUN: {unexpected}"
+
+
+def test_cli_alone_imports_no_machine_qmp_or_migration():
+    """`import stratopy.cli` (what `stratopy --help` and argument errors
+    pay for) stays small: parsing needs no KVM, QMP or template code."""
+    loaded = imported_by("stratopy.cli")
+    heavy = {m for m in loaded
+             if m.startswith(("stratopy.machine", "stratopy.qmp", "stratopy.migration",
+                              "stratopy.kvm", "stratopy.devices"))}
+    assert not heavy, heavy
+
