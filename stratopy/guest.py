@@ -546,11 +546,6 @@ def rootfs_path() -> Path:
     return cache_root() / _rootfs_key() / ROOTFS_NAME
 
 
-def initrd_path() -> Path:
-    """Where the initramfs of the current recipe is (or will be) cached."""
-    return rootfs_path().with_name(INITRD_NAME)
-
-
 # cpio "newc" (Documentation/driver-api/early-userspace/buffer-format.rst):
 # "070701", then 13 fields of 8 hex digits: ino mode uid gid nlink mtime
 # filesize devmajor devminor rdevmajor rdevminor namesize check; the name
@@ -703,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths.update(vmlinux=kd / "vmlinux", bzImage=kd / "bzImage")
             if want_rootfs:
                 paths["rootfs"] = rootfs_path()
-                paths["initrd"] = initrd_path()
+                paths["initrd"] = paths["rootfs"].with_name(INITRD_NAME)
         else:
             if want_kernel:
                 k = build_kernel(force=args.force)

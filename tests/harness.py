@@ -227,6 +227,25 @@ class Qmp:
         self.sock.close()
 
 
+def refused(args: list[str], *needles: str, timeout: float = 60.0) -> str:
+    """Run ``python -m stratopy ARGS`` expecting a refusal before any guest
+    code runs: non-zero exit, nothing on the serial console (stdout), one
+    stderr line without a traceback that contains every ``needle``.
+    Returns that line."""
+    r = subprocess.run([sys.executable, "-m", "stratopy", *args],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout, check=False,
+                       env={**os.environ, "PYTHONPATH": REPO + os.pathsep
+                            + os.environ.get("PYTHONPATH", "")})
+    assert r.returncode != 0, r
+    assert r.stdout == "", r.stdout                 # the guest never ran
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
 def guest_images() -> dict:
     """Paths of the Linux guest images (built on first use, cached)."""
     from stratopy.guest import guest_paths

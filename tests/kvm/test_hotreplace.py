@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 
-from tests import netns
+from tests import harness, netns
 from tests.kvm.test_guests import (
     COUNTER_APPEND,
     SECTOR,
@@ -190,21 +189,7 @@ def test_hot_replace_errors(guests, start_vm, tmp_path):
 
 
 def _refused(args: list[str], *needles: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "stratopy", *args],
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": _repo()},
-                       check=False)
-    assert r.returncode != 0, r
-    assert r.stdout == "", r.stdout               # the guest never ran
-    err_ = r.stderr.strip()
-    assert len(err_.splitlines()) == 1 and "Traceback" not in err_, err_
-    for n in needles:
-        assert n in err_, err_
-    return err_
-
-
-def _repo() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return harness.refused(args, *needles, timeout=TIMEOUT)
 
 
 def test_template_after_hot_replace(guests, start_vm, tmp_path):
