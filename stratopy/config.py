@@ -141,13 +141,18 @@ class QmpConfig:
 
 @dataclass(frozen=True)
 class IncomingConfig:
-    """``-incoming file:DIR[,mapped=on|off]``: restore from the template in ``path``.
+    """``-incoming file:DIR[,mapped=on|off][,verify=lazy|full]``: restore
+    from the template in ``path``.
 
     ``mapped`` (default True): map ``DIR/memory`` copy-on-write; False: read it.
+    ``verify``: ``lazy`` (default) checks the memory file's chunk digests in
+    a background thread while the guest runs and stops the VM if one is
+    damaged; ``full`` checks them all before the guest runs.
     """
 
     path: str
     mapped: bool = True
+    verify: str = "lazy"
 
 
 @dataclass(frozen=True, kw_only=True)
