@@ -77,7 +77,7 @@ def test_template_directory(template):
     names = sorted(os.listdir(template.path))
     assert names == ["memory", "state"], names
     st = os.stat(os.path.join(template.path, "memory"))
-    assert st.st_size == 256 << 20               # explained by -m 256M
+    assert st.st_size == 4096 + (256 << 20)      # a header page + -m 256M
     assert st.st_blocks * 512 < st.st_size // 2  # zero pages are holes
     with open(os.path.join(template.path, "state"), "rb") as f:
         assert f.read(8) == b"STRATOPY"
@@ -136,7 +136,7 @@ def test_concurrent_clones(template, workdir):
         for c in clones:
             c.kill()
     # The template's memory file is never written by clones.
-    assert os.stat(os.path.join(template.path, "memory")).st_size == 256 << 20
+    assert os.stat(os.path.join(template.path, "memory")).st_size == 4096 + (256 << 20)
 
 
 def test_restore_chain_three_times(template, workdir):
@@ -228,7 +228,7 @@ def test_corrupt_templates_are_refused(template, workdir, name, mutate, needle):
 
 def test_foreign_memory_file_is_refused(template, workdir):
     """A state next to a memory file that is not its own (same size, other
-    content, no id xattr) is refused by the content sample."""
+    content, no header page) is refused by the memory file's header."""
     dst = os.path.join(workdir, "foreign-mem")
     shutil.copytree(template.path, dst)
     mem = os.path.join(dst, "memory")
