@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 from stratopy.errors import MigrationError, TemplateError
-from stratopy.memory import PAGE_SIZE, GuestMemory, Region
+from stratopy.memory import PAGE_SIZE, GuestMemory
 
 MEMORY_NAME = "memory"
 MAGIC = b"STRATMEM"
@@ -338,27 +337,10 @@ def verify_chunks(fd: int, name: str, record: dict, layout: list[tuple[int, int]
 
 def map_memory(fd: int, layout: list[tuple[int, int]], mapped: bool = True) -> GuestMemory:
     """Guest RAM from the (checked) memory file ``fd``: MAP_PRIVATE of each
-    region at its page-aligned offset (copy-on-write, the file is never
-    written), or with ``mapped=False`` read into anonymous memory."""
-    if not mapped:
-        mem = GuestMemory.anonymous(layout)
-        for r in mem.regions:
-            view = memoryview(r.mm)
-            done = 0
-            while done < r.size:
-                n = os.preadv(fd, [view[done:]], HEADER_SIZE + r.file_offset + done)
-                if n <= 0:
-                    raise TemplateError("memory file: short read")
-                done += n
-            view.release()
-        return mem
-    regions, off = [], 0
-    for gpa, size in layout:
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=HEADER_SIZE + off)
-        regions.append(Region(gpa, size, mm, off))
-        off += size
-    return GuestMemory(regions)
+    region at its page-aligned offset after the header page (copy-on-write,
+    the file is never written), or with ``mapped=False`` read into anonymous
+    memory."""
+    return GuestMemory.from_fd(fd, layout, mapped, base=HEADER_SIZE)
 
 
 def _unlink_quiet(path: str) -> None:
