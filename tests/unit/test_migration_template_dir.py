@@ -144,3 +144,14 @@ def test_reader_does_not_wait_for_a_writer(tmp_path):
         t0 = time.monotonic()
         assert _restore_marker(tmp_path) == b"OLD"
         assert time.monotonic() - t0 < 1.0
+
+
+def test_incoming_verify_option():
+    from stratopy.cli_parse import parse_args
+    from stratopy.errors import ConfigError
+    base = ["-kernel", "/k", "-incoming"]
+    assert parse_args(base + ["file:/t"]).incoming.verify == "lazy"
+    cfg = parse_args(base + ["file:/t,verify=full,mapped=off"])
+    assert (cfg.incoming.verify, cfg.incoming.mapped) == ("full", False)
+    with pytest.raises(ConfigError, match="verify=sometimes: use verify=lazy"):
+        parse_args(base + ["file:/t,verify=sometimes"])
