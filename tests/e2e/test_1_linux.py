@@ -235,7 +235,7 @@ def test_foreign_memory_file_is_refused(template, workdir):
     size = os.stat(mem).st_size
     os.unlink(mem)
     with open(mem, "wb") as f:
-        f.truncate(size)                        # all zeros: every sampled data page differs
+        f.truncate(size)                        # all zeros: no header page, no id
     disk = clone_disk(template, workdir, "foreign.img")
     args = clone_args(template, disk)
     args[-1] = f"file:{dst}"
