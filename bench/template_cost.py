@@ -25,7 +25,7 @@ from common import harness  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 TIMEOUT = 600.0
-CASES = [(256, 200), (2048, 1000)]        # guest MiB, MiB the guest fills with data
+CASES = [(256, 200), (2048, 200)]         # guest MiB, MiB the guest fills with data
 
 
 def args_for(kernel: str, mem: int, mib: int) -> list[str]:
@@ -48,19 +48,21 @@ def make_template(kernel, mem, mib, tpl) -> float:
     return dt
 
 
-def restore(kernel, mem, mib, tpl, work, extra="") -> tuple[float, float | None]:
+def restore(kernel, mem, mib, tpl, work, extra="") -> tuple[tuple | None, float | None]:
     log = os.path.join(work, "restore.log")
     if os.path.exists(log):
         os.unlink(log)
     env = {"STRATOPY_TIMINGS": "1", "STRATOPY_T0": repr(time.time())}
     a = args_for(kernel, mem, mib) + ["-incoming", f"file:{tpl}{extra}", "-D", log]
     with harness.Vm(a, env=env) as vm:
-        vm.send("x")
-        vm.wait_for(r"CHECK ok=1", TIMEOUT)
         first = None
-        for line in vm.stderr.splitlines():
-            if line.startswith("stratopy-timings-ms: "):
-                first = json.loads(line.split(": ", 1)[1])["exec_to_first_kvm_run"]
+        deadline = time.monotonic() + TIMEOUT
+        while first is None and time.monotonic() < deadline:
+            for line in vm.stderr.splitlines():
+                if line.startswith("stratopy-timings-ms: "):
+                    t = json.loads(line.split(": ", 1)[1])
+                    first = (t["exec_to_first_kvm_run"], t["main_thread_cpu"])
+            time.sleep(0.02)
         verified = None
         deadline = time.monotonic() + TIMEOUT
         while extra == "" and not common_old and time.monotonic() < deadline:
@@ -71,6 +73,8 @@ def restore(kernel, mem, mib, tpl, work, extra="") -> tuple[float, float | None]
                 break
             time.sleep(0.05)
         vm.kill()
+    # (the guest's own full check of 200 MiB takes seconds under PVM: the
+    # clone is not asked; a damaged template is a test, not a benchmark)
     return first, verified
 
 
@@ -89,17 +93,19 @@ def main() -> None:
     work = common.workdir()
     for mem, mib in CASES:
         tpl = os.path.join(work, f"t{mem}")
-        snaps = [make_template(kernel, mem, mib, tpl) for _ in range(3)]
+        snaps = [make_template(kernel, mem, mib, tpl) for _ in range(a.runs)]
         st = os.stat(os.path.join(tpl, "memory"))
-        print(f"{mem} MiB guest, {mib} MiB written: template creation median of 3 "
+        print(f"{mem} MiB guest, {mib} MiB written: template creation median of {a.runs} "
               f"{statistics.median(snaps) * 1000:.0f} ms; memory file "
               f"{st.st_blocks * 512 >> 20} MiB on disk")
         modes = [("", "default")] if a.old else [("", "lazy"), (",verify=full", "verify=full")]
         for extra, name in modes:
             runs = [restore(kernel, mem, mib, tpl, work, extra) for _ in range(a.runs)]
-            firsts = [r[0] for r in runs if r[0] is not None]
+            firsts = [r[0][0] for r in runs if r[0] is not None]
+            cpus = [r[0][1] for r in runs if r[0] is not None]
             line = (f"  restore {name}: exec -> first KVM_RUN median of {a.runs} "
-                    f"{statistics.median(firsts):.0f} ms (min {min(firsts):.0f})")
+                    f"{statistics.median(firsts):.0f} ms (min {min(firsts):.0f}), main "
+                    f"thread CPU {statistics.median(cpus):.0f} ms")
             checks = [r[1] for r in runs if r[1] is not None]
             if checks:
                 line += f"; lazy check done after {statistics.median(checks) * 1000:.0f} ms"

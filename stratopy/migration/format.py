@@ -24,7 +24,8 @@ adds: ``machine`` (the command-line facts a restore must match) and
 applied by ``write_state``; decode them with ``codec.from_plain``).
 
 ``read_state`` validates in this order, each failure a ``TemplateError``:
-missing/unreadable file, truncated header, wrong magic, format version newer
+missing/unreadable file, not a regular file (a FIFO, device, directory or
+symlink is refused without blocking: ``open_regular``), truncated header, wrong magic, format version newer
 (or older) than supported, unknown header flags, payload length not matching
 the file size (truncated or extended), payload larger than
 ``MAX_PAYLOAD``, checksum mismatch, invalid JSON / wrong top-level shape,
