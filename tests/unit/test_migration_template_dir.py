@@ -155,3 +155,24 @@ def test_incoming_verify_option():
     assert (cfg.incoming.verify, cfg.incoming.mapped) == ("full", False)
     with pytest.raises(ConfigError, match="verify=sometimes: use verify=lazy"):
         parse_args(base + ["file:/t,verify=sometimes"])
+
+
+def test_reader_racing_a_commit_retries_until_the_pair_matches(tmp_path):
+    """With a writer at work (lock held), a reader that sees the new state
+    beside the old memory reads again instead of failing or mixing them."""
+    import shutil
+    _save(tmp_path / "d", b"OLD")
+    _save(tmp_path / "n", b"NEW")
+    d = tmp_path / "d"
+    with template_dir.writer_lock(str(d)):
+        shutil.copyfile(tmp_path / "n" / "state", d / "state.new")
+        os.replace(d / "state.new", d / "state")          # new state, old memory
+        threading.Timer(0.2, lambda: os.replace(tmp_path / "n" / "memory",
+                                                d / "memory")).start()
+        assert _restore_marker(d) == b"NEW"
+    # with no writer, the same mismatch is an error at once
+    _save(tmp_path / "n2", b"N2!")
+    shutil.copyfile(tmp_path / "n2" / "state", d / "state")
+    from stratopy.errors import TemplateError
+    with pytest.raises(TemplateError, match="belongs to another template"):
+        _restore_marker(d)
