@@ -13,7 +13,7 @@ from stratopy import cli
 from stratopy.cli_parse import parse_args
 from stratopy.daemon import Daemonizer
 from stratopy.errors import ConfigError, StratoError
-from tests.unit.test_files import deadline, umask
+from tests.unit.bounded import deadline, umask
 
 GiB = 1 << 30
 

@@ -3,17 +3,14 @@ block or run away, and what the monitor creates is private.
 
 Real files, FIFOs, devices and umasks; no KVM. A call that would block on
 the old code is bounded by ``deadline`` (SIGALRM interrupts the blocked
-system call, PEP 475 lets the exception through), one that would read
-without end by ``memory_cap`` (a lower RLIMIT_AS soft limit, restored
-after), so such a test fails instead of hanging or exhausting the host.
+system call), one that would read without end by ``memory_cap`` (see
+tests/unit/bounded.py), so such a test fails instead of hanging or
+exhausting the host.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import signal
 import socket
 import stat
 
@@ -26,42 +23,9 @@ from stratopy.chardev import Chardev
 from stratopy.config import ChardevConfig, DriveConfig
 from stratopy.errors import ConfigError, StratoError
 from stratopy.memory import GuestMemory
+from tests.unit.bounded import deadline, memory_cap, umask
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def deadline(seconds: float = 5.0):
-    def expired(_signum, _frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-@contextlib.contextmanager
-def memory_cap(extra: int = 512 * MiB):
-    with open("/proc/self/status") as f:
-        vm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (vm_kib * 1024 + extra, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@contextlib.contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture
