@@ -234,8 +234,9 @@ def _run_vm(config, daemon) -> int:
             else:
                 machine.build_for_boot()
                 # -append may hold a newline: the log line stays one line
-                log.info("kernel command line: %s",
-                         machine.kernel_cmdline().encode("unicode_escape").decode("ascii"))
+                from stratopy.cli_parse import one_line
+
+                log.info("kernel command line: %s", one_line(machine.kernel_cmdline()))
                 log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
             # From here on QMP clients may connect: a signal takes the normal
             # way (SHUTDOWN event) once the loop runs, however early it came.

@@ -11,6 +11,8 @@ Public API:
   ``-V``/``-version``/``--version`` is seen: print ``exc.text`` to stdout and
   exit with ``exc.exit_code`` (0).
 * ``HELP_TEXT``, ``version_text()``.
+* ``one_line(text)``: user text made fit for one line (control characters
+  escaped), for errors and log lines that echo it.
 
 docs/cli.md is the user-facing description of every rule below.
 """
@@ -45,6 +47,7 @@ __all__ = [
     "CliExit",
     "HelpRequested",
     "VersionRequested",
+    "one_line",
     "parse_args",
     "version_text",
 ]
@@ -718,7 +721,7 @@ def _mac(value: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Echoed user input stays on one printable line (control characters escaped)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -732,7 +735,7 @@ def parse_args(argv: list[str]) -> MachineConfig:
     try:
         return _parse(argv)
     except ConfigError as e:
-        option, reason = _one_line(e.option), _one_line(e.reason)
+        option, reason = one_line(e.option), one_line(e.reason)
         if (option, reason) == (e.option, e.reason):
             raise
         raise ConfigError(option, reason) from None
