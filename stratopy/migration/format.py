@@ -226,12 +226,9 @@ def open_regular(path: str, what: str) -> int:
         os.close(fd)
         raise TemplateError(f"{path}: cannot stat: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
+        from stratopy.files import kind   # only on this error path
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
-                "a FIFO" if stat.S_ISFIFO(st.st_mode) else
-                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise TemplateError(f"{path}: {what} is {kind}, not a regular file")
+        raise TemplateError(f"{path}: {what} is {kind(st.st_mode)}, not a regular file")
     return fd
 
 
