@@ -95,11 +95,27 @@ def _check_lapic(st, n: str) -> None:
         raise _bad(f"{n}.lapic", f"APIC version register {ver:#x} is not KVM's")
 
 
+MSR_IA32_PAT = 0x277
+PAT_TYPES = {0, 1, 4, 5, 6, 7}          # UC WC WT WP WB UC-; 2 and 3 are reserved
+# MSRs holding linear addresses: SYSENTER_ESP/EIP, LSTAR, CSTAR, KERNEL_GS_BASE
+CANONICAL_MSRS = (0x175, 0x176, 0xC0000082, 0xC0000083, 0xC0000102)
+
+
 def check_msr_indices(st, host_msrs: set[int]) -> None:
-    for i in st.msr_indices:
+    """Every MSR is one this KVM knows, and the values whose meaning is
+    architectural are valid (some KVMs, PVM among them, take an invalid
+    PAT without complaint)."""
+    for i, v in zip(st.msr_indices, st.msr_values):
         if i not in host_msrs:
             raise _bad(f"vcpus[{st.index}].msr_indices", f"MSR {i:#x} is not one this "
                                                          f"host's KVM saves or restores")
+        if i == MSR_IA32_PAT and any((v >> (8 * b)) & 0xFF not in PAT_TYPES
+                                    for b in range(8)):
+            raise _bad(f"vcpus[{st.index}].msr_values", f"MSR {i:#x} (IA32_PAT) = {v:#x} "
+                                                        f"holds a reserved memory type")
+        if i in CANONICAL_MSRS and not _canonical(v):
+            raise _bad(f"vcpus[{st.index}].msr_values", f"MSR {i:#x} = {v:#x} is not a "
+                                                        f"canonical address")
 
 
 def check_vm(vm) -> None:

@@ -146,6 +146,12 @@ def _msr(meta, comps):
     comps["vcpus"][0]["msr_indices"][0] = 0xDEADBEEF
 
 
+def _msr_value(meta, comps):
+    v = comps["vcpus"][0]
+    i = v["msr_indices"].index(0x277)               # IA32_PAT: invalid memory types
+    v["msr_values"][i] = (1 << 64) - 1
+
+
 def _lapic(meta, comps):
     _set_blob(comps, ["vcpus", 0, "lapic"], 0, b"\xff" * 1024)
 
@@ -170,7 +176,8 @@ def _rip(meta, comps):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (_efer, "vcpus[0].sregs.efer"), (_msr, "MSR 0xdeadbeef"), (_lapic, "vcpus[0].lapic"),
+    (_efer, "vcpus[0].sregs.efer"), (_msr, "MSR 0xdeadbeef"),
+    (_msr_value, "MSR 0x277 (IA32_PAT)"), (_lapic, "vcpus[0].lapic"),
     (_pit, "vm.pit"), (_queue, "slots[0].transport.queues[0].size"),
     (_cpus, "vCPU count"), (_rip, "vcpus[0].regs.rip"),
 ])
@@ -231,3 +238,44 @@ def test_template_is_private_under_umask_000(guests, start_vm, tmp_path):
     for name in ("state", "memory"):
         assert stat.S_IMODE(os.stat(tpl / name).st_mode) == 0o600
     shutil.rmtree(tmp_path / "new")
+
+
+def test_restored_vcpus_get_the_templates_cpuid(guests, start_vm, tmp_path):
+    """A clone's vCPUs get the CPUID saved in the template, not this host's:
+    a template whose guest saw one feature fewer than this host offers
+    restores (nothing is missing), and KVM_GET_CPUID2 on the restored vCPU
+    shows the template's leaf, without the feature. Built in-process (no
+    guest runs) so the vCPU can be asked."""
+    import ctypes
+    from stratopy.arch.x86_64 import cpu
+    from stratopy.cli_parse import parse_args
+    from stratopy.kvm import uapi
+    from stratopy.kvm.ioctl import ioctl
+    from stratopy.machine.microvm import MicroVm
+    pattern = 0x8888888888888888
+    tpl = str(tmp_path / "tpl")
+    make_template(guests, start_vm, tpl, pattern)
+    meta, _ = fmt.read_state(os.path.join(tpl, "state"), None, None)
+    leaf1 = next(e for e in meta["cpuid"][0] if e[0] == 1 and e[1] == 0)
+    mask = cpu.FEATURE_REGS[(1, 0)]["ecx"]
+    bit = next(b for b in range(32) if leaf1[5] >> b & 1 and mask >> b & 1)
+    assert bit != 31
+
+    def drop_feature(meta, comps):
+        for e in meta["cpuid"][0]:
+            if e[0] == 1 and e[1] == 0:
+                e[5] &= ~(1 << bit)
+    forged = _forge(tpl, str(tmp_path / "forged"), drop_feature)
+    m = MicroVm(parse_args(memcheck_args(guests, pattern) + ["-incoming", f"file:{forged}"]))
+    try:
+        m.build_from_template()
+        got = uapi.kvm_cpuid2_n(cpu.MAX_CPUID_ENTRIES)()
+        got.nent = cpu.MAX_CPUID_ENTRIES
+        ioctl(m.vcpus[0].fd, uapi.KVM_GET_CPUID2, ctypes.byref(got))
+        ecx = next(e.ecx for e in got.entries[:got.nent] if e.function == 1)
+        assert not ecx >> bit & 1, f"the restored vCPU has this host's CPUID bit {bit}"
+        host = next(e.ecx for e in m.kvm.supported_cpuid().entries[:m.kvm.supported_cpuid().nent]
+                    if e.function == 1)
+        assert host >> bit & 1
+    finally:
+        m.teardown()

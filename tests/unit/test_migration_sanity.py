@@ -122,6 +122,42 @@ def test_msr_not_in_the_hosts_list_is_refused():
         sanity.check_msr_indices(st, {0x10, 0x174})
 
 
+@pytest.mark.parametrize("index, value, what", [
+    (0x277, (1 << 64) - 1, "IA32_PAT"), (0x277, 0x0007040600070402, "IA32_PAT"),
+    (0xC0000082, 0x8000_0000_0000_0000, "canonical"), (0x176, 1 << 50, "canonical")])
+def test_msr_values_that_mean_nothing_are_refused(index, value, what):
+    st = vcpu()
+    st.msr_indices, st.msr_values = [0x10, index], [0, value]
+    with pytest.raises(TemplateError, match=rf"vcpus\[0\]\.msr_values: MSR {index:#x}.*{what}"):
+        sanity.check_msr_indices(st, {0x10, index})
+    st.msr_values = [0, 0x0007040600070406 if index == 0x277 else 0xFFFFFFFF81000000]
+    sanity.check_msr_indices(st, {0x10, index})
+
+
+def test_an_msr_kvm_refuses_on_restore_is_an_error(monkeypatch):
+    """KVM_SET_MSRS stops at the first MSR it cannot set and returns how
+    many it set: that is an error naming the MSR, never skipped. (This
+    host's KVM takes every value tried, so its answer is stubbed.)"""
+    from stratopy.kvm import ioctl as ioctl_mod
+    from stratopy.machine import vcpu_state
+
+    calls = []
+
+    def set_one(fd, request, arg):
+        calls.append(request)
+        return 1
+    monkeypatch.setattr(ioctl_mod, "ioctl", set_one)
+    st = vcpu()
+    st.msr_indices, st.msr_values = [0x10, 0x174], [5, 6]
+
+    class FakeVcpu:
+        fd = -1
+    with pytest.raises(TemplateError, match=r"vcpus\[0\]\.msr_values: KVM refused MSR "
+                                            r"0x174 = 0x6"):
+        vcpu_state.set_msrs_strict(FakeVcpu(), st)
+    assert calls == [uapi.KVM_SET_MSRS]
+
+
 @pytest.mark.parametrize("name", ["ioapic", "pit", "clock"])
 def test_all_ones_vm_blobs_are_refused(name):
     import ctypes
