@@ -168,8 +168,7 @@ def start_lazy_verify(machine, opened, ram) -> threading.Thread:
             log.info("template memory verified: %d MiB read in %.3f s",
                      nbytes >> 20, time.monotonic() - t)
         except TemplateError as e:
-            machine.failure = e
-            log.error("%s: stopping the VM", e)
+            machine.failure = e      # the CLI reports it once (stderr and the -D log)
             machine.request_shutdown("host-error", guest=False, code=1)
         finally:
             opened.close()
