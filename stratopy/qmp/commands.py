@@ -115,8 +115,9 @@ class VmControl(Protocol):
 
     def device_add(self, **args: Any) -> None:
         """``id``, ``driver`` and device options (``drive``, ``netdev``,
-        ``mac``, ``serial``, ``addr``, ``bus``, ``iothread``, ... plus any
-        extra str/int/bool option, hyphens turned into underscores)."""
+        ``mac``, ``serial``, ``addr``, ``bus``, ``iothread``, ...: the
+        options of StratoVirt's schema, hyphens turned into underscores;
+        any other option is refused before this is called)."""
 
     def device_del(self, id: str) -> None:  # noqa: A002
         """Remove device ``id``; unknown id -> ``QmpError(..., "DeviceNotFound")``.
@@ -164,21 +165,51 @@ def _is_type(value: Any, typ: str) -> bool:
 class Param:
     """One argument: ``types`` is a tuple of "str", "int", "bool", "object",
     "list", "number", "any"; ``fields`` is a nested schema applied when the
-    value is an object (``extra`` allows unknown nested members)."""
+    value is an object (``extra`` allows unknown nested members); ``valid``
+    returns why a value of the right type is still refused (or None)."""
 
     name: str
     types: tuple = ("str",)
     required: bool = False
     fields: tuple = ()
     extra: bool = False
+    valid: Optional[Callable[[Any], Optional[str]]] = None
 
     def expects(self) -> str:
         return " or ".join(_TYPE_WORDS[t] for t in self.types)
 
 
 def P(name: str, *types: str, required: bool = False, fields: tuple = (),  # noqa: N802
-      extra: bool = False) -> Param:
-    return Param(name, tuple(types) or ("str",), required, tuple(fields), extra)
+      extra: bool = False, valid: Optional[Callable[[Any], Optional[str]]] = None) -> Param:
+    return Param(name, tuple(types) or ("str",), required, tuple(fields), extra, valid)
+
+
+def _string_problem(text: str) -> Optional[str]:
+    """Every string argument ends up in a path, a name or a C string: a NUL
+    would cut it short (or make os.open raise) and a lone surrogate (which
+    JSON's \\uXXXX can carry) cannot be encoded at all."""
+    if "\0" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _check_strings(value: Any, name: str) -> None:
+    """Apply :func:`_string_problem` to every string inside ``value``."""
+    todo = [(value, name)]
+    while todo:   # iterative: the parser bounds the depth, this walk needs no stack
+        v, where = todo.pop()
+        if isinstance(v, str):
+            problem = _string_problem(v)
+            if problem:
+                raise QmpError(f"Parameter '{where}' {problem}")
+        elif isinstance(v, dict):
+            todo.extend((item, f"{where}.{k}") for k, item in v.items())
+        elif isinstance(v, list):
+            todo.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
 
 
 def _check_object(args: Mapping, params: tuple, prefix: str,
@@ -192,15 +223,61 @@ def _check_object(args: Mapping, params: tuple, prefix: str,
             if not any(_is_type(value, t) for t in extra_types):
                 words = " or ".join(_TYPE_WORDS[t] for t in extra_types)
                 raise QmpError(f"Parameter '{prefix}{key}' expects {words}")
+            _check_strings(value, f"{prefix}{key}")
             continue
         if not any(_is_type(value, t) for t in p.types):
             raise QmpError(f"Parameter '{prefix}{key}' expects {p.expects()}")
         if p.fields and isinstance(value, dict):
             _check_object(value, p.fields, f"{prefix}{key}.",
                           ("str", "int", "bool") if p.extra else None)
+        else:
+            _check_strings(value, f"{prefix}{key}")
+        problem = p.valid(value) if p.valid is not None else None
+        if problem:
+            raise QmpError(f"Parameter '{prefix}{key}' {problem}")
     for p in params:
         if p.required and p.name not in args:
             raise QmpError(f"Parameter '{prefix}{p.name}' is missing")
+
+
+#: Linux: PATH_MAX (with its NUL) and NAME_MAX.
+_PATH_MAX = 4096
+_NAME_MAX = 255
+#: Deepest path accepted; far below what Python's recursive os.makedirs can
+#: create (about 900 missing levels) and far above any real template path.
+_PATH_DEPTH = 256
+
+
+def path_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a file or directory path, or None."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if not raw:
+        return "is an empty path"
+    if len(raw) >= _PATH_MAX:
+        return f"is too long (a path has at most {_PATH_MAX - 1} bytes)"
+    parts = [c for c in raw.split(b"/") if c]
+    if any(len(c) > _NAME_MAX for c in parts):
+        return f"has a path component longer than {_NAME_MAX} bytes"
+    if len(parts) > _PATH_DEPTH:
+        return f"is too deep (more than {_PATH_DEPTH} path components)"
+    return None
+
+
+def _migrate_uri_problem(uri: str) -> Optional[str]:
+    scheme, sep, rest = uri.partition(":")
+    return path_problem(rest) if sep and scheme == "file" else None
+
+
+def _blockdev_file_problem(value: Any) -> Optional[str]:
+    if isinstance(value, str):
+        return path_problem(value)
+    return None   # an object: its filename member is checked by its own Param
+
+
+def _ifname_problem(name: str) -> Optional[str]:
+    from stratopy.devices.virtio.tap import ifname_problem
+
+    return ifname_problem(name)
 
 
 def _pyname(name: str) -> str:
@@ -331,7 +408,7 @@ def _query_events(vm: Any) -> list:
 def _vm(method: str, *pos: str):
     """A handler forwarding to ``vm.<method>``; ``pos`` args go positionally."""
 
-    def handler(vm: Any, **kw: Any) -> Any:
+    def handler(vm: Any, /, **kw: Any) -> Any:   # positional: an argument may be named "vm"
         if vm is None:
             raise QmpError("The VM is not ready")
         args = [kw.pop(p) for p in pos]
@@ -379,7 +456,8 @@ def _getfd(vm: Any, fdname: str, fd: Optional[int] = None) -> Any:
         raise
 
 
-_FILE_FIELDS = (P("driver", required=True), P("filename", required=True), P("aio"),
+_FILE_FIELDS = (P("driver", required=True), P("filename", required=True, valid=path_problem),
+                P("aio"),
                 P("locking"))
 _CACHE_FIELDS = (P("direct", "bool"), P("no-flush", "bool"))
 
@@ -395,13 +473,15 @@ _DEVICE_PARAMS = (
 )
 
 _NETDEV_PARAMS = (
-    P("id", required=True), P("type"), P("ifname"), P("fd", "str", "int"), P("fds"),
+    P("id", required=True), P("type"), P("ifname", valid=_ifname_problem),
+    P("fd", "str", "int"), P("fds"),
     P("vhost", "bool"), P("vhostfd", "str", "int"), P("vhostfds"), P("queues", "int"),
     P("script"), P("downscript"), P("dnssearch"), P("chardev"), P("macnat", "bool"),
 )
 
 _BLOCKDEV_PARAMS = (
-    P("node-name", required=True), P("file", "object", "str", required=True, fields=_FILE_FIELDS),
+    P("node-name", required=True),
+    P("file", "object", "str", required=True, fields=_FILE_FIELDS, valid=_blockdev_file_problem),
     P("cache", "object", fields=_CACHE_FIELDS), P("read-only", "bool"), P("driver"),
     P("media"), P("detect-zeroes"), P("discard"), P("backing"), P("id"), P("options"),
     P("throttling.iops-total", "int"), P("l2-cache-size"), P("refcount-cache-size"),
@@ -418,8 +498,7 @@ def _table() -> dict:
         Command("cont", _vm("cont"), doc="Resume all vCPUs."),
         Command("system_powerdown", _vm("system_powerdown")),
         Command("system_reset", _vm("system_reset")),
-        Command("device_add", _vm("device_add"), _DEVICE_PARAMS,
-                extra=("str", "int", "bool")),
+        Command("device_add", _vm("device_add"), _DEVICE_PARAMS),
         Command("device_del", _vm("device_del", "id"), (P("id", required=True),)),
         Command("netdev_add", _vm("netdev_add"), _NETDEV_PARAMS),
         Command("query-hotpluggable-cpus", _vm("query_hotpluggable_cpus")),
@@ -427,7 +506,8 @@ def _table() -> dict:
         Command("query-status", _vm("query_status")),
         Command("getfd", _getfd, (P("fdname", required=True),), takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),
-        Command("migrate", _migrate, (P("uri", required=True), P("blk", "bool"),
+        Command("migrate", _migrate, (P("uri", required=True, valid=_migrate_uri_problem),
+                                      P("blk", "bool"),
                                       P("inc", "bool"), P("detach", "bool"))),
         Command("query-migrate", _vm("query_migrate")),
         Command("migrate_cancel", _vm("migrate_cancel")),
