@@ -22,21 +22,23 @@ exactly that shape so that the machine does not have to know it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 from stratopy.errors import QmpError, StratoError
 
 from . import events as qmp_events
+from .fdstore import MAX_NAMED_FDS, FdStore, close_quietly, fdname_problem
 from .protocol import Request, error_reply, reply, version_info
+from .schema import (P, Param, blockdev_file_problem, check_object, ifname_problem,
+                     migrate_uri_problem, path_problem, pyname)
 
 log = logging.getLogger("stratopy.qmp")
 
 __all__ = [
     "VmControl", "Param", "Command", "COMMANDS", "execute", "check_arguments",
     "cpu_info", "hotpluggable_cpu", "cpu_props", "query_commands_reply",
-    "MACHINES", "TARGET", "KVM_INFO",
+    "MACHINES", "TARGET", "KVM_INFO", "FdStore", "MAX_NAMED_FDS",
 ]
 
 
@@ -110,8 +112,11 @@ class VmControl(Protocol):
         ``driver``, ``media``, ``detect_zeroes``, ``discard``, ``id``, ..."""
 
     def netdev_add(self, **args: Any) -> None:
-        """``id`` (str), optional ``type``, ``ifname``, ``fd`` (a getfd name or
-        number, as str), ``vhost`` (bool), ``queues``, ..."""
+        """``id`` (str), optional ``type``, ``ifname``, ``fd``/``fds`` (a
+        descriptor number; a name given to ``getfd`` on the same connection
+        arrives here as ``fd=<int>``, owned by the VM once netdev_add returns
+        normally and closed by the command layer if it raises), ``vhost``
+        (bool), ``queues``, ..."""
 
     def device_add(self, **args: Any) -> None:
         """``id``, ``driver`` and device options (``drive``, ``netdev``,
@@ -123,165 +128,6 @@ class VmControl(Protocol):
         """Remove device ``id``; unknown id -> ``QmpError(..., "DeviceNotFound")``.
         Emit DEVICE_DELETED ``{"device": id, "path": id}`` when it is gone."""
 
-    def getfd(self, fdname: str, fd: int) -> None:
-        """Keep ``fd`` (received by SCM_RIGHTS) under ``fdname``.  The VM owns
-        ``fd`` once getfd returns normally; if it raises, the server closes it."""
-
-
-# --------------------------------------------------------------------------
-# argument schemas
-
-
-_TYPE_WORDS = {
-    "str": "a string",
-    "int": "an integer",
-    "bool": "a boolean",
-    "object": "an object",
-    "list": "an array",
-    "number": "a number",
-    "any": "a value",
-}
-
-
-def _is_type(value: Any, typ: str) -> bool:
-    if typ == "str":
-        return isinstance(value, str)
-    if typ == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typ == "bool":
-        return isinstance(value, bool)
-    if typ == "object":
-        return isinstance(value, dict)
-    if typ == "list":
-        return isinstance(value, list)
-    if typ == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ == "any":
-        return True
-    raise ValueError(f"unknown schema type {typ!r}")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One argument: ``types`` is a tuple of "str", "int", "bool", "object",
-    "list", "number", "any"; ``fields`` is a nested schema applied when the
-    value is an object (``extra`` allows unknown nested members); ``valid``
-    returns why a value of the right type is still refused (or None)."""
-
-    name: str
-    types: tuple = ("str",)
-    required: bool = False
-    fields: tuple = ()
-    extra: bool = False
-    valid: Optional[Callable[[Any], Optional[str]]] = None
-
-    def expects(self) -> str:
-        return " or ".join(_TYPE_WORDS[t] for t in self.types)
-
-
-def P(name: str, *types: str, required: bool = False, fields: tuple = (),  # noqa: N802
-      extra: bool = False, valid: Optional[Callable[[Any], Optional[str]]] = None) -> Param:
-    return Param(name, tuple(types) or ("str",), required, tuple(fields), extra, valid)
-
-
-def _string_problem(text: str) -> Optional[str]:
-    """Every string argument ends up in a path, a name or a C string: a NUL
-    would cut it short (or make os.open raise) and a lone surrogate (which
-    JSON's \\uXXXX can carry) cannot be encoded at all."""
-    if "\0" in text:
-        return "must not contain a NUL character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode (a lone surrogate)"
-    return None
-
-
-def _check_strings(value: Any, name: str) -> None:
-    """Apply :func:`_string_problem` to every string inside ``value``."""
-    todo = [(value, name)]
-    while todo:   # iterative: the parser bounds the depth, this walk needs no stack
-        v, where = todo.pop()
-        if isinstance(v, str):
-            problem = _string_problem(v)
-            if problem:
-                raise QmpError(f"Parameter '{where}' {problem}")
-        elif isinstance(v, dict):
-            todo.extend((item, f"{where}.{k}") for k, item in v.items())
-        elif isinstance(v, list):
-            todo.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
-
-
-def _check_object(args: Mapping, params: tuple, prefix: str,
-                  extra_types: Optional[tuple]) -> None:
-    known = {p.name: p for p in params}
-    for key, value in args.items():
-        p = known.get(key)
-        if p is None:
-            if extra_types is None:
-                raise QmpError(f"Invalid parameter '{prefix}{key}'")
-            if not any(_is_type(value, t) for t in extra_types):
-                words = " or ".join(_TYPE_WORDS[t] for t in extra_types)
-                raise QmpError(f"Parameter '{prefix}{key}' expects {words}")
-            _check_strings(value, f"{prefix}{key}")
-            continue
-        if not any(_is_type(value, t) for t in p.types):
-            raise QmpError(f"Parameter '{prefix}{key}' expects {p.expects()}")
-        if p.fields and isinstance(value, dict):
-            _check_object(value, p.fields, f"{prefix}{key}.",
-                          ("str", "int", "bool") if p.extra else None)
-        else:
-            _check_strings(value, f"{prefix}{key}")
-        problem = p.valid(value) if p.valid is not None else None
-        if problem:
-            raise QmpError(f"Parameter '{prefix}{key}' {problem}")
-    for p in params:
-        if p.required and p.name not in args:
-            raise QmpError(f"Parameter '{prefix}{p.name}' is missing")
-
-
-#: Linux: PATH_MAX (with its NUL) and NAME_MAX.
-_PATH_MAX = 4096
-_NAME_MAX = 255
-#: Deepest path accepted; far below what Python's recursive os.makedirs can
-#: create (about 900 missing levels) and far above any real template path.
-_PATH_DEPTH = 256
-
-
-def path_problem(path: str) -> Optional[str]:
-    """Why ``path`` cannot be a file or directory path, or None."""
-    raw = path.encode("utf-8", "surrogateescape")
-    if not raw:
-        return "is an empty path"
-    if len(raw) >= _PATH_MAX:
-        return f"is too long (a path has at most {_PATH_MAX - 1} bytes)"
-    parts = [c for c in raw.split(b"/") if c]
-    if any(len(c) > _NAME_MAX for c in parts):
-        return f"has a path component longer than {_NAME_MAX} bytes"
-    if len(parts) > _PATH_DEPTH:
-        return f"is too deep (more than {_PATH_DEPTH} path components)"
-    return None
-
-
-def _migrate_uri_problem(uri: str) -> Optional[str]:
-    scheme, sep, rest = uri.partition(":")
-    return path_problem(rest) if sep and scheme == "file" else None
-
-
-def _blockdev_file_problem(value: Any) -> Optional[str]:
-    if isinstance(value, str):
-        return path_problem(value)
-    return None   # an object: its filename member is checked by its own Param
-
-
-def _ifname_problem(name: str) -> Optional[str]:
-    from stratopy.devices.virtio.tap import ifname_problem
-
-    return ifname_problem(name)
-
-
-def _pyname(name: str) -> str:
-    return name.replace("-", "_").replace(".", "_")
 
 
 @dataclass
@@ -304,8 +150,8 @@ class Command:
 
     def check(self, args: Mapping) -> dict:
         """Validate QMP arguments; return the Python keyword arguments."""
-        _check_object(args, self.params, "", self.extra)
-        return {_pyname(k): v for k, v in args.items()}
+        check_object(args, self.params, "", self.extra)
+        return {pyname(k): v for k, v in args.items()}
 
 
 def check_arguments(name: str, args: Mapping) -> dict:
@@ -440,20 +286,24 @@ def _blockdev_add(vm: Any, **args: Any) -> Any:
     return vm.blockdev_add(**args)
 
 
-def _getfd(vm: Any, fdname: str, fd: Optional[int] = None) -> Any:
+def _getfd(vm: Any, fdname: str, fd: Optional[int] = None,
+           store: Optional[FdStore] = None) -> Any:
     if fd is None:
         raise QmpError("No file descriptor supplied via SCM_RIGHTS")
-    if vm is None:
-        os.close(fd)
-        raise QmpError("The VM is not ready")
-    try:
-        return vm.getfd(fdname, fd)
-    except BaseException:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        raise
+    if store is None:
+        close_quietly(fd)
+        raise QmpError("getfd: not available on this connection")
+    store.put(fdname, fd)
+    return {}
+
+
+def _netdev_fd_name(args: dict) -> Optional[str]:
+    """The getfd name netdev_add refers to, read as the machine reads it
+    (``fds`` before ``fd``; of ``fds=a:b`` the last, as StratoVirt)."""
+    ref = args.get("fds") if args.get("fds") is not None else args.get("fd")
+    if not isinstance(ref, str):
+        return None
+    return ref.rsplit(":", 1)[-1]
 
 
 _FILE_FIELDS = (P("driver", required=True), P("filename", required=True, valid=path_problem),
@@ -473,7 +323,7 @@ _DEVICE_PARAMS = (
 )
 
 _NETDEV_PARAMS = (
-    P("id", required=True), P("type"), P("ifname", valid=_ifname_problem),
+    P("id", required=True), P("type"), P("ifname", valid=ifname_problem),
     P("fd", "str", "int"), P("fds"),
     P("vhost", "bool"), P("vhostfd", "str", "int"), P("vhostfds"), P("queues", "int"),
     P("script"), P("downscript"), P("dnssearch"), P("chardev"), P("macnat", "bool"),
@@ -481,7 +331,7 @@ _NETDEV_PARAMS = (
 
 _BLOCKDEV_PARAMS = (
     P("node-name", required=True),
-    P("file", "object", "str", required=True, fields=_FILE_FIELDS, valid=_blockdev_file_problem),
+    P("file", "object", "str", required=True, fields=_FILE_FIELDS, valid=blockdev_file_problem),
     P("cache", "object", fields=_CACHE_FIELDS), P("read-only", "bool"), P("driver"),
     P("media"), P("detect-zeroes"), P("discard"), P("backing"), P("id"), P("options"),
     P("throttling.iops-total", "int"), P("l2-cache-size"), P("refcount-cache-size"),
@@ -504,9 +354,10 @@ def _table() -> dict:
         Command("query-hotpluggable-cpus", _vm("query_hotpluggable_cpus")),
         Command("query-cpus", _vm("query_cpus")),
         Command("query-status", _vm("query_status")),
-        Command("getfd", _getfd, (P("fdname", required=True),), takes_fd=True),
+        Command("getfd", _getfd, (P("fdname", required=True, valid=fdname_problem),),
+                static=True, takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),
-        Command("migrate", _migrate, (P("uri", required=True, valid=_migrate_uri_problem),
+        Command("migrate", _migrate, (P("uri", required=True, valid=migrate_uri_problem),
                                       P("blk", "bool"),
                                       P("inc", "bool"), P("detach", "bool"))),
         Command("query-migrate", _vm("query_migrate")),
@@ -553,7 +404,8 @@ def _call(cmd: Command, vm: Any, kwargs: dict, rid: Any) -> dict:
 
 def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
             fd: Optional[int] = None,
-            deliver: Optional[Callable[[dict], None]] = None) -> dict:
+            deliver: Optional[Callable[[dict], None]] = None,
+            fds: Optional[FdStore] = None) -> dict:
     """Run one request; return its reply dict (with the request's id).
 
     * Unknown command: CommandNotFound "The command X has not been found".
@@ -567,6 +419,8 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
       after the command finished is ordered after its reply.
     * ``fd``: the descriptor received by SCM_RIGHTS for ``getfd`` (the
       handler owns it; it is closed here if the command is refused first).
+    * ``fds``: the connection's :class:`FdStore`; ``getfd`` keeps descriptors
+      there and ``netdev_add fd=NAME`` takes its descriptor from there.
     """
     delivered = False
 
@@ -585,21 +439,34 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
         kwargs = cmd.check(req.arguments)
     except QmpError as exc:
         if fd is not None:
-            _close_quietly(fd)
+            close_quietly(fd)
         return _done(error_reply(exc.desc, exc.klass, rid))
 
     if cmd.takes_fd:
-        kwargs["fd"] = fd
+        kwargs["fd"], kwargs["store"] = fd, fds
     elif fd is not None:
-        _close_quietly(fd)
+        close_quietly(fd)
 
     if cmd.static:
         return _done(_call(cmd, None, kwargs, rid))
+
+    # netdev_add fd=NAME: the descriptor leaves the connection's store now,
+    # whatever happens next (as in QEMU); the VM gets it as a number and owns
+    # it once netdev_add succeeds; on any failure it is closed below.
+    handed = None
+    fdname = _netdev_fd_name(kwargs) if cmd.name == "netdev_add" and fds is not None else None
+    if fdname is not None:
+        handed = fds.take(fdname)
+        if handed is not None:
+            kwargs.pop("fds", None)
+            kwargs["fd"] = handed
 
     box: list = []
 
     def fn() -> None:
         rep = _call(cmd, vm, kwargs, rid)
+        if handed is not None and "error" in rep:
+            close_quietly(handed)
         box.append(rep)
         _done(rep)
 
@@ -611,17 +478,14 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
     except Exception as exc:  # noqa: BLE001 - the dispatcher itself failed
         if box:
             return box[0]
+        if handed is not None:
+            close_quietly(handed)
         desc, klass = _error_of(exc)
         return _done(error_reply(desc, klass, rid))
     if not box:
+        if handed is not None:
+            close_quietly(handed)
         # dispatch returned without running fn (machine shutting down)
         return _done(error_reply("The command was not executed: the VM is shutting down",
                                  "GenericError", rid))
     return box[0]
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import stratopy
 from stratopy.errors import StratoError
 
+from .fdstore import FdStore
 from .protocol import (MAX_MESSAGE, NO_ID, ProtocolError, QmpSession, Request, encode,
                        error_reply, event, greeting)
 
@@ -70,6 +71,12 @@ MAX_FDS_PER_MSG = 16
 MAX_HELD_FDS = 16
 _RECV_SIZE = 65536
 _SEND_CHUNK = 256 * 1024
+#: Listen backlog: a burst of clients connecting at once must not be refused
+#: (the kernel caps it at net.core.somaxconn).
+_BACKLOG = socket.SOMAXCONN
+#: accept() out of descriptors: first and longest pause before trying again.
+_ACCEPT_BACKOFF = (0.1, 1.0)
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _umask_lock = threading.Lock()
 
@@ -161,7 +168,7 @@ class _Listen:
             os.chmod(path, 0o600)
             st = os.stat(path)
             self.path, self.ident = path, (st.st_dev, st.st_ino)
-            sock.listen(16)
+            sock.listen(_BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -179,7 +186,7 @@ class _Listen:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
-            sock.listen(16)
+            sock.listen(_BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -206,7 +213,7 @@ class _Listen:
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "name", "session", "out", "fds", "pending",
+    __slots__ = ("sock", "fd", "name", "session", "out", "fds", "named_fds", "pending",
                  "read_closed", "closed", "registered")
 
     def __init__(self, sock: socket.socket, name: str, max_message: int):
@@ -216,6 +223,7 @@ class _Client:
         self.session = QmpSession(max_message=max_message)
         self.out = bytearray()
         self.fds: list[int] = []      # received by SCM_RIGHTS, not yet claimed
+        self.named_fds = FdStore()    # given with getfd; closed with the connection
         self.pending = 0              # requests queued or running, reply not queued
         self.read_closed = False      # EOF seen (the client may still read)
         self.closed = False
@@ -267,6 +275,10 @@ class QmpServer:
         self._io_thread: Optional[threading.Thread] = None
         self._exec_thread: Optional[threading.Thread] = None
         self._nclient = 0
+        # accept() backoff when out of descriptors (see _accept)
+        self._accept_delay = 0.0
+        self._accept_resume = 0.0
+        self._paused: list[_Listen] = []
 
         self._listeners: list[_Listen] = []
         try:
@@ -411,7 +423,8 @@ class QmpServer:
 
                 log.debug("QMP <- %s %r id=%r", req.name, req.arguments, req.id)
                 qmp_commands.execute(req, self._vm, self._dispatch, fd,
-                                     deliver=lambda rep, c=client: self._deliver(c, rep))
+                                     deliver=lambda rep, c=client: self._deliver(c, rep),
+                                     fds=client.named_fds)
             except Exception:  # noqa: BLE001 - never let the executor die
                 log.exception("QMP executor error")
 
@@ -419,8 +432,8 @@ class QmpServer:
         """Queue a reply (any thread; for VM commands the machine thread)."""
         try:
             data = encode(rep)
-        except (TypeError, ValueError) as exc:
-            log.error("QMP reply not serializable: %r (%s)", rep, exc)
+        except (TypeError, ValueError, RecursionError) as exc:
+            log.error("QMP reply not serializable: %.200r (%s)", rep, exc)
             data = encode(error_reply(f"internal error: reply not serializable: {exc}",
                                       "GenericError", rep.get("id", NO_ID)))
         with self._lock:
@@ -440,7 +453,10 @@ class QmpServer:
     def _io_loop(self) -> None:
         try:
             while not self._stopping:
-                for key, mask in self._sel.select(timeout=1.0):
+                timeout = 1.0
+                if self._paused:
+                    timeout = min(timeout, max(0.0, self._accept_resume - time.monotonic()))
+                for key, mask in self._sel.select(timeout=timeout):
                     data = key.data
                     if data is _WAKE:
                         try:
@@ -458,6 +474,8 @@ class QmpServer:
                             self._read(c)
                         if mask & selectors.EVENT_WRITE and not c.closed:
                             self._send(c)
+                if self._paused and time.monotonic() >= self._accept_resume:
+                    self._resume_accept()
                 self._service()
         except Exception:  # noqa: BLE001
             if not self._stopping:
@@ -473,8 +491,13 @@ class QmpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("QMP accept failed: %s", exc)
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue            # that client gave up; the next may not
+                self._pause_accept(lst, exc)
                 return
+            if self._accept_delay:
+                log.warning("QMP accepts clients again")
+                self._accept_delay = 0.0
             sock.setblocking(False)
             self._nclient += 1
             name = f"qmp-client-{self._nclient}"
@@ -484,6 +507,32 @@ class QmpServer:
                 self._clients[c.fd] = c
             log.debug("QMP %s connected (%r)", name, addr)
             self._send(c)
+
+    def _pause_accept(self, lst: _Listen, exc: OSError) -> None:
+        """accept() failed (EMFILE: the monitor is out of descriptors).  The
+        pending connection stays readable, so retrying at once would spin and
+        log without end: stop watching the listener for a while (100 ms,
+        doubling up to 1 s) and log once until an accept succeeds again."""
+        lo, hi = _ACCEPT_BACKOFF
+        if not self._accept_delay:
+            log.warning("QMP cannot accept clients: %s; retrying every %g-%g s",
+                        exc.strerror or exc, lo, hi)
+        self._accept_delay = min(max(self._accept_delay * 2, lo), hi)
+        self._accept_resume = time.monotonic() + self._accept_delay
+        if lst not in self._paused:
+            try:
+                self._sel.unregister(lst.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            self._paused.append(lst)
+
+    def _resume_accept(self) -> None:
+        for lst in self._paused:
+            try:
+                self._sel.register(lst.sock, selectors.EVENT_READ, lst)
+            except (KeyError, ValueError, OSError):
+                pass
+        self._paused.clear()
 
     def _read(self, c: _Client) -> None:
         try:
@@ -602,6 +651,7 @@ class QmpServer:
         for fd in c.fds:
             _close_fd(fd)
         c.fds.clear()
+        c.named_fds.close()
 
 
 def _close_fd(fd: int) -> None:
