@@ -90,7 +90,8 @@ class Tap:
         what = f"tap {name}" if name else "a tap"
         problem = ifname_problem(name) if name else None
         if problem:
-            raise StratoError(f"cannot open tap {name!r}: the interface name {problem}")
+            shown = name if name.isascii() and name.isprintable() else ascii(name)
+            raise StratoError(f"cannot open tap {shown}: the interface name {problem}")
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
