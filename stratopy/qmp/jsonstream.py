@@ -356,12 +356,9 @@ def _object(tokens: list[bytes], pos: int) -> tuple[dict, int]:
         if key in obj:
             raise _ParseError("duplicate key")
         obj[key] = value
-        sep = _next(tokens, pos)
-        if sep == b"}":
-            return obj, pos + 1
-        if sep != b",":
-            raise _ParseError("expected separator in dict")
-        pos += 1
+        done, pos = _separator(tokens, pos, b"}", "dict")
+        if done:
+            return obj, pos
 
 
 def _array(tokens: list[bytes], pos: int) -> tuple[list, int]:
@@ -371,12 +368,17 @@ def _array(tokens: list[bytes], pos: int) -> tuple[list, int]:
     while True:
         value, pos = _value(tokens, pos)
         arr.append(value)
-        sep = _next(tokens, pos)
-        if sep == b"]":
-            return arr, pos + 1
-        if sep != b",":
-            raise _ParseError("expected separator in list")
-        pos += 1
+        done, pos = _separator(tokens, pos, b"]", "list")
+        if done:
+            return arr, pos
+
+
+def _separator(tokens: list[bytes], pos: int, closer: bytes, what: str) -> tuple[bool, int]:
+    """After a member: (True, next) at ``closer``, (False, next) after a comma."""
+    sep = _next(tokens, pos)
+    if sep != closer and sep != b",":
+        raise _ParseError(f"expected separator in {what}")
+    return sep == closer, pos + 1
 
 
 def _number(tok: bytes) -> Union[int, float]:
