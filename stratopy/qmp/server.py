@@ -53,7 +53,6 @@ import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 import stratopy
-from stratopy.errors import StratoError
 
 from .fdstore import FdStore
 from .listen import ListenerSpec, TcpListener, UnixListener, _Listen, parse_listener

@@ -413,6 +413,30 @@ def test_oversized_input_over_socket(tmp):
         assert server.client_count in (0, 1)
 
 
+def test_endless_string_answered_at_once_and_others_served(env):
+    """Issue 9: 100 MB of `"aaaa...` with no end must not be buffered. The
+    sender gets one error as soon as its message passes 1 MiB; meanwhile
+    another client is served; the server's memory does not grow with it."""
+    server, vm, machine, path = env
+    hog, other = Client(path), Client(path)
+    hog.recv_msg()
+    other.recv_msg()
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = rss()
+    hog.send(b'{"execute":"x","arguments":{"pad":"' + b"a" * (2 << 20))
+    assert hog.reply() == {"error": {"class": "GenericError",
+                                     "desc": "JSON token size limit exceeded"}}
+    chunk = b"a" * (1 << 20)
+    for _ in range(100):
+        hog.send(chunk)
+    assert other.cmd("query-target") == {"return": {"arch": "x86_64"}}
+    assert rss() - before < 32 << 20
+    hog.send(b'"}}{"execute":"query-kvm"}')
+    assert hog.reply() == {"return": {"enabled": True, "present": True}}
+    hog.close()
+    other.close()
+
+
 def test_getfd_scm_rights(env, tmp):
     server, vm, machine, path = env
     c = Client(path)
