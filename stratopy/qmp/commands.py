@@ -136,21 +136,19 @@ class Command:
 
     ``handler(vm, **args)`` runs on the machine thread (via dispatch) unless
     ``static``; then ``handler(None, **args)`` is answered on the QMP thread.
-    ``extra`` is a tuple of types accepted for arguments not in ``params``
-    (device_add), None to refuse unknown arguments.
+    Arguments not in ``params`` are refused.
     """
 
     name: str
     handler: Callable[..., Any]
     params: tuple = ()
     static: bool = False
-    extra: Optional[tuple] = None
     takes_fd: bool = False
     doc: str = ""
 
     def check(self, args: Mapping) -> dict:
         """Validate QMP arguments; return the Python keyword arguments."""
-        check_object(args, self.params, "", self.extra)
+        check_object(args, self.params)
         return {pyname(k): v for k, v in args.items()}
 
 

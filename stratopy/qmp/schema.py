@@ -51,14 +51,13 @@ def _is_type(value: Any, typ: str) -> bool:
 class Param:
     """One argument: ``types`` is a tuple of "str", "int", "bool", "object",
     "list", "number", "any"; ``fields`` is a nested schema applied when the
-    value is an object (``extra`` allows unknown nested members); ``valid``
-    returns why a value of the right type is still refused (or None)."""
+    value is an object; ``valid`` returns why a value of the right type is
+    still refused (or None)."""
 
     name: str
     types: tuple = ("str",)
     required: bool = False
     fields: tuple = ()
-    extra: bool = False
     valid: Optional[Callable[[Any], Optional[str]]] = None
 
     def expects(self) -> str:
@@ -66,8 +65,8 @@ class Param:
 
 
 def P(name: str, *types: str, required: bool = False, fields: tuple = (),  # noqa: N802
-      extra: bool = False, valid: Optional[Callable[[Any], Optional[str]]] = None) -> Param:
-    return Param(name, tuple(types) or ("str",), required, tuple(fields), extra, valid)
+      valid: Optional[Callable[[Any], Optional[str]]] = None) -> Param:
+    return Param(name, tuple(types) or ("str",), required, tuple(fields), valid)
 
 
 def _string_problem(text: str) -> Optional[str]:
@@ -98,24 +97,18 @@ def _check_strings(value: Any, name: str) -> None:
             todo.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
 
 
-def check_object(args: Mapping, params: tuple, prefix: str,
-                  extra_types: Optional[tuple]) -> None:
+def check_object(args: Mapping, params: tuple, prefix: str = "") -> None:
+    """Check ``args`` against ``params``; an argument not in it is refused
+    by name (as QEMU refuses it), before anything uses it as a keyword."""
     known = {p.name: p for p in params}
     for key, value in args.items():
         p = known.get(key)
         if p is None:
-            if extra_types is None:
-                raise QmpError(f"Invalid parameter '{prefix}{key}'")
-            if not any(_is_type(value, t) for t in extra_types):
-                words = " or ".join(_TYPE_WORDS[t] for t in extra_types)
-                raise QmpError(f"Parameter '{prefix}{key}' expects {words}")
-            _check_strings(value, f"{prefix}{key}")
-            continue
+            raise QmpError(f"Invalid parameter '{prefix}{key}'")
         if not any(_is_type(value, t) for t in p.types):
             raise QmpError(f"Parameter '{prefix}{key}' expects {p.expects()}")
         if p.fields and isinstance(value, dict):
-            check_object(value, p.fields, f"{prefix}{key}.",
-                          ("str", "int", "bool") if p.extra else None)
+            check_object(value, p.fields, f"{prefix}{key}.")
         else:
             _check_strings(value, f"{prefix}{key}")
         problem = p.valid(value) if p.valid is not None else None
