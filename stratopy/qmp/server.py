@@ -190,7 +190,12 @@ class QmpServer:
         Thread-safe, never blocks on a socket: it appends to each client's
         output buffer and wakes the I/O thread.
         """
-        msg = encode(event(name, data))
+        try:
+            msg = encode(event(name, data))
+        except (TypeError, ValueError, RecursionError) as exc:
+            # never let a bad event (a NaN, an object) raise into the machine
+            log.error("QMP event %s not serializable (%s); not sent", name, exc)
+            return
         log.debug("QMP event %s", msg[:-2].decode("utf-8", "replace"))
         with self._lock:
             if self._closed:

@@ -437,6 +437,21 @@ def test_endless_string_answered_at_once_and_others_served(env):
     other.close()
 
 
+def test_unserializable_event_and_reply_do_not_break_the_session(env):
+    # strict JSON out: a NaN is never sent as "NaN"; the caller is not hurt
+    server, vm, machine, path = env
+    c = Client(path)
+    c.recv_msg()
+    server.emit_event("RESUME", {"x": float("nan")})      # dropped, logged, no raise
+    vm.query_status = lambda: {"running": float("inf")}
+    rep = c.cmd("query-status", id=3)
+    assert rep["id"] == 3 and rep["error"]["class"] == "GenericError"
+    assert rep["error"]["desc"].startswith("internal error: reply not serializable")
+    assert c.cmd("query-target") == {"return": {"arch": "x86_64"}}
+    assert c.events == []
+    c.close()
+
+
 def test_getfd_scm_rights(env, tmp):
     server, vm, machine, path = env
     c = Client(path)
