@@ -257,8 +257,8 @@ def _jail() -> None:
     threads are not started yet. A violation's stack goes where the log goes."""
     from stratopy import seccomp
 
-    stream = getattr(logging.getLogger().handlers[0], "stream", None) \
-        if logging.getLogger().handlers else None
+    handlers = logging.getLogger().handlers
+    stream = getattr(handlers[0], "stream", None) if handlers else None
     took = seccomp.install(report_file=stream if hasattr(stream, "fileno") else None)
     log.info("seccomp filter installed in %.2f ms", took * 1000)
 
