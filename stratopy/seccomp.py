@@ -26,7 +26,8 @@ Policy (``ALLOWED`` and ``_arg_rules()`` below: the one place to extend):
   flags are behind a pointer the filter cannot read; glibc then uses
   ``clone``); no fork, vfork, execve;
 - ``socket`` only for AF_UNIX, AF_INET, AF_INET6; ``kill``/``tgkill`` only
-  towards this process; ``prlimit64`` only on itself;
+  towards this process; ``prlimit64`` only on itself; ``prctl`` only to
+  name threads and mappings;
 - everything else (ptrace, mount, namespaces, modules, bpf, keyrings,
   io_uring, ...) is a violation.
 
@@ -84,6 +85,9 @@ CLONE_THREAD = 0x00010000
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 IOCTL_TYPES = (0xAE, 0x54, 0x66, 0x94)      # KVM, 'T' (tty, tun, FIO*), 'f', FICLONE
+# thread names (PR_SET_NAME, PR_GET_NAME) and glibc's names of anonymous
+# mappings (PR_SET_VMA); not PR_SET_PTRACER, PR_SET_DUMPABLE, ...
+PRCTL_OPTIONS = (15, 16, 0x53564D41)
 
 # x86_64 system call numbers (<asm/unistd_64.h>; tests/unit/test_seccomp.py
 # checks them against the header when it is installed).
@@ -149,7 +153,7 @@ ALLOWED: tuple[str, ...] = (
     # threads and signals (vCPU kicks, faulthandler, thread creation)
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
     "set_robust_list", "rseq", "set_tid_address", "sched_getaffinity",
-    "restart_syscall", "exit", "exit_group", "prctl", "arch_prctl",
+    "restart_syscall", "exit", "exit_group", "arch_prctl",
     # files: templates (migrate), logs, chardevs, QMP sockets, hot-replaced
     # drives and taps, pid files
     "openat", "open", "fstat", "stat", "lstat", "newfstatat", "statx",
@@ -185,6 +189,8 @@ def _arg_rules(pid: int) -> dict[str, list[tuple]]:
         "kill": only_pid,
         "tgkill": only_pid,
         "prlimit64": [("ld", _arg_lo(0)), ("jeq", 0, "allow", "deny")],
+        "prctl": [("ld", _arg_lo(0))]
+                 + [("jeq", op, "allow", "next") for op in PRCTL_OPTIONS] + [("ret", "deny")],
     }
 
 
