@@ -26,8 +26,8 @@ Policy (``ALLOWED`` and ``_arg_rules()`` below: the one place to extend):
   flags are behind a pointer the filter cannot read; glibc then uses
   ``clone``); no fork, vfork, execve;
 - ``socket`` only for AF_UNIX, AF_INET, AF_INET6; ``kill``/``tgkill`` only
-  towards this process; ``prlimit64`` only on itself; ``prctl`` only to
-  name threads and mappings;
+  towards this process; ``prlimit64``, ``setpriority`` and ``ioprio_set``
+  only on itself; ``prctl`` only to name threads and mappings;
 - everything else (ptrace, mount, namespaces, modules, bpf, keyrings,
   io_uring, ...) is a violation.
 
@@ -124,6 +124,7 @@ SYSCALL_NR: dict[str, int] = {
     "timerfd_create": 283, "fallocate": 285, "timerfd_settime": 286,
     "timerfd_gettime": 287, "accept4": 288, "eventfd2": 290,
     "epoll_create1": 291, "dup3": 292, "pipe2": 293, "preadv": 295,
+    "getpriority": 140, "setpriority": 141, "ioprio_set": 251, "ioprio_get": 252,
     "pwritev": 296, "prlimit64": 302, "syncfs": 306, "sync": 162, "renameat2": 316, "getrandom": 318,
     "membarrier": 324, "copy_file_range": 326, "preadv2": 327,
     "pwritev2": 328, "statx": 332, "rseq": 334, "clone3": 435,
@@ -178,6 +179,7 @@ def _arg_rules(pid: int) -> dict[str, list[tuple]]:
     ioctl += [("jeq", t << 8, "allow", "next") for t in IOCTL_TYPES]
     ioctl.append(("ret", "deny"))
     only_pid = [("ld", _arg_lo(0)), ("jeq", pid, "allow", "deny")]
+    self_only = [("ld", _arg_lo(1)), ("jeq", 0, "allow", "deny")]
     return {
         "ioctl": ioctl,
         "clone": [("ld", _arg_lo(0)), ("jset", CLONE_THREAD, "allow", "deny")],
@@ -189,6 +191,11 @@ def _arg_rules(pid: int) -> dict[str, list[tuple]]:
         "kill": only_pid,
         "tgkill": only_pid,
         "prlimit64": [("ld", _arg_lo(0)), ("jeq", 0, "allow", "deny")],
+        # a background thread may lower its own CPU or I/O priority (who == 0)
+        "setpriority": self_only,
+        "getpriority": self_only,
+        "ioprio_set": self_only,
+        "ioprio_get": self_only,
         "prctl": [("ld", _arg_lo(0))]
                  + [("jeq", op, "allow", "next") for op in PRCTL_OPTIONS] + [("ret", "deny")],
     }
