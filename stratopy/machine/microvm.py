@@ -190,6 +190,10 @@ class MicroVm:
             self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
+        if hasattr(device, "requeue"):
+            # A device that served a bounded batch runs again through its
+            # queue's ioeventfd: behind the other fds already ready.
+            device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
         if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
 
@@ -268,12 +272,11 @@ class MicroVm:
         self.state = VmState.PAUSED if paused else VmState.RUNNING
 
     def _chardev_input(self, ch) -> Callable[[bytes], None]:
-        """Input from a chardev to the device it feeds, loss-free.
+        """Input from a chardev to the device it feeds, loss-free and bounded
+        (chardev.ConsoleInput: the chardev is not read while the device
+        cannot take more)."""
+        from stratopy.chardev import ConsoleInput
 
-        What the device cannot take yet (UART FIFO full, no console receive
-        buffer) is kept, bounded by the chardev's own reader (it stops being
-        read while we hold input), and retried shortly.
-        """
         sink: Callable[[bytes], int] | None = None
         if ch is self.serial_chardev:
             sink = self.serial.enqueue_input
@@ -283,22 +286,7 @@ class MicroVm:
                     sink = slot.device.enqueue_input
         if sink is None:
             return lambda data: None
-        pending = bytearray()
-        retry_armed = [False]
-
-        def flush() -> None:
-            retry_armed[0] = False
-            if pending:
-                taken = sink(bytes(pending))
-                del pending[:taken]
-            if pending and not retry_armed[0]:
-                retry_armed[0] = True
-                self.loop.call_later(0.01, flush)
-
-        def feed(data: bytes) -> None:
-            pending.extend(data)
-            flush()
-        return feed
+        return ConsoleInput(ch, self.loop, sink).feed
 
     def _wire_net(self, slot: Slot) -> None:
         """Tap -> device RX on the device thread; stop polling the tap while

@@ -23,7 +23,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from stratopy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from stratopy.errors import DeviceError, TemplateError
@@ -274,6 +274,11 @@ class BlockDevice(VirtioDevice):
     def __init__(self, backend, serial: str = ""):
         super().__init__()
         self._set_backend(backend, serial)
+        # Set by the machine: run process_queue(q) again later, after the
+        # other devices had their turn (it kicks the queue's ioeventfd). One
+        # notification serves at most one queue's worth of requests, so a
+        # guest that keeps adding requests cannot hold the device thread.
+        self.requeue: Callable[[int], None] = lambda q: None
 
     def _set_backend(self, backend, serial: str) -> None:
         self.backend = backend
@@ -331,13 +336,16 @@ class BlockDevice(VirtioDevice):
         mem = self.mem
         done = 0
         try:
-            while True:
+            while done < q.size:
                 chain = q.pop(mem)
                 if chain is None:
-                    break
+                    return
                 written = self._handle(mem, chain)
                 q.add_used(mem, chain.head, written)
                 done += 1
+            # A full queue's worth served: whatever the guest added meanwhile
+            # waits for the next turn (a spurious turn finds nothing).
+            self.requeue(0)
         finally:
             if done:
                 self.signal_used(0)
