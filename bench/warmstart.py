@@ -3,7 +3,7 @@
 (issue #10 part 1), on the `counter` test guest (64 MiB; the guest's own work
 after a restore is ~0).
 
-    python3 bench/warmstart.py [--runs 7] [--callgrind]
+    python3 bench/warmstart.py [--runs 7] [--callgrind] [--baseline-tree DIR]
 
 One instrument for both monitors: ``bench/first_kvm_run.c``, compiled here
 with gcc and LD_PRELOADed into each process, wraps ioctl() and writes the
@@ -107,9 +107,12 @@ def qemu_template(counter: str, work: str) -> str:
 
 
 def spawn(argv: list[str], shim: str, stamp: str, extra_env: dict | None = None,
-          prefix: list[str] | None = None) -> subprocess.Popen:
+          prefix: list[str] | None = None, tree: str | None = None) -> subprocess.Popen:
     env = dict(os.environ)
-    env["PYTHONPATH"] = common.REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (tree or common.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # bin/stratopy runs the python3 beside it (where pip installs both);
+    # from the source tree, that is this interpreter.
+    env["STRATOPY_PYTHON"] = sys.executable
     env["LD_PRELOAD"] = shim
     env["FIRST_KVM_RUN_FILE"] = stamp
     env.update(extra_env or {})
@@ -126,13 +129,13 @@ def read_stamp(path: str) -> int | None:
         return None
 
 
-def one_start(argv: list[str], shim: str, work: str) -> tuple[float, float]:
+def one_start(argv: list[str], shim: str, work: str, tree: str | None) -> tuple[float, float]:
     """Spawn, wait for the guest's answer; (exec -> first KVM_RUN, exec -> answer) in s."""
     stamp = os.path.join(work, "stamp")
     if os.path.exists(stamp):
         os.unlink(stamp)
     t0 = time.monotonic_ns()
-    p = spawn(argv, shim, stamp)
+    p = spawn(argv, shim, stamp, tree=tree)
     try:
         # The byte goes in once the guest runs: a byte that reached the
         # monitor before the restore would be lost with the template's
@@ -173,11 +176,11 @@ def one_start(argv: list[str], shim: str, work: str) -> tuple[float, float]:
             f.close()
 
 
-def callgrind_count(argv: list[str], shim: str, work: str) -> float:
+def callgrind_count(argv: list[str], shim: str, work: str, tree: str | None) -> float:
     """Instructions (M) exec -> first KVM_RUN, all threads (the shim exits there)."""
     out = os.path.join(work, "callgrind.out")
     p = spawn(argv, shim, os.path.join(work, "cg-stamp"), {"FIRST_KVM_RUN_EXIT": "1"},
-              prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+              prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"], tree=tree)
     _, err = p.communicate(b"", timeout=600)
     m = re.search(rb"Collected : (\d+)", err)
     if not m:
@@ -189,6 +192,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--callgrind", action="store_true")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="also run `python3 -m stratopy` from this source tree (e.g. an "
+                         "export of main) for a before/after in the same run")
     a = ap.parse_args()
     common.compile_bytecode()
     from tests.guests.build import build_guests
@@ -208,13 +214,21 @@ def main() -> None:
         }
         # The launcher is a shell script: run it directly, as a user would.
         variants["stratopy"] = [LAUNCHER] + incoming
+        trees = {}
+        if a.baseline_tree:
+            import compileall
+
+            compileall.compile_dir(os.path.join(a.baseline_tree, "stratopy"), quiet=1)
+            variants = {"baseline -m stratopy": [sys.executable, "-m", "stratopy"] + incoming,
+                        **variants}
+            trees["baseline -m stratopy"] = os.path.abspath(a.baseline_tree)
         names = list(variants)
         first = {n: [] for n in names}
         answer = {n: [] for n in names}
         for r in range(a.runs):
             order = names if r % 2 == 0 else names[::-1]
             for n in order:
-                f, ans = one_start(variants[n], shim, work)
+                f, ans = one_start(variants[n], shim, work, trees.get(n))
                 first[n].append(f)
                 answer[n].append(ans)
         load = os.getloadavg()
@@ -234,7 +248,7 @@ def main() -> None:
         if a.callgrind:
             print("instructions exec -> first KVM_RUN (callgrind, all threads):")
             for n in names:
-                print(f"  {n:22s} {callgrind_count(variants[n], shim, work):8.1f} M")
+                print(f"  {n:22s} {callgrind_count(variants[n], shim, work, trees.get(n)):8.1f} M")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
