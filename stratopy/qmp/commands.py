@@ -21,17 +21,17 @@ exactly that shape so that the machine does not have to know it.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 from stratopy.errors import QmpError, StratoError
+from stratopy.logs import get_logger
 
 from . import events as qmp_events
 from .protocol import Request, error_reply, reply, version_info
 
-log = logging.getLogger("stratopy.qmp")
+log = get_logger("stratopy.qmp")
 
 __all__ = [
     "VmControl", "Param", "Command", "COMMANDS", "execute", "check_arguments",
