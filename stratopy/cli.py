@@ -20,6 +20,7 @@ Lifecycle (what the launcher sees):
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -231,6 +232,7 @@ def _run_vm(config, daemon) -> int:
             # QMP sockets exist before the first guest instruction runs.
             control = attach_control(machine)
             machine.start()
+            gc.enable()     # see main()
             if config.incoming is not None and config.start_paused:
                 log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
             log.info("VM started, vCPUs %s",
@@ -294,6 +296,12 @@ def _report_timings(machine) -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # No garbage collection passes until the guest runs: the start-up creates
+    # tens of thousands of objects (modules, classes) and nearly no garbage,
+    # and the passes its allocations trigger cost ~11 M instructions (4%)
+    # before the first KVM_RUN (docs/performance.md). _run_vm enables it
+    # once the vCPUs are started.
+    gc.disable()
     try:
         return run(argv)
     except StratoError as e:
@@ -301,3 +309,5 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        gc.enable()

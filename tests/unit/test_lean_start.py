@@ -1,5 +1,6 @@
-"""stratopy.logs: `logging` is imported only for a record that is emitted,
-and from then on behaves as plain `logging` (docs/performance.md).
+"""The lean start (issue #10, docs/performance.md): stratopy.logs imports
+`logging` only for a record that is emitted and from then on behaves as
+plain `logging`; cli.main() starts without garbage-collection passes.
 
 Each check runs in a fresh interpreter: whether `logging` is imported is the
 point."""
@@ -109,3 +110,28 @@ def test_cli_with_D_sets_up_logging_at_once(tmp_path):
     with open(path) as f:
         text = f.read()
     assert " INFO stratopy: hello\n" in text and "tid " in text, text
+
+
+def test_cli_main_runs_without_gc_passes_and_restores_the_collector():
+    """cli.main() disables the cyclic collector for the start-up (its passes
+    cost ~11 M instructions before the first KVM_RUN) and turns it back on
+    however run() ends."""
+    r = run("""
+        import gc
+        from stratopy import cli
+        from stratopy.errors import StratoError
+        seen = []
+
+        def fake_run(argv):
+            seen.append(gc.isenabled())
+            if argv == ["fail"]:
+                raise StratoError("boom")
+            return 0
+
+        cli.run = fake_run
+        assert gc.isenabled()
+        assert cli.main([]) == 0 and gc.isenabled()
+        assert cli.main(["fail"]) == 1 and gc.isenabled()
+        assert seen == [False, False], seen
+    """)
+    assert r.stderr == "stratopy: boom\n"
