@@ -31,9 +31,14 @@ Backends:
   (``pty_path``) is announced on stderr as QEMU does:
   ``char device redirected to /dev/pts/N (label ID)``. The slave fd is kept
   open so that the master never reports a hang-up when no client is there.
-- ``file``: output appended to ``path`` (created 0644); no input.
+- ``file``: output appended to ``path``; no input. Opened by
+  ``stratopy.files.create_private``: created 0600 whatever the umask, a
+  FIFO, directory or device (but /dev/null) is refused, never waited on.
 - ``socket``: with ``server``, a unix stream server at ``path`` (a stale
-  socket file is removed, the new one is 0600), serving one client at a time
+  socket file is removed, the new one is chmod 0600 before ``listen()``, so
+  whatever the umask no other user can connect even for a moment: a
+  connect to a socket that is not listening yet is refused), serving one
+  client at a time
   (others wait in the backlog); output goes to the client (dropped when
   there is none), input comes from it. Without ``nowait`` open() waits for
   the first client. Without ``server`` it connects to ``path``.
@@ -167,7 +172,10 @@ class Chardev:
             pass
 
     def _open_file(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        from stratopy import files
+
+        # ConfigError ("chardev ID: PATH is a FIFO, ..."): a StratoError
+        fd = files.create_private(self.path, f"chardev {self.id}", "file")
         self._own_fds.append(fd)
         self._out_fd = fd
         self._out_blocking = True

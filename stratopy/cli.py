@@ -66,11 +66,13 @@ def _install_logging(config) -> None:
     fmt = (f"%(asctime)s.%(msecs)03d [{who.replace('%', '%%')}pid %(process)d tid %(tid)d] "
            "%(levelname)s %(name)s: %(message)s")
     if config.log_file:
-        try:
-            handler: logging.Handler = logging.FileHandler(config.log_file)
-        except OSError as e:
-            raise StratoError(f"-D: cannot open log file {config.log_file}: "
-                              f"{e.strerror or e}") from None
+        from stratopy import files
+
+        # Created 0600 whatever the umask (it holds the kernel command
+        # line); a FIFO or directory is refused instead of blocking.
+        fd = files.create_private(config.log_file, "-D", "log file")
+        stream = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        handler: logging.Handler = logging.StreamHandler(stream)
     elif config.logging:
         handler = logging.StreamHandler(sys.stderr)
     else:
@@ -90,6 +92,30 @@ def _log_file_open() -> bool:
     import logging
 
     return bool(logging.getLogger().handlers)
+
+
+def host_ram() -> int:
+    """Bytes of physical RAM on this host (0 if the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _check_host(config) -> None:
+    """What the (pure) parser cannot know, checked before anything is built:
+    guest RAM the host does not have, and -drive files (their kind, and two
+    drives on one file)."""
+    from stratopy.errors import ConfigError
+
+    ram = host_ram()
+    if ram and config.mem_size > ram:
+        raise ConfigError("-m", f"{config.mem_size >> 20} MiB is more than this host's RAM "
+                                f"({ram >> 20} MiB)")
+    if config.drives:
+        from stratopy import files
+
+        files.check_drives(config.drives)
 
 
 def _config_summary(config) -> str:
@@ -211,6 +237,8 @@ def _run_vm(config, daemon) -> int:
                  f" VM '{config.name}'" if config.name else "", os.getpid())
         log.info("config: %s", _config_summary(config))
 
+        _check_host(config)
+
         from stratopy.machine.control import attach_control
         from stratopy.machine.microvm import MicroVm
 
@@ -223,7 +251,10 @@ def _run_vm(config, daemon) -> int:
                          machine.timings.get("build", 0.0) * 1000)
             else:
                 machine.build_for_boot()
-                log.info("kernel command line: %s", machine.kernel_cmdline())
+                # -append may hold a newline: the log line stays one line
+                from stratopy.cli_parse import one_line
+
+                log.info("kernel command line: %s", one_line(machine.kernel_cmdline()))
                 log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
             # From here on QMP clients may connect: a signal takes the normal
             # way (SHUTDOWN event) once the loop runs, however early it came.

@@ -11,6 +11,8 @@ Public API:
   ``-V``/``-version``/``--version`` is seen: print ``exc.text`` to stdout and
   exit with ``exc.exit_code`` (0).
 * ``HELP_TEXT``, ``version_text()``.
+* ``one_line(text)``: user text made fit for one line (control characters
+  escaped), for errors and log lines that echo it.
 
 docs/cli.md is the user-facing description of every rule below.
 """
@@ -45,6 +47,7 @@ __all__ = [
     "CliExit",
     "HelpRequested",
     "VersionRequested",
+    "one_line",
     "parse_args",
     "version_text",
 ]
@@ -158,6 +161,7 @@ _BOOL_FALSE = ("off", "false", "no")
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)", re.ASCII)
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --------------------------------------------------------------------------
@@ -198,13 +202,22 @@ def _size(option: str, value: str) -> int:
     return size
 
 
+def _no_control(option: str, what: str, value: str) -> None:
+    """Names and paths end up in log lines and one-line errors: a newline
+    would split them, a NUL cannot reach the kernel at all."""
+    m = _CONTROL.search(value)
+    if m:
+        c = m.group()
+        name = "a NUL character" if c == "\0" else f"a control character ({c!r})"
+        raise ConfigError(option, f"{what} contains {name}")
+
+
 def _id(option: str, what: str, value: str) -> str:
     if not value:
         raise ConfigError(option, f"{what}: id must not be empty")
     if len(value) > MAX_ID_LEN:
         raise ConfigError(option, f"{what}: id is longer than {MAX_ID_LEN} characters")
-    if "\0" in value:
-        raise ConfigError(option, f"{what}: id contains a NUL character")
+    _no_control(option, f"{what}: id", value)
     return value
 
 
@@ -213,8 +226,7 @@ def _path(option: str, key: str, value: str) -> str:
         raise ConfigError(option, f"{key}: path must not be empty")
     if len(value) > MAX_PATH_LEN:
         raise ConfigError(option, f"{key}: path is longer than {MAX_PATH_LEN} characters")
-    if "\0" in value:
-        raise ConfigError(option, f"{key}: path contains a NUL character")
+    _no_control(option, f"{key}: path", value)
     return value
 
 
@@ -360,8 +372,30 @@ def _tokenize(argv: list[str]) -> list[tuple[str, str | None]]:
         elif arity == "optional" and i < n and isinstance(argv[i], str) and not argv[i].startswith("-"):
             value = argv[i]
             i += 1
+        if value is not None and not _is_utf8(value):
+            # Python hands undecodable argv bytes over as lone surrogates,
+            # which no file name, log line or kernel command line can carry.
+            raise ConfigError(tok, f"the value '{_undecodable(value)}' is not valid UTF-8")
         out.append((tok, value))
     return out
+
+
+def _is_utf8(tok: str) -> bool:
+    """False for the surrogate escapes Python makes of undecodable argv bytes."""
+    try:
+        tok.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _undecodable(value: str) -> str:
+    """The argument's bytes, the undecodable ones as \\xNN."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:           # not from argv: a lone surrogate of its own
+        return value.encode("utf-8", "backslashreplace").decode("ascii")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _is_option(tok: object) -> bool:
@@ -517,8 +551,9 @@ def _parse_netdev(text: str) -> NetdevConfig:
         raise ConfigError(o, f"netdev '{net_id}': the tap device is missing, use ifname= or fd=")
     fd = None
     if ifname is not None:
-        if not ifname or len(ifname) > MAX_IFNAME_LEN or "/" in ifname or "\0" in ifname or ifname.strip() != ifname:
-            raise ConfigError(o, f"ifname '{ifname}' is not a valid interface name (1..{MAX_IFNAME_LEN} characters)")
+        if not _valid_ifname(ifname):
+            raise ConfigError(o, f"ifname '{ifname}' is not a valid interface name (1..{MAX_IFNAME_LEN} "
+                                 f"bytes, no '/', ':', space or control character)")
     else:
         assert fd_raw is not None
         if fd_raw.startswith("-"):
@@ -528,6 +563,12 @@ def _parse_netdev(text: str) -> NetdevConfig:
             raise ConfigError(o, f"fd={fd} is stdin/stdout/stderr, not a tap")
     queues = 1 if queues_raw is None else _int(o, "queues", queues_raw, 1, MAX_NET_QUEUE_PAIRS)
     return NetdevConfig(id=net_id, kind="tap", ifname=ifname, fd=fd, vhost=vhost, queues=queues)
+
+
+def _valid_ifname(name: str) -> bool:
+    """Linux's dev_valid_name(), and no control characters."""
+    return (0 < len(name.encode()) <= MAX_IFNAME_LEN and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in name) and not _CONTROL.search(name))
 
 
 def _chardev_from(o: str, backend: str, p: _Props, chardev_id: str) -> ChardevConfig:
@@ -680,7 +721,7 @@ def _mac(value: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Echoed user input stays on one printable line (control characters escaped)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -694,7 +735,7 @@ def parse_args(argv: list[str]) -> MachineConfig:
     try:
         return _parse(argv)
     except ConfigError as e:
-        option, reason = _one_line(e.option), _one_line(e.reason)
+        option, reason = one_line(e.option), one_line(e.reason)
         if (option, reason) == (e.option, e.reason):
             raise
         raise ConfigError(option, reason) from None
@@ -764,6 +805,7 @@ def _parse(argv: list[str]) -> MachineConfig:
         elif opt == "-name":
             if not value or len(value) > MAX_ID_LEN:
                 raise ConfigError(opt, f"the name must be 1..{MAX_ID_LEN} characters")
+            _no_control(opt, "the name", value)
             kw["name"] = value
         elif opt == "-D":
             log_given = True

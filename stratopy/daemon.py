@@ -37,9 +37,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
 import threading
 
+from stratopy import files
 from stratopy.errors import StratoError
 
 _READY = b"OK\n"
@@ -167,9 +169,14 @@ class Daemonizer:
             return
         for _ in range(10):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # 0600 whatever the umask; O_NONBLOCK: a FIFO never blocks
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | files.OPEN_FLAGS, files.PRIVATE_MODE)
             except OSError as e:
                 raise StratoError(f"-pidfile: cannot open {path}: {e.strerror or e}") from None
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                raise StratoError(f"-pidfile: {path} is {files.kind(mode)}, not a regular file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -227,14 +227,15 @@ class Qmp:
         self.sock.close()
 
 
-def refused(args: list[str], *needles: str, timeout: float = 60.0) -> str:
+def refused(args: list, *needles: str, timeout: float = 60.0, preexec_fn=None) -> str:
     """Run ``python -m stratopy ARGS`` expecting a refusal before any guest
     code runs: non-zero exit, nothing on the serial console (stdout), one
     stderr line without a traceback that contains every ``needle``.
-    Returns that line."""
+    Returns that line. ``args`` may hold bytes (argv that is not UTF-8);
+    ``preexec_fn`` runs in the child before exec (e.g. to cap its memory)."""
     r = subprocess.run([sys.executable, "-m", "stratopy", *args],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=timeout, check=False,
+                       timeout=timeout, check=False, preexec_fn=preexec_fn,
                        env={**os.environ, "PYTHONPATH": REPO + os.pathsep
                             + os.environ.get("PYTHONPATH", "")})
     assert r.returncode != 0, r

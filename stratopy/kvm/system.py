@@ -21,11 +21,16 @@ class Kvm:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmError(f"open {path}", e.errno) from None
-        version = ioctl(self.fd, uapi.KVM_GET_API_VERSION)
-        if version != uapi.KVM_API_VERSION:
+        try:
+            version = ioctl(self.fd, uapi.KVM_GET_API_VERSION)
+            if version != uapi.KVM_API_VERSION:
+                raise KvmError("KVM_GET_API_VERSION", 0,
+                               f"API version {version}, stratopy needs {uapi.KVM_API_VERSION}")
+        except BaseException:
+            # No Kvm object is returned to close it: the fd is ours to close.
             os.close(self.fd)
-            raise KvmError("KVM_GET_API_VERSION", 0,
-                           f"API version {version}, stratopy needs {uapi.KVM_API_VERSION}")
+            self.fd = -1
+            raise
         self.api_version = version
         self._cpuid = None
         self._msr_indices: list[int] | None = None

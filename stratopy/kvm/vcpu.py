@@ -30,9 +30,18 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self.fd = fd
-        size = vm.kvm.vcpu_mmap_size()
-        self.run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # The fd is handed over: if its kvm_run cannot be mapped, no Vcpu
+        # exists for anyone to close() it, so close it here.
+        try:
+            size = vm.kvm.vcpu_mmap_size()
+            self.run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException as e:
+            os.close(fd)
+            self.fd = -1
+            if isinstance(e, OSError):
+                raise KvmError(f"mmap of vCPU {index}'s kvm_run", e.errno or 0) from None
+            raise
         self.run = uapi.kvm_run.from_buffer(self.run_mm)
 
     def close(self) -> None:

@@ -61,11 +61,11 @@ def make_device(machine, slot):
     if d.driver == cfgmod.RNG:
         from stratopy.devices.virtio.rng import RngDevice
 
-        path = d.rng.filename
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError("-object", f"rng-random {path}: {e.strerror}") from None
+        from stratopy import files
+
+        # a character device or regular file, non-blocking (never a FIFO or
+        # a directory): an empty source gives the guest 0 bytes, no stall
+        fd = files.open_entropy_source(d.rng.filename, f"-object rng-random '{d.rng.id}'")
 
         class Source:
             def __call__(self, n: int) -> bytes:

@@ -503,3 +503,57 @@ def test_random_argv_with_kernel_only_raises_config_error(argv):
         parse_args(["-kernel", "vmlinux"] + argv)
     except (ConfigError, CliExit):
         pass
+
+
+# ------------------------------------------------- text, names and paths (issue 9)
+
+# What Python makes of the argv bytes b"a\xffb" (undecodable: surrogate escape).
+NOT_UTF8 = b"a\xffb".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("argv,option", [
+    (K + ["-append", "console=ttyS0 " + NOT_UTF8], "-append"),
+    (K + ["-name", NOT_UTF8], "-name"),
+    (["-kernel", "/boot/" + NOT_UTF8], "-kernel"),
+    (K + ["-initrd", NOT_UTF8], "-initrd"),
+    (K + ["-drive", f"id=d,file=/{NOT_UTF8}"], "-drive"),
+    (K + ["-D", NOT_UTF8], "-D"),
+    (K + ["-serial", f"file,path={NOT_UTF8}"], "-serial"),
+])
+def test_non_utf8_values_are_refused_showing_the_bytes(argv, option):
+    e = check(argv, option, "not valid UTF-8", "a\\xffb")
+    str(e).encode("utf-8")                   # the message itself prints anywhere
+
+
+@pytest.mark.parametrize("argv,option,what", [
+    (["-kernel", "/boot/vm\nlinux"], "-kernel", "path contains a control character ('\\n')"),
+    (K + ["-initrd", "/i\rrd"], "-initrd", "control character ('\\r')"),
+    (K + ["-D", "/tmp/log\nINFO forged line"], "-D", "control character ('\\n')"),
+    (K + ["-pidfile", "/p\n", "-daemonize"], "-pidfile", "control character"),
+    (K + ["-serial", "file,path=/s\nx"], "-serial", "control character"),
+    (K + ["-chardev", "socket,id=c,path=/s\tx,server,nowait"], "-chardev", "control character ('\\t')"),
+    (K + ["-qmp", "unix:/q\n,server,nowait"], "-qmp", "control character"),
+    (K + ["-object", "rng-random,id=r,filename=/dev/u\x1brandom"], "-object", "control character ('\\x1b')"),
+    (K + ["-drive", "id=d,file=/d\x7f"], "-drive", "control character ('\\x7f')"),
+    (K + ["-mem-path", "/m\n"], "-mem-path", "control character"),
+    (K + ["-name", "vm\nINFO forged"], "-name", "the name contains a control character ('\\n')"),
+    (K + ["-drive", "id=d\n,file=/d"], "-drive", "id contains a control character"),
+    (K + ["-chardev", "stdio,id=c\x00"], "-chardev", "id contains a NUL character"),
+    (["-kernel", "/k\x00"], "-kernel", "path contains a NUL character"),
+])
+def test_control_characters_in_paths_ids_and_name_are_refused(argv, option, what):
+    check(argv, option, what)
+
+
+def test_append_may_hold_any_text_but_stays_text():
+    cfg = parse_args(K + ["-append", "a=é\tb", "-append", "c\nd"])
+    assert cfg.kernel_cmdline == "a=é\tb c\nd"
+
+
+@pytest.mark.parametrize("ifname", ["a:b", "a b", "a\nb", ".", "..", "é" * 8, "a/b", "\x00"])
+def test_ifname_follows_linux_dev_valid_name(ifname):
+    check(K + ["-netdev", f"tap,id=n,ifname={ifname}"], "-netdev", "not a valid interface name")
+
+
+def test_ifname_of_15_bytes_is_accepted():
+    assert parse_args(K + ["-netdev", "tap,id=n,ifname=" + "é" * 7 + "x"]).netdevs[0].ifname == "é" * 7 + "x"

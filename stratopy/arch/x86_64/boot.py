@@ -10,11 +10,13 @@ Two kernel formats are accepted (SPEC §2):
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
+from stratopy import files
 from stratopy.arch.x86_64 import layout
-from stratopy.errors import StratoError
+from stratopy.errors import ConfigError, StratoError
 from stratopy.memory import GuestMemory
 
 # boot_params offsets (arch/x86/include/uapi/asm/bootparam.h)
@@ -71,46 +73,86 @@ class LoadedKernel:
     initrd_addr_max: int = 0xFFFFFFFF
 
 
-def _read_file(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise KernelError(f"{what} {path}: {e.strerror}") from None
+class _Image:
+    """A -kernel/-initrd file opened once (stratopy.files.open_regular: never
+    a FIFO or a device) and read by offset: only the parts that land in guest
+    RAM are read, so a file can never make the monitor read more than guest
+    RAM, and the file read is the one that was checked."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what = path, what
+        try:
+            self.fd, st = files.open_regular(path, what)
+        except ConfigError as e:
+            raise KernelError(str(e)) from None
+        self.size = st.st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """At most ``length`` bytes at ``offset`` (fewer at the end of the file)."""
+        length = max(0, min(length, self.size - offset))
+        try:
+            return files.read_at(self.fd, offset, length, self.path, self.what)
+        except ConfigError as e:
+            raise KernelError(str(e)) from None
+
+    def load(self, mem: GuestMemory, gpa: int, offset: int, length: int) -> None:
+        """Copy ``length`` file bytes at ``offset`` to guest RAM at ``gpa``
+        (the caller has checked both ranges)."""
+        view = mem.view(gpa, length)
+        try:
+            files.read_into(self.fd, view, offset, self.path, self.what)
+        except ConfigError as e:
+            raise KernelError(str(e)) from None
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "_Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load_kernel(mem: GuestMemory, path: str) -> LoadedKernel:
     """Load an ELF vmlinux or a bzImage into guest RAM."""
-    data = _read_file(path, "-kernel")
-    if data[:4] == ELF_MAGIC:
-        return _load_elf(mem, data, path)
-    if len(data) > HDR_MAGIC + 4 and data[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
-        return _load_bzimage(mem, data, path)
+    with _Image(path, "-kernel") as img:
+        head = img.read(0, HDR_CMDLINE_SIZE + 4)
+        if head[:4] == ELF_MAGIC:
+            return _load_elf(mem, img, head)
+        if len(head) > HDR_MAGIC + 4 and head[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
+            return _load_bzimage(mem, img, head)
     raise KernelError(f"-kernel {path}: neither an ELF vmlinux nor a bzImage")
 
 
-def _load_elf(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
-    if len(data) < _EHDR.size:
+def _load_elf(mem: GuestMemory, img: _Image, head: bytes) -> LoadedKernel:
+    path, size = img.path, img.size
+    if len(head) < _EHDR.size:
         raise KernelError(f"-kernel {path}: truncated ELF header")
     (ident, e_type, machine, _ver, entry, phoff, _shoff, _flags, _ehsize,
-     phentsize, phnum, *_rest) = _EHDR.unpack_from(data, 0)
+     phentsize, phnum, *_rest) = _EHDR.unpack_from(head, 0)
     if ident[4] != 2 or ident[5] != 1 or machine != 62:
         raise KernelError(f"-kernel {path}: not a little-endian x86_64 ELF")
-    if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data):
+    if phentsize != _PHDR.size or phoff + phnum * phentsize > size:
         raise KernelError(f"-kernel {path}: bad program header table")
+    phdrs = img.read(phoff, phnum * phentsize)     # phnum < 2**16: bounded
     end = 0
     loaded = False
     for i in range(phnum):
         p_type, _pf, offset, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(
-            data, phoff + i * phentsize)
+            phdrs, i * phentsize)
         if p_type != PT_LOAD:
             continue
-        if offset + filesz > len(data) or filesz > memsz:
+        if offset + filesz > size or filesz > memsz:
             raise KernelError(f"-kernel {path}: segment {i} lies outside the file")
         if paddr < layout.HIMEM_START or not mem.check(paddr, memsz):
             raise KernelError(f"-kernel {path}: segment {i} at {paddr:#x}+{memsz:#x} "
                               f"does not fit in guest RAM")
-        mem.write(paddr, data[offset:offset + filesz])
+        img.load(mem, paddr, offset, filesz)
         if memsz > filesz:
             mem.write(paddr + filesz, bytes(memsz - filesz))
         end = max(end, paddr + memsz)
@@ -122,46 +164,51 @@ def _load_elf(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
     return LoadedKernel(entry=entry, end=end, setup_header=b"")
 
 
-def _load_bzimage(mem: GuestMemory, data: bytes, path: str) -> LoadedKernel:
-    if len(data) < HDR_CMDLINE_SIZE + 4:
+def _load_bzimage(mem: GuestMemory, img: _Image, head: bytes) -> LoadedKernel:
+    path = img.path
+    if len(head) < HDR_CMDLINE_SIZE + 4:
         raise KernelError(f"-kernel {path}: truncated bzImage setup header")
-    version = struct.unpack_from("<H", data, HDR_VERSION)[0]
+    version = struct.unpack_from("<H", head, HDR_VERSION)[0]
     if version < 0x020C:
         raise KernelError(f"-kernel {path}: boot protocol {version >> 8}.{version & 0xff} "
                           f"is too old (need 2.12 for the 64-bit entry)")
-    xloadflags = struct.unpack_from("<H", data, HDR_XLOADFLAGS)[0]
+    xloadflags = struct.unpack_from("<H", head, HDR_XLOADFLAGS)[0]
     if not xloadflags & XLF_KERNEL_64:
         raise KernelError(f"-kernel {path}: bzImage has no 64-bit entry point")
-    setup_sects = data[HDR_SETUP_SECTS] or 4
+    setup_sects = head[HDR_SETUP_SECTS] or 4
     pm_offset = (setup_sects + 1) * 512
-    if pm_offset >= len(data):
+    if pm_offset >= img.size:
         raise KernelError(f"-kernel {path}: truncated bzImage")
-    code32 = struct.unpack_from("<I", data, HDR_CODE32_START)[0] or layout.HIMEM_START
-    payload = data[pm_offset:]
-    if not mem.check(code32, len(payload)):
+    code32 = struct.unpack_from("<I", head, HDR_CODE32_START)[0] or layout.HIMEM_START
+    payload_size = img.size - pm_offset
+    if not mem.check(code32, payload_size):
         raise KernelError(f"-kernel {path}: kernel does not fit in guest RAM")
-    mem.write(code32, payload)
+    img.load(mem, code32, pm_offset, payload_size)
     # The setup header runs from 0x1f1 to 0x202 + the byte at 0x201.
-    hdr_end = HDR_MAGIC + data[HDR_JUMP + 1]
-    cmdline_max = struct.unpack_from("<I", data, HDR_CMDLINE_SIZE)[0]
+    hdr_end = HDR_MAGIC + head[HDR_JUMP + 1]
+    setup_header = head[HDR_SETUP_SECTS:hdr_end] if hdr_end <= len(head) \
+        else img.read(HDR_SETUP_SECTS, hdr_end - HDR_SETUP_SECTS)
+    cmdline_max = struct.unpack_from("<I", head, HDR_CMDLINE_SIZE)[0]
     # 0 means the boot protocol's historical default (Documentation/x86/boot.rst)
-    initrd_max = struct.unpack_from("<I", data, HDR_INITRD_ADDR_MAX)[0] or 0x37FFFFFF
-    return LoadedKernel(entry=code32 + 0x200, end=code32 + len(payload),
-                        setup_header=data[HDR_SETUP_SECTS:hdr_end],
+    initrd_max = struct.unpack_from("<I", head, HDR_INITRD_ADDR_MAX)[0] or 0x37FFFFFF
+    return LoadedKernel(entry=code32 + 0x200, end=code32 + payload_size,
+                        setup_header=setup_header,
                         cmdline_max=cmdline_max or 255, initrd_addr_max=initrd_max)
 
 
 def load_initrd(mem: GuestMemory, path: str, kernel_end: int, ram_below_4g: int,
                 addr_max: int = 0xFFFFFFFF) -> tuple[int, int]:
     """Place the initrd as high as possible below the 32-bit RAM end, with
-    its last byte at or below ``addr_max`` (the kernel's initrd_addr_max)."""
-    data = _read_file(path, "-initrd")
-    size = len(data)
-    top = min(ram_below_4g, 1 << 32, addr_max + 1)
-    addr = (top - size) & ~(layout.INITRD_ALIGN - 1)
-    if size == 0 or addr <= kernel_end:
-        raise KernelError(f"-initrd {path}: {size} bytes do not fit in guest RAM above the kernel")
-    mem.write(addr, data)
+    its last byte at or below ``addr_max`` (the kernel's initrd_addr_max).
+    Its size is checked before a byte is read."""
+    with _Image(path, "-initrd") as img:
+        size = img.size
+        top = min(ram_below_4g, 1 << 32, addr_max + 1)
+        addr = (top - size) & ~(layout.INITRD_ALIGN - 1)
+        if size == 0 or addr <= kernel_end or not mem.check(addr, size):
+            raise KernelError(f"-initrd {path}: {size} bytes do not fit in guest RAM "
+                              f"above the kernel")
+        img.load(mem, addr, 0, size)
     return addr, size
 
 
