@@ -211,13 +211,12 @@ def main() -> None:
         qstate = qemu_template(counter, work)
         incoming = guest_args(counter) + ["-serial", "stdio", "-incoming", f"file:{tmpl}"]
         variants = {
-            "stratopy": [sys.executable, LAUNCHER] + incoming,
+            # bin/stratopy is a shell script: run directly, as a user would.
+            "stratopy": [LAUNCHER] + incoming,
             "python3 -m stratopy": [sys.executable, "-m", "stratopy"] + incoming,
             "qemu -incoming": [common.QEMU] + qemu_guest_args(counter)
             + ["-serial", "stdio", "-incoming", f"exec:cat {qstate}"],
         }
-        # The launcher is a shell script: run it directly, as a user would.
-        variants["stratopy"] = [LAUNCHER] + incoming
         trees = {}
         if a.baseline_tree:
             import compileall
