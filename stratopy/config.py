@@ -66,6 +66,11 @@ class _Frozen:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle: rebuilt field by field (their default
+        # for slotted objects would assign, which __setattr__ refuses).
+        return (_rebuild, (type(self), self._values()))
+
     def replace(self, **changes):
         """A copy with ``changes`` applied (``dataclasses.replace``)."""
         values = {f: getattr(self, f) for f in self.__slots__}
@@ -77,6 +82,13 @@ class _Frozen:
 
 
 _set = object.__setattr__
+
+
+def _rebuild(cls, values: tuple):
+    obj = cls.__new__(cls)
+    for name, value in zip(cls.__slots__, values):
+        _set(obj, name, value)
+    return obj
 
 
 class DriveConfig(_Frozen):

@@ -76,3 +76,15 @@ def test_repr_names_every_field():
     text = repr(_sample())
     assert text.startswith("MachineConfig(machine_type='microvm', ")
     assert "disable_seccomp=False)" in text and "DriveConfig(id='d0'" in text
+
+
+def test_copy_deepcopy_and_pickle_give_equal_objects():
+    import copy
+    import pickle
+
+    cfg = _sample()
+    for clone in (copy.copy(cfg), copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert clone == cfg and type(clone) is c.MachineConfig
+        assert clone.devices[0].drive == cfg.drives[0]
+        with pytest.raises(AttributeError, match="frozen"):
+            clone.cpus = 1  # type: ignore[misc]
