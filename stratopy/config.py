@@ -14,6 +14,7 @@ after StratoVirt's reserved slots (and the order a template must match).
 
 from __future__ import annotations
 
+from stratopy.record import Record
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -31,34 +32,23 @@ RNG = "virtio-rng-device"
 DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG)
 
 
-class _Frozen:
+class _Frozen(Record):
     """Base of the config types: what ``@dataclass(frozen=True)`` gave them.
 
-    Field-wise equality (same class only) and hash, a repr, immutability
-    (assigning raises AttributeError) and :meth:`replace`. Written out rather
-    than generated: every start imports this module, and ``dataclasses``
-    compiles each generated method with ``exec`` -- 42 M instructions for
-    these eight classes, ~13 ms (docs/performance.md). ``__slots__`` lists
-    the fields in declaration order; each ``__init__`` sets them once with
+    Field-wise equality (same class only) and a repr (stratopy.record), a
+    hash that agrees with the equality, immutability (assigning raises
+    AttributeError) and :meth:`replace`. Written out rather than generated:
+    every start imports this module, and ``dataclasses`` compiles each
+    generated method with ``exec`` -- 42 M instructions for these eight
+    classes, ~13 ms (docs/performance.md). ``__slots__`` lists the fields in
+    declaration order; each ``__init__`` sets them once with
     ``object.__setattr__``.
     """
 
     __slots__ = ()
 
-    def _values(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
-
     def __hash__(self) -> int:
         return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
-        return f"{type(self).__name__}({fields})"
 
     def __setattr__(self, name: str, value) -> None:
         raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")

@@ -92,6 +92,41 @@ def test_config_does_not_generate_dataclasses():
     assert "dataclasses" not in imported_by("stratopy.config", "stratopy.cli_parse")
 
 
+# The dataclasses a warm start still creates (each costs 2-4 M instructions
+# of generated code, docs/performance.md). The state classes are read by
+# migration/codec.py through dataclasses.fields and type hints; the QMP ones
+# belong to the QMP work. Anything else on the start path is written out
+# (stratopy.record, config.py, kvm/exits.py).
+DATACLASSES_AT_START = {
+    "stratopy.devices.serial.SerialState", "stratopy.devices.virtio.block.BlockState",
+    "stratopy.devices.virtio.mmio.MmioState", "stratopy.devices.virtio.net.NetState",
+    "stratopy.devices.virtio.queue.QueueState", "stratopy.machine.vcpu_state.VcpuState",
+    "stratopy.machine.vcpu_state.VmArchState", "stratopy.migration.memfile.MemoryImage",
+    "stratopy.qmp.protocol.Request", "stratopy.qmp.protocol.ProtocolError",
+    "stratopy.qmp.server.UnixListener", "stratopy.qmp.server.TcpListener",
+}
+
+_DATACLASS_PROBE = """
+import dataclasses, json, sys
+for name in sys.argv[1:]:
+    __import__(name)
+print(json.dumps(sorted(
+    f"{name}.{attr}" for name, mod in list(sys.modules.items()) if name.startswith("stratopy")
+    for attr, v in vars(mod).items()
+    if isinstance(v, type) and v.__module__ == name and dataclasses.is_dataclass(v))))
+"""
+
+
+def test_start_path_creates_no_new_dataclasses():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-S", "-c", _DATACLASS_PROBE, *START_PATH],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    extra = set(json.loads(r.stdout)) - DATACLASSES_AT_START
+    assert not extra, f"dataclasses created at start (write them out: stratopy.record): {extra}"
+
+
 def test_cli_alone_imports_no_machine_qmp_or_migration():
     """`import stratopy.cli` (what `stratopy --help` and argument errors
     pay for) stays small: parsing needs no KVM, QMP or template code."""
