@@ -35,8 +35,10 @@ def _venv(tmp_path) -> tuple[str, str]:
     return venv, sp
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], path: str | None = None, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STRATOPY_PYTHON")}
+    if path is not None:
+        env["PATH"] = path
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=60, **kw)
 
 
@@ -68,6 +70,23 @@ def test_launcher_finds_an_install_and_skips_site(tmp_path, install):
     # The control: the same venv's normal start-up does run the probe.
     r = _run([os.path.join(venv, "bin", "python3"), "-m", "stratopy", "--version"])
     assert r.returncode == 0 and "SITE RAN" in r.stderr, r.stderr
+
+
+def test_launcher_through_a_link_uses_the_python_beside_the_script(tmp_path):
+    """As pipx installs it: ~/.local/bin/stratopy -> VENV/bin/stratopy, with
+    no python3 beside the link."""
+    venv, sp = _venv(tmp_path)
+    os.symlink(os.path.join(REPO, "stratopy"), os.path.join(sp, "stratopy"))
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(os.path.join(venv, "bin", "stratopy"), links / "stratopy")
+    # No python3 on PATH: only the one beside the script can run it.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    os.symlink(shutil.which("readlink"), tools / "readlink")
+    r = _run([str(links / "stratopy"), "--version"], path=str(tools))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("stratopy ") and "SITE RAN" not in r.stderr
 
 
 def test_launcher_falls_back_to_the_normal_start_up(tmp_path):
