@@ -11,18 +11,18 @@ vCPUs run (see docs/performance.md).
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 
 from stratopy import config as cfgmod
 from stratopy.cli_parse import MAX_BLK_SERIAL_LEN, MAX_ID_LEN, _mac
 from stratopy.errors import ConfigError, MigrationError, QmpError, StratoError
+from stratopy.logs import get_logger
 from stratopy.machine import devices as devfactory
 from stratopy.machine import slots as slotmod
 from stratopy.qmp import events as qmpev
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class MachineControl:

@@ -9,7 +9,6 @@ same tree (see migration/snapshot.py).
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import threading
 import time
@@ -27,13 +26,14 @@ from stratopy.errors import ConfigError, GuestError, KvmError, StratoError
 from stratopy.kvm import backend as kvm_backend
 from stratopy.kvm import exits, uapi
 from stratopy.kvm.system import Kvm
+from stratopy.logs import get_logger
 from stratopy.machine import slots as slotmod
 from stratopy.machine.eventloop import EventLoop
 from stratopy.machine.vcpu_thread import VcpuRunner, install_kick_handler
 from stratopy.memory import GuestMemory
 from stratopy.migration.status import MigrationState
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class VmState(enum.Enum):

@@ -21,11 +21,11 @@ exactly that shape so that the machine does not have to know it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 from stratopy.errors import QmpError, StratoError
+from stratopy.logs import get_logger
 
 from . import events as qmp_events
 from .fdstore import MAX_NAMED_FDS, FdStore, close_quietly, fdname_problem
@@ -33,7 +33,7 @@ from .protocol import Request, error_reply, reply, version_info
 from .schema import (P, Param, blockdev_file_problem, check_object, ifname_problem,
                      migrate_uri_problem, path_problem, pyname)
 
-log = logging.getLogger("stratopy.qmp")
+log = get_logger("stratopy.qmp")
 
 __all__ = [
     "VmControl", "Param", "Command", "COMMANDS", "execute", "check_arguments",

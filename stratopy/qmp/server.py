@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import array
 import errno
-import logging
 import os
 import queue
 import selectors
@@ -53,13 +52,14 @@ import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 import stratopy
+from stratopy.logs import get_logger
 
 from .fdstore import FdStore
 from .listen import ListenerSpec, TcpListener, UnixListener, _Listen, parse_listener
 from .protocol import (MAX_MESSAGE, NO_ID, ProtocolError, QmpSession, Request, encode,
                        error_reply, event, greeting)
 
-log = logging.getLogger("stratopy.qmp")
+log = get_logger("stratopy.qmp")
 
 __all__ = ["QmpServer", "UnixListener", "TcpListener", "parse_listener"]
 
