@@ -307,8 +307,12 @@ def _jail() -> None:
     threads are not started yet. A violation's stack goes where the log goes."""
     from stratopy import seccomp
 
-    handlers = logging.getLogger().handlers
-    stream = getattr(handlers[0], "stream", None) if handlers else None
+    stream = None                      # stderr, where the log goes without -D FILE
+    if "logging" in sys.modules:       # -D FILE (or a record emitted) configured it
+        import logging
+
+        handlers = logging.getLogger().handlers
+        stream = getattr(handlers[0], "stream", None) if handlers else None
     took = seccomp.install(report_file=stream if hasattr(stream, "fileno") else None)
     log.info("seccomp filter installed in %.2f ms", took * 1000)
 
