@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -80,7 +81,10 @@ class FileBackend:
         self.path = path
         self.readonly = bool(readonly)
         self.warning: Optional[str] = None
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO swapped in for the checked path must not block
+        # the open (it is refused by its kind below); no effect on file I/O.
+        flags = ((os.O_RDONLY if readonly else os.O_RDWR)
+                 | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         self.direct = False
         fd = -1
         if direct:
@@ -96,6 +100,9 @@ class FileBackend:
             fd = os.open(path, flags)
         self.fd = fd
         try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise OSError(errno.EINVAL, "not a regular file or block device")
             self.size = os.lseek(fd, 0, os.SEEK_END)
         except OSError:
             os.close(fd)

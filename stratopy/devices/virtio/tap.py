@@ -52,10 +52,17 @@ def ifname_problem(name: str) -> str | None:
     """Why ``name`` cannot name a tap, or None.  Linux's dev_valid_name():
     at most IFNAMSIZ-1 bytes, not "." or "..", no '/', ':' or whitespace;
     NUL would silently cut the name short (``a\0b`` would open tap ``a``).
-    Also printable ASCII: anything else cannot be encoded or shown safely."""
-    if not name.isascii() or not name.isprintable():
-        return "must be printable ASCII"
-    if len(name) >= IFNAMSIZ:
+    Also printable text in UTF-8 (Linux takes any other byte, but a control
+    character or a lone surrogate cannot be shown or encoded safely)."""
+    if not name:
+        return "cannot be empty"
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    if not name.isprintable():
+        return "must be printable text"
+    if len(raw) >= IFNAMSIZ:
         return f"is longer than {IFNAMSIZ - 1} bytes"
     if name in (".", ".."):
         return "cannot be '.' or '..'"
