@@ -19,6 +19,8 @@ path, server, nowait) and offers four operations to the machine:
   ``loop.add_writer``/``remove_writer`` or ``call_later`` are used when the
   loop has them, to flush pending output). Input bytes reach
   ``on_input(data)``. EOF on stdin removes its reader (no spinning).
+  ``pause_input()`` / ``resume_input()``: flow control for a device that
+  cannot take more input (``ConsoleInput`` at the end of this module).
 - ``close()``: restore the terminal, close fds, remove the unix socket file.
   Idempotent.
 
@@ -115,6 +117,8 @@ class Chardev:
         self._loop: Any = None
         self._on_input: Callable[[bytes], None] | None = None
         self._readers: set[int] = set()
+        self._input_paused = False            # the device cannot take more input
+        self._input_ended = False             # stdin/pty EOF or error: never read again
         self._writer_fd: int | None = None
         self._retry_armed = False
 
@@ -239,7 +243,8 @@ class Chardev:
         self._set_client(conn)
         if self._loop is not None:
             self._remove_reader(self._listen.fileno())   # one client at a time
-            self._add_reader(conn.fileno(), self._on_readable)
+            if not self._input_paused:
+                self._add_reader(conn.fileno(), self._on_readable)
 
     def _drop_client(self) -> None:
         s = self._client
@@ -313,6 +318,7 @@ class Chardev:
             elif e.errno == errno.EIO and self.backend == "pty":
                 return      # no client on the slave: nothing to read
             else:
+                self._input_ended = True
                 self._remove_reader(fd)
             return
         if not data:
@@ -320,10 +326,29 @@ class Chardev:
             if self.backend == "socket":
                 self._drop_client()
             else:
+                self._input_ended = True
                 self._remove_reader(fd)
             return
         if self._on_input is not None:
             self._on_input(data)
+
+    def pause_input(self) -> None:
+        """Stop reading input (the device cannot take more): the bytes wait
+        in the host fd (pipe, pty, socket buffer) instead of our memory."""
+        self._input_paused = True
+        if self._in_fd is not None and self._loop is not None:
+            self._remove_reader(self._in_fd)
+
+    def resume_input(self) -> None:
+        """Read input again after pause_input() (no-op if not paused)."""
+        if not self._input_paused:
+            return
+        self._input_paused = False
+        fd = self._in_fd
+        if (self._loop is None or self.closed or fd is None or self._input_ended
+                or self.backend == "file" or fd in self._readers):
+            return
+        self._add_reader(fd, self._on_readable)
 
     # ------------------------------------------------------------------
     # output
@@ -542,3 +567,41 @@ class Chardev:
     def __repr__(self) -> str:
         extra = f" {self.pty_path}" if self.pty_path else (f" {self.path}" if self.path else "")
         return f"<Chardev {self.id} {self.backend}{extra}>"
+
+
+class ConsoleInput:
+    """Chardev input -> a device that may take only part of it (a UART FIFO,
+    the virtio console's posted receive buffers), loss-free and bounded.
+
+    ``sink(data) -> bytes taken``. What is left waits here while the chardev
+    is paused (its fd is not read, so the rest stays in the host's pipe,
+    pty or socket buffer: at most one read, ``READ_CHUNK`` bytes, is held);
+    a single retry timer on ``loop.call_later`` offers it again until the
+    device took it all, then reading resumes. Device thread only.
+    """
+
+    def __init__(self, chardev: Chardev, loop: Any, sink: Callable[[bytes], int]) -> None:
+        self.chardev = chardev
+        self.loop = loop
+        self.sink = sink
+        self.pending = bytearray()
+        self.retry_armed = False
+
+    def feed(self, data: bytes) -> None:
+        self.pending += data
+        self._offer()
+
+    def _offer(self) -> None:
+        if self.pending:
+            del self.pending[:self.sink(bytes(self.pending))]
+        if not self.pending:
+            self.chardev.resume_input()
+            return
+        self.chardev.pause_input()
+        if not self.retry_armed:
+            self.retry_armed = True
+            self.loop.call_later(RETRY_DELAY, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_armed = False
+        self._offer()

@@ -20,15 +20,16 @@ Lifecycle (what the launcher sees):
 
 from __future__ import annotations
 
-import logging
+import gc
 import os
 import signal
 import sys
 import threading
 
+from stratopy import logs
 from stratopy.errors import StratoError
 
-log = logging.getLogger("stratopy")
+log = logs.get_logger("stratopy")
 
 TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -41,15 +42,25 @@ class _Terminated(BaseException):
         super().__init__(signum)
 
 
-class _TidFilter(logging.Filter):
-    """Adds ``tid``: the kernel thread id (as in /proc/PID/task/TID)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.tid = threading.get_native_id()
-        return True
+def _add_tid(record) -> bool:
+    """A logging filter that adds ``tid``: the kernel thread id (as in /proc/PID/task/TID)."""
+    record.tid = threading.get_native_id()
+    return True
 
 
 def _setup_logging(config) -> None:
+    if not config.logging and not os.environ.get("STRATOPY_DEBUG"):
+        # Without -D only warnings and errors reach stderr, and a normal
+        # start emits none: `logging` is imported with the first one
+        # (stratopy.logs; ~7 ms of every start otherwise).
+        logs.defer_setup(logs.WARNING, lambda: _install_logging(config))
+        return
+    _install_logging(config)      # -D: the file opens now (an error stops the start)
+
+
+def _install_logging(config) -> None:
+    import logging
+
     level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.INFO
     who = f"{config.name} " if config.name else ""
     fmt = (f"%(asctime)s.%(msecs)03d [{who.replace('%', '%%')}pid %(process)d tid %(tid)d] "
@@ -69,11 +80,18 @@ def _setup_logging(config) -> None:
         handler = logging.StreamHandler(sys.stderr)
         level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.WARNING
         fmt = "stratopy: %(message)s"
-    handler.addFilter(_TidFilter())
+    handler.addFilter(_add_tid)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def _log_file_open() -> bool:
+    """-D FILE was opened (it is at the start, before anything else can fail)."""
+    import logging
+
+    return bool(logging.getLogger().handlers)
 
 
 def host_ram() -> int:
@@ -188,7 +206,7 @@ def run(argv: list[str]) -> int:
     try:
         return _run_vm(config, daemon)
     except StratoError as e:
-        if config.log_file and logging.getLogger().handlers:
+        if config.log_file and _log_file_open():
             log.error("%s", e)   # the log file has it too (stderr may be /dev/null)
         if daemon is not None and daemon.reporting:
             daemon.fail(str(e), e.exit_code)
@@ -244,7 +262,10 @@ def _run_vm(config, daemon) -> int:
             signals.raise_on_signal = False
             # QMP sockets exist before the first guest instruction runs.
             control = attach_control(machine)
+            if not config.disable_seccomp:
+                _jail()
             machine.start()
+            gc.enable()     # see main()
             if config.incoming is not None and config.start_paused:
                 log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
             log.info("VM started, vCPUs %s",
@@ -281,6 +302,21 @@ def _run_vm(config, daemon) -> int:
         signals.close()
 
 
+def _jail() -> None:
+    """The seccomp filter (stratopy.seccomp): the VM is built, the vCPU
+    threads are not started yet. A violation's stack goes where the log goes."""
+    from stratopy import seccomp
+
+    stream = None                      # stderr, where the log goes without -D FILE
+    if "logging" in sys.modules:       # -D FILE (or a record emitted) configured it
+        import logging
+
+        handlers = logging.getLogger().handlers
+        stream = getattr(handlers[0], "stream", None) if handlers else None
+    took = seccomp.install(report_file=stream if hasattr(stream, "fileno") else None)
+    log.info("seccomp filter installed in %.2f ms", took * 1000)
+
+
 def _report_timings(machine) -> None:
     """For bench/: one JSON line on stderr with start-up figures.
 
@@ -308,6 +344,12 @@ def _report_timings(machine) -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # No garbage collection passes until the guest runs: the start-up creates
+    # tens of thousands of objects (modules, classes) and nearly no garbage,
+    # and the passes its allocations trigger cost ~11 M instructions (4%)
+    # before the first KVM_RUN (docs/performance.md). _run_vm enables it
+    # once the vCPUs are started.
+    gc.disable()
     try:
         return run(argv)
     except StratoError as e:
@@ -315,3 +357,5 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        gc.enable()

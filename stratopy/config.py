@@ -14,7 +14,7 @@ after StratoVirt's reserved slots (and the order a template must match).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from stratopy.record import Record
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -32,8 +32,56 @@ RNG = "virtio-rng-device"
 DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG)
 
 
-@dataclass(frozen=True)
-class DriveConfig:
+class _Frozen(Record):
+    """Base of the config types: what ``@dataclass(frozen=True)`` gave them.
+
+    Field-wise equality (same class only) and a repr (stratopy.record), a
+    hash that agrees with the equality, immutability (assigning raises
+    AttributeError) and :meth:`replace`. Written out rather than generated:
+    every start imports this module, and ``dataclasses`` compiles each
+    generated method with ``exec`` -- 42 M instructions for these eight
+    classes, ~13 ms (docs/performance.md). ``__slots__`` lists the fields in
+    declaration order; each ``__init__`` sets them once with
+    ``object.__setattr__``.
+    """
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+
+    def __reduce__(self):
+        # copy, deepcopy and pickle: rebuilt field by field (their default
+        # for slotted objects would assign, which __setattr__ refuses).
+        return (_rebuild, (type(self), self._values()))
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        values = {f: getattr(self, f) for f in self.__slots__}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
+        values.update(changes)
+        return type(self)(**values)
+
+
+_set = object.__setattr__
+
+
+def _rebuild(cls, values: tuple):
+    obj = cls.__new__(cls)
+    for name, value in zip(cls.__slots__, values):
+        _set(obj, name, value)
+    return obj
+
+
+class DriveConfig(_Frozen):
     """``-drive id=ID,file=PATH[,readonly=,direct=,serial=,if=none,format=raw,aio=]``.
 
     ``direct`` defaults to True, as in StratoVirt (open with O_DIRECT; the block
@@ -43,17 +91,28 @@ class DriveConfig:
     synchronous I/O is implemented, so every value behaves like ``'off'``.
     """
 
-    id: str
-    file: str
-    readonly: bool = False
-    direct: bool = True
-    serial: str | None = None
-    format: str = "raw"
-    aio: str = "native"
+    __slots__ = ("id", "file", "readonly", "direct", "serial", "format", "aio")
+
+    def __init__(
+            self,
+            id: str,
+            file: str,
+            readonly: bool = False,
+            direct: bool = True,
+            serial: str | None = None,
+            format: str = "raw",
+            aio: str = "native",
+    ):
+        _set(self, "id", id)
+        _set(self, "file", file)
+        _set(self, "readonly", readonly)
+        _set(self, "direct", direct)
+        _set(self, "serial", serial)
+        _set(self, "format", format)
+        _set(self, "aio", aio)
 
 
-@dataclass(frozen=True)
-class NetdevConfig:
+class NetdevConfig(_Frozen):
     """``-netdev tap,id=ID,ifname=NAME`` or ``-netdev tap,id=ID,fd=N``.
 
     Exactly one of ``ifname``/``fd`` is set.  ``queues`` counts queue pairs
@@ -61,16 +120,26 @@ class NetdevConfig:
     machine refuses it where it cannot honour it (templates).
     """
 
-    id: str
-    kind: str = "tap"
-    ifname: str | None = None
-    fd: int | None = None
-    vhost: bool = False
-    queues: int = 1
+    __slots__ = ("id", "kind", "ifname", "fd", "vhost", "queues")
+
+    def __init__(
+            self,
+            id: str,
+            kind: str = "tap",
+            ifname: str | None = None,
+            fd: int | None = None,
+            vhost: bool = False,
+            queues: int = 1,
+    ):
+        _set(self, "id", id)
+        _set(self, "kind", kind)
+        _set(self, "ifname", ifname)
+        _set(self, "fd", fd)
+        _set(self, "vhost", vhost)
+        _set(self, "queues", queues)
 
 
-@dataclass(frozen=True)
-class ChardevConfig:
+class ChardevConfig(_Frozen):
     """A character backend: ``-chardev`` or the one ``-serial`` creates.
 
     ``backend`` is ``'stdio'``, ``'pty'``, ``'file'`` (``path`` set) or
@@ -80,23 +149,34 @@ class ChardevConfig:
     ``'serial_chardev'`` (StratoVirt's name).
     """
 
-    id: str
-    backend: str
-    path: str | None = None
-    server: bool = False
-    nowait: bool = False
+    __slots__ = ("id", "backend", "path", "server", "nowait")
+
+    def __init__(
+            self,
+            id: str,
+            backend: str,
+            path: str | None = None,
+            server: bool = False,
+            nowait: bool = False,
+    ):
+        _set(self, "id", id)
+        _set(self, "backend", backend)
+        _set(self, "path", path)
+        _set(self, "server", server)
+        _set(self, "nowait", nowait)
 
 
-@dataclass(frozen=True)
-class RngObjectConfig:
+class RngObjectConfig(_Frozen):
     """``-object rng-random,id=ID,filename=PATH``."""
 
-    id: str
-    filename: str
+    __slots__ = ("id", "filename")
+
+    def __init__(self, id: str, filename: str):
+        _set(self, "id", id)
+        _set(self, "filename", filename)
 
 
-@dataclass(frozen=True)
-class DeviceConfig:
+class DeviceConfig(_Frozen):
     """One ``-device``.  Which optional fields are set depends on ``driver``:
 
     ========================  ===============================================
@@ -118,29 +198,50 @@ class DeviceConfig:
     its own: see :meth:`MachineConfig.transport_devices`.
     """
 
-    driver: str
-    id: str
-    drive: DriveConfig | None = None
-    serial: str | None = None
-    netdev: NetdevConfig | None = None
-    mac: str | None = None
-    chardev: ChardevConfig | None = None
-    bus: str | None = None
-    rng: RngObjectConfig | None = None
+    __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng")
+
+    def __init__(
+            self,
+            driver: str,
+            id: str,
+            drive: DriveConfig | None = None,
+            serial: str | None = None,
+            netdev: NetdevConfig | None = None,
+            mac: str | None = None,
+            chardev: ChardevConfig | None = None,
+            bus: str | None = None,
+            rng: RngObjectConfig | None = None,
+    ):
+        _set(self, "driver", driver)
+        _set(self, "id", id)
+        _set(self, "drive", drive)
+        _set(self, "serial", serial)
+        _set(self, "netdev", netdev)
+        _set(self, "mac", mac)
+        _set(self, "chardev", chardev)
+        _set(self, "bus", bus)
+        _set(self, "rng", rng)
 
 
-@dataclass(frozen=True)
-class QmpConfig:
+class QmpConfig(_Frozen):
     """``-qmp unix:PATH,server,nowait`` (``path``) or ``-qmp tcp:HOST:PORT,server,nowait``."""
 
-    kind: str
-    path: str | None = None
-    host: str | None = None
-    port: int | None = None
+    __slots__ = ("kind", "path", "host", "port")
+
+    def __init__(
+            self,
+            kind: str,
+            path: str | None = None,
+            host: str | None = None,
+            port: int | None = None,
+    ):
+        _set(self, "kind", kind)
+        _set(self, "path", path)
+        _set(self, "host", host)
+        _set(self, "port", port)
 
 
-@dataclass(frozen=True)
-class IncomingConfig:
+class IncomingConfig(_Frozen):
     """``-incoming file:DIR[,mapped=on|off][,verify=lazy|full]``: restore
     from the template in ``path``.
 
@@ -150,44 +251,87 @@ class IncomingConfig:
     damaged; ``full`` checks them all before the guest runs.
     """
 
-    path: str
-    mapped: bool = True
-    verify: str = "lazy"
+    __slots__ = ("path", "mapped", "verify")
+
+    def __init__(self, path: str, mapped: bool = True, verify: str = "lazy"):
+        _set(self, "path", path)
+        _set(self, "mapped", mapped)
+        _set(self, "verify", verify)
 
 
-@dataclass(frozen=True, kw_only=True)
-class MachineConfig:
+class MachineConfig(_Frozen):
     """Everything the command line says.  Keyword-only; only ``kernel`` is required."""
 
-    machine_type: str = "microvm"
-    dump_guest_core: bool = True
-    mem_share: bool = False
-    cpus: int = 1
-    max_cpus: int = 1
-    sockets: int = 1
-    cores: int = 1
-    threads: int = 1
-    mem_size: int = DEFAULT_MEM_SIZE
-    mem_path: str | None = None
-    mem_prealloc: bool = False
-    kernel: str
-    kernel_cmdline: str = ""
-    initrd: str | None = None
-    drives: tuple[DriveConfig, ...] = ()
-    netdevs: tuple[NetdevConfig, ...] = ()
-    chardevs: tuple[ChardevConfig, ...] = ()
-    rng_objects: tuple[RngObjectConfig, ...] = ()
-    devices: tuple[DeviceConfig, ...] = ()
-    serial: ChardevConfig | None = None
-    qmp: tuple[QmpConfig, ...] = ()
-    incoming: IncomingConfig | None = None
-    start_paused: bool = False
-    name: str | None = None
-    log_file: str | None = None
-    log_to_stderr: bool = False
-    daemonize: bool = False
-    pidfile: str | None = None
-    disable_seccomp: bool = False
+    __slots__ = (
+        "machine_type", "dump_guest_core", "mem_share", "cpus", "max_cpus", "sockets", "cores",
+        "threads", "mem_size", "mem_path", "mem_prealloc", "kernel", "kernel_cmdline",
+        "initrd", "drives", "netdevs", "chardevs", "rng_objects", "devices", "serial", "qmp",
+        "incoming", "start_paused", "name", "log_file", "log_to_stderr", "daemonize",
+        "pidfile", "disable_seccomp",
+    )
+
+    def __init__(
+            self,
+            *,
+            machine_type: str = "microvm",
+            dump_guest_core: bool = True,
+            mem_share: bool = False,
+            cpus: int = 1,
+            max_cpus: int = 1,
+            sockets: int = 1,
+            cores: int = 1,
+            threads: int = 1,
+            mem_size: int = DEFAULT_MEM_SIZE,
+            mem_path: str | None = None,
+            mem_prealloc: bool = False,
+            kernel: str,
+            kernel_cmdline: str = "",
+            initrd: str | None = None,
+            drives: tuple[DriveConfig, ...] = (),
+            netdevs: tuple[NetdevConfig, ...] = (),
+            chardevs: tuple[ChardevConfig, ...] = (),
+            rng_objects: tuple[RngObjectConfig, ...] = (),
+            devices: tuple[DeviceConfig, ...] = (),
+            serial: ChardevConfig | None = None,
+            qmp: tuple[QmpConfig, ...] = (),
+            incoming: IncomingConfig | None = None,
+            start_paused: bool = False,
+            name: str | None = None,
+            log_file: str | None = None,
+            log_to_stderr: bool = False,
+            daemonize: bool = False,
+            pidfile: str | None = None,
+            disable_seccomp: bool = False,
+    ):
+        _set(self, "machine_type", machine_type)
+        _set(self, "dump_guest_core", dump_guest_core)
+        _set(self, "mem_share", mem_share)
+        _set(self, "cpus", cpus)
+        _set(self, "max_cpus", max_cpus)
+        _set(self, "sockets", sockets)
+        _set(self, "cores", cores)
+        _set(self, "threads", threads)
+        _set(self, "mem_size", mem_size)
+        _set(self, "mem_path", mem_path)
+        _set(self, "mem_prealloc", mem_prealloc)
+        _set(self, "kernel", kernel)
+        _set(self, "kernel_cmdline", kernel_cmdline)
+        _set(self, "initrd", initrd)
+        _set(self, "drives", drives)
+        _set(self, "netdevs", netdevs)
+        _set(self, "chardevs", chardevs)
+        _set(self, "rng_objects", rng_objects)
+        _set(self, "devices", devices)
+        _set(self, "serial", serial)
+        _set(self, "qmp", qmp)
+        _set(self, "incoming", incoming)
+        _set(self, "start_paused", start_paused)
+        _set(self, "name", name)
+        _set(self, "log_file", log_file)
+        _set(self, "log_to_stderr", log_to_stderr)
+        _set(self, "daemonize", daemonize)
+        _set(self, "pidfile", pidfile)
+        _set(self, "disable_seccomp", disable_seccomp)
 
     def virtio_devices(self) -> tuple[DeviceConfig, ...]:
         """Every ``-device``, in command-line order."""

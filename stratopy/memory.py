@@ -14,9 +14,9 @@ import ctypes
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 
 from stratopy.errors import GuestMemoryError, StratoError
+from stratopy.record import Record
 
 PAGE_SIZE = 4096
 
@@ -25,14 +25,18 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass
-class Region:
-    """One contiguous guest-physical range and its host mapping."""
+class Region(Record):
+    """One contiguous guest-physical range and its host mapping.
 
-    gpa: int
-    size: int
-    mm: mmap.mmap
-    file_offset: int  # offset of this region in the memory file layout
+    (Written out, not a dataclass: stratopy.record.)"""
+
+    __slots__ = ("gpa", "size", "mm", "file_offset")
+
+    def __init__(self, gpa: int, size: int, mm: mmap.mmap, file_offset: int):
+        self.gpa = gpa
+        self.size = size
+        self.mm = mm
+        self.file_offset = file_offset  # offset of this region in the memory file layout
 
     @property
     def end(self) -> int:

@@ -12,10 +12,10 @@ Mapped on the port-I/O bus at base 0x60, size 5: offset 0 is the data port
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from stratopy.errors import TemplateError
+from stratopy.record import Record
 
 I8042_BASE = 0x60
 I8042_SIZE = 5
@@ -25,9 +25,11 @@ OFF_COMMAND = 4
 CMD_RESET_CPU = 0xFE
 
 
-@dataclass
-class I8042State:
-    """The controller keeps no state worth saving."""
+class I8042State(Record):
+    """The controller keeps no state worth saving. (No fields; written out,
+    not a dataclass: stratopy.record.)"""
+
+    __slots__ = ()
 
 
 class I8042Device:

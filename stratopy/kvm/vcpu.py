@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import mmap
 import os
 
@@ -17,8 +16,9 @@ from stratopy.errors import KvmError
 from stratopy.kvm import uapi
 from stratopy.kvm.exits import Interrupted, decode_exit
 from stratopy.kvm.ioctl import ioctl, _libc_ioctl, _get_errno
+from stratopy.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _INTERRUPTED = Interrupted()
 

@@ -11,18 +11,19 @@ vCPUs run (see docs/performance.md).
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 
 from stratopy import config as cfgmod
+from stratopy import files
 from stratopy.cli_parse import MAX_BLK_SERIAL_LEN, MAX_ID_LEN, _mac
 from stratopy.errors import ConfigError, MigrationError, QmpError, StratoError
+from stratopy.logs import get_logger
 from stratopy.machine import devices as devfactory
 from stratopy.machine import slots as slotmod
 from stratopy.qmp import events as qmpev
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class MachineControl:
@@ -30,7 +31,6 @@ class MachineControl:
 
     def __init__(self, machine):
         self.m = machine
-        self.fds: dict[str, int] = {}
         # backends registered by blockdev-add / netdev_add, not bound yet:
         # name -> (DriveConfig, FileBackend) / (NetdevConfig, Tap)
         self.drives: dict[str, tuple] = {}
@@ -169,15 +169,16 @@ class MachineControl:
             raise QmpError(f"blockdev-add: cannot open {path}: {e.strerror}") from None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise QmpError(f"blockdev-add: {path} is not a regular file or block device")
+        users = []
         for other, be in self._open_files():
             try:
-                ost = os.fstat(be.fd)
+                users.append((other, files.identity(os.fstat(be.fd)), be.readonly))
             except OSError:
                 continue
-            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino) and not (
-                    readonly and be.readonly):
-                raise QmpError(f"blockdev-add: {path} is already in use by {other} "
-                               f"(only read-only drives may share a file)")
+        other = files.sharing_conflict(files.identity(st), readonly, users)
+        if other is not None:
+            raise QmpError(f"blockdev-add: {path} is already in use by {other} "
+                           f"(only read-only drives may share a file)")
         drive = cfgmod.DriveConfig(id=node_name, file=path, readonly=readonly, direct=direct,
                                    aio="native" if direct else "off")
         try:
@@ -204,29 +205,25 @@ class MachineControl:
         if ref is None and not ifname:
             raise QmpError("netdev_add: ifname or fd is required")
         self._check_limit()
-        owned = False
         fdnum = None
         if ref is not None:
-            if isinstance(ref, str) and ref in self.fds:
-                fdnum, owned = self.fds.pop(ref), True
-            else:
-                try:
-                    fdnum = int(ref, 0) if isinstance(ref, str) else int(ref)
-                except ValueError:
-                    raise QmpError(f"netdev_add: fd '{ref}' is neither a name given to "
-                                   f"getfd nor a descriptor number") from None
-                taken = {s.backend.fileno() for s in self.m.slots
-                         if s.kind == "net" and s.backend is not None}
-                taken |= {t.fileno() for _, t in self.netdevs.values()}
-                if fdnum < 0 or fdnum in taken:
-                    raise QmpError(f"netdev_add: fd {fdnum} is not a free tap descriptor")
+            # A getfd name was resolved to its number by the QMP layer
+            # (stratopy.qmp.fdstore), which also closes it if this fails.
+            try:
+                fdnum = int(ref, 0) if isinstance(ref, str) else int(ref)
+            except ValueError:
+                raise QmpError(f"netdev_add: fd '{ref}' is neither a name given to "
+                               f"getfd nor a descriptor number") from None
+            taken = {s.backend.fileno() for s in self.m.slots
+                     if s.kind == "net" and s.backend is not None}
+            taken |= {t.fileno() for _, t in self.netdevs.values()}
+            if fdnum < 0 or fdnum in taken:
+                raise QmpError(f"netdev_add: fd {fdnum} is not a free tap descriptor")
         nd = cfgmod.NetdevConfig(id=id, ifname=None if fdnum is not None else ifname,
                                  fd=fdnum)
         try:
             tap = devfactory.open_tap(nd)
         except StratoError as e:
-            if owned:
-                os.close(fdnum)
             raise QmpError(f"netdev_add: {e}") from None
         self.netdevs[id] = (nd, tap)
 
@@ -326,12 +323,6 @@ class MachineControl:
                            f"devices in the replaceable slots can (microvm hot-replace)",
                            "DeviceNotFound")
         raise QmpError(f"Device {id} not found", "DeviceNotFound")
-
-    def getfd(self, fdname: str, fd: int) -> None:
-        old = self.fds.pop(fdname, None)
-        if old is not None:
-            os.close(old)
-        self.fds[fdname] = fd
 
 
 class Control:

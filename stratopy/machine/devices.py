@@ -6,13 +6,13 @@ device logic, and injected.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from stratopy import config as cfgmod
 from stratopy.errors import ConfigError, StratoError
+from stratopy.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def open_drive(drive: cfgmod.DriveConfig, option: str = "-drive"):

@@ -10,14 +10,15 @@ it runs a device callback), so device logic never runs concurrently.
 from __future__ import annotations
 
 import heapq
-import logging
 import os
 import selectors
 import threading
 import time
 from typing import Any, Callable
 
-log = logging.getLogger(__name__)
+from stratopy.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class EventLoop:

@@ -9,7 +9,6 @@ same tree (see migration/snapshot.py).
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import threading
 import time
@@ -27,13 +26,14 @@ from stratopy.errors import ConfigError, GuestError, KvmError, StratoError
 from stratopy.kvm import backend as kvm_backend
 from stratopy.kvm import exits, uapi
 from stratopy.kvm.system import Kvm
+from stratopy.logs import get_logger
 from stratopy.machine import slots as slotmod
 from stratopy.machine.eventloop import EventLoop
 from stratopy.machine.vcpu_thread import VcpuRunner, install_kick_handler
 from stratopy.memory import GuestMemory
 from stratopy.migration.status import MigrationState
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class VmState(enum.Enum):
@@ -196,6 +196,10 @@ class MicroVm:
             self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
+        if hasattr(device, "requeue"):
+            # A device that served a bounded batch runs again through its
+            # queue's ioeventfd: behind the other fds already ready.
+            device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
         if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
 
@@ -274,12 +278,11 @@ class MicroVm:
         self.state = VmState.PAUSED if paused else VmState.RUNNING
 
     def _chardev_input(self, ch) -> Callable[[bytes], None]:
-        """Input from a chardev to the device it feeds, loss-free.
+        """Input from a chardev to the device it feeds, loss-free and bounded
+        (chardev.ConsoleInput: the chardev is not read while the device
+        cannot take more)."""
+        from stratopy.chardev import ConsoleInput
 
-        What the device cannot take yet (UART FIFO full, no console receive
-        buffer) is kept, bounded by the chardev's own reader (it stops being
-        read while we hold input), and retried shortly.
-        """
         sink: Callable[[bytes], int] | None = None
         if ch is self.serial_chardev:
             sink = self.serial.enqueue_input
@@ -289,22 +292,7 @@ class MicroVm:
                     sink = slot.device.enqueue_input
         if sink is None:
             return lambda data: None
-        pending = bytearray()
-        retry_armed = [False]
-
-        def flush() -> None:
-            retry_armed[0] = False
-            if pending:
-                taken = sink(bytes(pending))
-                del pending[:taken]
-            if pending and not retry_armed[0]:
-                retry_armed[0] = True
-                self.loop.call_later(0.01, flush)
-
-        def feed(data: bytes) -> None:
-            pending.extend(data)
-            flush()
-        return feed
+        return ConsoleInput(ch, self.loop, sink).feed
 
     def _wire_net(self, slot: Slot) -> None:
         """Tap -> device RX on the device thread; stop polling the tap while

@@ -18,11 +18,10 @@ line; devices not in ``placement`` fill the remaining slots in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from stratopy import config as cfgmod
 from stratopy.arch.x86_64 import layout
 from stratopy.errors import ConfigError
+from stratopy.record import Record
 
 BLK = "blk"
 NET = "net"
@@ -34,21 +33,29 @@ RESERVED_COUNT = layout.BLK_SLOTS + layout.NET_SLOTS
 KIND_OF_DRIVER = {cfgmod.BLK: BLK, cfgmod.NET: NET}
 
 
-@dataclass
-class Slot:
-    """One virtio-mmio transport slot: where it is and what sits in it."""
+class Slot(Record):
+    """One virtio-mmio transport slot: where it is and what sits in it.
 
-    index: int
-    base: int
-    irq: int
-    kind: str                     # "blk" | "net" (reserved, replaceable) | "other"
-    config: cfgmod.DeviceConfig | None = None   # None: a reserved slot with no backend
-    device: object = None         # the VirtioDevice
-    transport: object = None      # VirtioMmioTransport
-    notify_fds: tuple = ()
-    backend: object = None        # block file / tap / chardev / rng source
-    hot: bool = False             # config bound by QMP device_add (not the command line)
-    net_readable: object = None   # net slots: the tap reader callback (machine wiring)
+    (Written out, not a dataclass: stratopy.record.)"""
+
+    __slots__ = ("index", "base", "irq", "kind", "config", "device", "transport", "notify_fds",
+                 "backend", "hot", "net_readable")
+
+    def __init__(self, index: int, base: int, irq: int, kind: str,
+                 config: cfgmod.DeviceConfig | None = None, device: object = None,
+                 transport: object = None, notify_fds: tuple = (), backend: object = None,
+                 hot: bool = False, net_readable: object = None):
+        self.index = index
+        self.base = base
+        self.irq = irq
+        self.kind = kind                  # "blk" | "net" (reserved, replaceable) | "other"
+        self.config = config              # None: a reserved slot with no backend
+        self.device = device              # the VirtioDevice
+        self.transport = transport        # VirtioMmioTransport
+        self.notify_fds = notify_fds
+        self.backend = backend            # block file / tap / chardev / rng source
+        self.hot = hot                    # config bound by QMP device_add (not the command line)
+        self.net_readable = net_readable  # net slots: the tap reader callback (machine wiring)
 
     @property
     def replaceable(self) -> bool:

@@ -11,7 +11,6 @@ controller may then read or write the vCPU's state.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -20,8 +19,9 @@ from typing import Callable
 from stratopy.errors import KvmError
 from stratopy.kvm import exits
 from stratopy.kvm.exits import CONTINUE, FATAL, IoIn, IoOut, MmioRead, MmioWrite, handle_exit
+from stratopy.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 

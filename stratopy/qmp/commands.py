@@ -21,22 +21,24 @@ exactly that shape so that the machine does not have to know it.
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 from stratopy.errors import QmpError, StratoError
+from stratopy.logs import get_logger
 
 from . import events as qmp_events
+from .fdstore import MAX_NAMED_FDS, FdStore, close_quietly, fdname_problem
 from .protocol import Request, error_reply, reply, version_info
+from .schema import (P, Param, blockdev_file_problem, check_object, ifname_problem,
+                     migrate_uri_problem, path_problem, pyname)
 
-log = logging.getLogger("stratopy.qmp")
+log = get_logger("stratopy.qmp")
 
 __all__ = [
     "VmControl", "Param", "Command", "COMMANDS", "execute", "check_arguments",
     "cpu_info", "hotpluggable_cpu", "cpu_props", "query_commands_reply",
-    "MACHINES", "TARGET", "KVM_INFO",
+    "MACHINES", "TARGET", "KVM_INFO", "FdStore", "MAX_NAMED_FDS",
 ]
 
 
@@ -110,101 +112,22 @@ class VmControl(Protocol):
         ``driver``, ``media``, ``detect_zeroes``, ``discard``, ``id``, ..."""
 
     def netdev_add(self, **args: Any) -> None:
-        """``id`` (str), optional ``type``, ``ifname``, ``fd`` (a getfd name or
-        number, as str), ``vhost`` (bool), ``queues``, ..."""
+        """``id`` (str), optional ``type``, ``ifname``, ``fd``/``fds`` (a
+        descriptor number; a name given to ``getfd`` on the same connection
+        arrives here as ``fd=<int>``, owned by the VM once netdev_add returns
+        normally and closed by the command layer if it raises), ``vhost``
+        (bool), ``queues``, ..."""
 
     def device_add(self, **args: Any) -> None:
         """``id``, ``driver`` and device options (``drive``, ``netdev``,
-        ``mac``, ``serial``, ``addr``, ``bus``, ``iothread``, ... plus any
-        extra str/int/bool option, hyphens turned into underscores)."""
+        ``mac``, ``serial``, ``addr``, ``bus``, ``iothread``, ...: the
+        options of StratoVirt's schema, hyphens turned into underscores;
+        any other option is refused before this is called)."""
 
     def device_del(self, id: str) -> None:  # noqa: A002
         """Remove device ``id``; unknown id -> ``QmpError(..., "DeviceNotFound")``.
         Emit DEVICE_DELETED ``{"device": id, "path": id}`` when it is gone."""
 
-    def getfd(self, fdname: str, fd: int) -> None:
-        """Keep ``fd`` (received by SCM_RIGHTS) under ``fdname``.  The VM owns
-        ``fd`` once getfd returns normally; if it raises, the server closes it."""
-
-
-# --------------------------------------------------------------------------
-# argument schemas
-
-
-_TYPE_WORDS = {
-    "str": "a string",
-    "int": "an integer",
-    "bool": "a boolean",
-    "object": "an object",
-    "list": "an array",
-    "number": "a number",
-    "any": "a value",
-}
-
-
-def _is_type(value: Any, typ: str) -> bool:
-    if typ == "str":
-        return isinstance(value, str)
-    if typ == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typ == "bool":
-        return isinstance(value, bool)
-    if typ == "object":
-        return isinstance(value, dict)
-    if typ == "list":
-        return isinstance(value, list)
-    if typ == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ == "any":
-        return True
-    raise ValueError(f"unknown schema type {typ!r}")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One argument: ``types`` is a tuple of "str", "int", "bool", "object",
-    "list", "number", "any"; ``fields`` is a nested schema applied when the
-    value is an object (``extra`` allows unknown nested members)."""
-
-    name: str
-    types: tuple = ("str",)
-    required: bool = False
-    fields: tuple = ()
-    extra: bool = False
-
-    def expects(self) -> str:
-        return " or ".join(_TYPE_WORDS[t] for t in self.types)
-
-
-def P(name: str, *types: str, required: bool = False, fields: tuple = (),  # noqa: N802
-      extra: bool = False) -> Param:
-    return Param(name, tuple(types) or ("str",), required, tuple(fields), extra)
-
-
-def _check_object(args: Mapping, params: tuple, prefix: str,
-                  extra_types: Optional[tuple]) -> None:
-    known = {p.name: p for p in params}
-    for key, value in args.items():
-        p = known.get(key)
-        if p is None:
-            if extra_types is None:
-                raise QmpError(f"Invalid parameter '{prefix}{key}'")
-            if not any(_is_type(value, t) for t in extra_types):
-                words = " or ".join(_TYPE_WORDS[t] for t in extra_types)
-                raise QmpError(f"Parameter '{prefix}{key}' expects {words}")
-            continue
-        if not any(_is_type(value, t) for t in p.types):
-            raise QmpError(f"Parameter '{prefix}{key}' expects {p.expects()}")
-        if p.fields and isinstance(value, dict):
-            _check_object(value, p.fields, f"{prefix}{key}.",
-                          ("str", "int", "bool") if p.extra else None)
-    for p in params:
-        if p.required and p.name not in args:
-            raise QmpError(f"Parameter '{prefix}{p.name}' is missing")
-
-
-def _pyname(name: str) -> str:
-    return name.replace("-", "_").replace(".", "_")
 
 
 @dataclass
@@ -213,22 +136,20 @@ class Command:
 
     ``handler(vm, **args)`` runs on the machine thread (via dispatch) unless
     ``static``; then ``handler(None, **args)`` is answered on the QMP thread.
-    ``extra`` is a tuple of types accepted for arguments not in ``params``
-    (device_add), None to refuse unknown arguments.
+    Arguments not in ``params`` are refused.
     """
 
     name: str
     handler: Callable[..., Any]
     params: tuple = ()
     static: bool = False
-    extra: Optional[tuple] = None
     takes_fd: bool = False
     doc: str = ""
 
     def check(self, args: Mapping) -> dict:
         """Validate QMP arguments; return the Python keyword arguments."""
-        _check_object(args, self.params, "", self.extra)
-        return {_pyname(k): v for k, v in args.items()}
+        check_object(args, self.params)
+        return {pyname(k): v for k, v in args.items()}
 
 
 def check_arguments(name: str, args: Mapping) -> dict:
@@ -331,7 +252,7 @@ def _query_events(vm: Any) -> list:
 def _vm(method: str, *pos: str):
     """A handler forwarding to ``vm.<method>``; ``pos`` args go positionally."""
 
-    def handler(vm: Any, **kw: Any) -> Any:
+    def handler(vm: Any, /, **kw: Any) -> Any:   # positional: an argument may be named "vm"
         if vm is None:
             raise QmpError("The VM is not ready")
         args = [kw.pop(p) for p in pos]
@@ -363,23 +284,28 @@ def _blockdev_add(vm: Any, **args: Any) -> Any:
     return vm.blockdev_add(**args)
 
 
-def _getfd(vm: Any, fdname: str, fd: Optional[int] = None) -> Any:
+def _getfd(vm: Any, fdname: str, fd: Optional[int] = None,
+           store: Optional[FdStore] = None) -> Any:
     if fd is None:
         raise QmpError("No file descriptor supplied via SCM_RIGHTS")
-    if vm is None:
-        os.close(fd)
-        raise QmpError("The VM is not ready")
-    try:
-        return vm.getfd(fdname, fd)
-    except BaseException:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        raise
+    if store is None:
+        close_quietly(fd)
+        raise QmpError("getfd: not available on this connection")
+    store.put(fdname, fd)
+    return {}
 
 
-_FILE_FIELDS = (P("driver", required=True), P("filename", required=True), P("aio"),
+def _netdev_fd_name(args: dict) -> Optional[str]:
+    """The getfd name netdev_add refers to, read as the machine reads it
+    (``fds`` before ``fd``; of ``fds=a:b`` the last, as StratoVirt)."""
+    ref = args.get("fds") if args.get("fds") is not None else args.get("fd")
+    if not isinstance(ref, str):
+        return None
+    return ref.rsplit(":", 1)[-1]
+
+
+_FILE_FIELDS = (P("driver", required=True), P("filename", required=True, valid=path_problem),
+                P("aio"),
                 P("locking"))
 _CACHE_FIELDS = (P("direct", "bool"), P("no-flush", "bool"))
 
@@ -395,13 +321,15 @@ _DEVICE_PARAMS = (
 )
 
 _NETDEV_PARAMS = (
-    P("id", required=True), P("type"), P("ifname"), P("fd", "str", "int"), P("fds"),
+    P("id", required=True), P("type"), P("ifname", valid=ifname_problem),
+    P("fd", "str", "int"), P("fds"),
     P("vhost", "bool"), P("vhostfd", "str", "int"), P("vhostfds"), P("queues", "int"),
     P("script"), P("downscript"), P("dnssearch"), P("chardev"), P("macnat", "bool"),
 )
 
 _BLOCKDEV_PARAMS = (
-    P("node-name", required=True), P("file", "object", "str", required=True, fields=_FILE_FIELDS),
+    P("node-name", required=True),
+    P("file", "object", "str", required=True, fields=_FILE_FIELDS, valid=blockdev_file_problem),
     P("cache", "object", fields=_CACHE_FIELDS), P("read-only", "bool"), P("driver"),
     P("media"), P("detect-zeroes"), P("discard"), P("backing"), P("id"), P("options"),
     P("throttling.iops-total", "int"), P("l2-cache-size"), P("refcount-cache-size"),
@@ -418,16 +346,17 @@ def _table() -> dict:
         Command("cont", _vm("cont"), doc="Resume all vCPUs."),
         Command("system_powerdown", _vm("system_powerdown")),
         Command("system_reset", _vm("system_reset")),
-        Command("device_add", _vm("device_add"), _DEVICE_PARAMS,
-                extra=("str", "int", "bool")),
+        Command("device_add", _vm("device_add"), _DEVICE_PARAMS),
         Command("device_del", _vm("device_del", "id"), (P("id", required=True),)),
         Command("netdev_add", _vm("netdev_add"), _NETDEV_PARAMS),
         Command("query-hotpluggable-cpus", _vm("query_hotpluggable_cpus")),
         Command("query-cpus", _vm("query_cpus")),
         Command("query-status", _vm("query_status")),
-        Command("getfd", _getfd, (P("fdname", required=True),), takes_fd=True),
+        Command("getfd", _getfd, (P("fdname", required=True, valid=fdname_problem),),
+                static=True, takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),
-        Command("migrate", _migrate, (P("uri", required=True), P("blk", "bool"),
+        Command("migrate", _migrate, (P("uri", required=True, valid=migrate_uri_problem),
+                                      P("blk", "bool"),
                                       P("inc", "bool"), P("detach", "bool"))),
         Command("query-migrate", _vm("query_migrate")),
         Command("migrate_cancel", _vm("migrate_cancel")),
@@ -473,7 +402,8 @@ def _call(cmd: Command, vm: Any, kwargs: dict, rid: Any) -> dict:
 
 def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
             fd: Optional[int] = None,
-            deliver: Optional[Callable[[dict], None]] = None) -> dict:
+            deliver: Optional[Callable[[dict], None]] = None,
+            fds: Optional[FdStore] = None) -> dict:
     """Run one request; return its reply dict (with the request's id).
 
     * Unknown command: CommandNotFound "The command X has not been found".
@@ -487,6 +417,8 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
       after the command finished is ordered after its reply.
     * ``fd``: the descriptor received by SCM_RIGHTS for ``getfd`` (the
       handler owns it; it is closed here if the command is refused first).
+    * ``fds``: the connection's :class:`FdStore`; ``getfd`` keeps descriptors
+      there and ``netdev_add fd=NAME`` takes its descriptor from there.
     """
     delivered = False
 
@@ -505,21 +437,34 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
         kwargs = cmd.check(req.arguments)
     except QmpError as exc:
         if fd is not None:
-            _close_quietly(fd)
+            close_quietly(fd)
         return _done(error_reply(exc.desc, exc.klass, rid))
 
     if cmd.takes_fd:
-        kwargs["fd"] = fd
+        kwargs["fd"], kwargs["store"] = fd, fds
     elif fd is not None:
-        _close_quietly(fd)
+        close_quietly(fd)
 
     if cmd.static:
         return _done(_call(cmd, None, kwargs, rid))
+
+    # netdev_add fd=NAME: the descriptor leaves the connection's store now,
+    # whatever happens next (as in QEMU); the VM gets it as a number and owns
+    # it once netdev_add succeeds; on any failure it is closed below.
+    handed = None
+    fdname = _netdev_fd_name(kwargs) if cmd.name == "netdev_add" and fds is not None else None
+    if fdname is not None:
+        handed = fds.take(fdname)
+        if handed is not None:
+            kwargs.pop("fds", None)
+            kwargs["fd"] = handed
 
     box: list = []
 
     def fn() -> None:
         rep = _call(cmd, vm, kwargs, rid)
+        if handed is not None and "error" in rep:
+            close_quietly(handed)
         box.append(rep)
         _done(rep)
 
@@ -531,17 +476,14 @@ def execute(req: Request, vm: Any, dispatch: Optional[Callable] = None,
     except Exception as exc:  # noqa: BLE001 - the dispatcher itself failed
         if box:
             return box[0]
+        if handed is not None:
+            close_quietly(handed)
         desc, klass = _error_of(exc)
         return _done(error_reply(desc, klass, rid))
     if not box:
+        if handed is not None:
+            close_quietly(handed)
         # dispatch returned without running fn (machine shutting down)
         return _done(error_reply("The command was not executed: the VM is shutting down",
                                  "GenericError", rid))
     return box[0]
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

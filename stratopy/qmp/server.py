@@ -43,24 +43,23 @@ from __future__ import annotations
 
 import array
 import errno
-import logging
 import os
 import queue
 import selectors
 import socket
-import stat
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import stratopy
-from stratopy.errors import StratoError
+from stratopy.logs import get_logger
 
+from .fdstore import FdStore
+from .listen import ListenerSpec, TcpListener, UnixListener, _Listen, parse_listener
 from .protocol import (MAX_MESSAGE, NO_ID, ProtocolError, QmpSession, Request, encode,
                        error_reply, event, greeting)
 
-log = logging.getLogger("stratopy.qmp")
+log = get_logger("stratopy.qmp")
 
 __all__ = ["QmpServer", "UnixListener", "TcpListener", "parse_listener"]
 
@@ -70,135 +69,8 @@ MAX_FDS_PER_MSG = 16
 MAX_HELD_FDS = 16
 _RECV_SIZE = 65536
 _SEND_CHUNK = 256 * 1024
-
-_umask_lock = threading.Lock()
-
-
-# --------------------------------------------------------------------------
-# listener specs
-
-
-@dataclass(frozen=True)
-class UnixListener:
-    path: str
-
-
-@dataclass(frozen=True)
-class TcpListener:
-    host: str
-    port: int
-
-
-ListenerSpec = Union[str, UnixListener, TcpListener]
-
-
-def parse_listener(spec: ListenerSpec) -> Union[UnixListener, TcpListener]:
-    """``"unix:PATH"`` or ``"tcp:HOST:PORT"`` (a trailing ``,server,nowait`` is
-    ignored; IPv6 hosts may be bracketed) or an already parsed listener."""
-    if isinstance(spec, (UnixListener, TcpListener)):
-        return spec
-    if not isinstance(spec, str):
-        raise StratoError(f"QMP listener: unsupported spec {spec!r}")
-    text = spec.split(",", 1)[0]
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise StratoError(f"QMP listener {spec!r}: empty socket path")
-        return UnixListener(path)
-    if text.startswith("tcp:"):
-        hostport = text[4:]
-        host, sep, port = hostport.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise StratoError(f"QMP listener {spec!r}: expected tcp:HOST:PORT")
-        host = host.strip("[]") or "0.0.0.0"
-        return TcpListener(host, int(port))
-    raise StratoError(f"QMP listener {spec!r}: expected unix:PATH or tcp:HOST:PORT")
-
-
-class _Listen:
-    """A bound, listening socket (and the socket file to remove at close)."""
-
-    def __init__(self, spec: Union[UnixListener, TcpListener]):
-        self.spec = spec
-        self.path: Optional[str] = None
-        self.ident: Optional[tuple] = None
-        if isinstance(spec, UnixListener):
-            self.sock = self._bind_unix(spec.path)
-            self.address: Any = spec.path
-        else:
-            self.sock = self._bind_tcp(spec.host, spec.port)
-            self.address = self.sock.getsockname()[:2]
-
-    def _bind_unix(self, path: str) -> socket.socket:
-        if os.path.lexists(path):
-            st = os.lstat(path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StratoError(f"QMP socket {path}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(1.0)
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                try:
-                    os.unlink(path)  # stale: nothing listens on it
-                except FileNotFoundError:
-                    pass
-            except OSError as exc:
-                raise StratoError(f"QMP socket {path}: cannot check existing socket: "
-                                  f"{exc.strerror or exc}") from None
-            else:
-                raise StratoError(f"QMP socket {path}: already in use by another process")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with _umask_lock:
-                old = os.umask(0o177)
-                try:
-                    sock.bind(path)
-                finally:
-                    os.umask(old)
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self.path, self.ident = path, (st.st_dev, st.st_ino)
-            sock.listen(16)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StratoError(f"QMP socket {path}: {exc.strerror or exc}") from None
-        return sock
-
-    def _bind_tcp(self, host: str, port: int) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise StratoError(f"QMP tcp:{host}:{port}: {exc}") from None
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(16)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StratoError(f"QMP tcp:{host}:{port}: {exc.strerror or exc}") from None
-        return sock
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self.path is not None:
-            try:
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self.ident:
-                    os.unlink(self.path)
-            except OSError:
-                pass
-            self.path = None
+#: accept() out of descriptors: first and longest pause before trying again.
+_ACCEPT_BACKOFF = (0.1, 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -206,7 +78,7 @@ class _Listen:
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "name", "session", "out", "fds", "pending",
+    __slots__ = ("sock", "fd", "name", "session", "out", "fds", "named_fds", "pending",
                  "read_closed", "closed", "registered")
 
     def __init__(self, sock: socket.socket, name: str, max_message: int):
@@ -216,6 +88,7 @@ class _Client:
         self.session = QmpSession(max_message=max_message)
         self.out = bytearray()
         self.fds: list[int] = []      # received by SCM_RIGHTS, not yet claimed
+        self.named_fds = FdStore()    # given with getfd; closed with the connection
         self.pending = 0              # requests queued or running, reply not queued
         self.read_closed = False      # EOF seen (the client may still read)
         self.closed = False
@@ -267,6 +140,10 @@ class QmpServer:
         self._io_thread: Optional[threading.Thread] = None
         self._exec_thread: Optional[threading.Thread] = None
         self._nclient = 0
+        # accept() backoff when out of descriptors (see _accept)
+        self._accept_delay = 0.0
+        self._accept_resume = 0.0
+        self._paused: list[_Listen] = []
 
         self._listeners: list[_Listen] = []
         try:
@@ -313,7 +190,12 @@ class QmpServer:
         Thread-safe, never blocks on a socket: it appends to each client's
         output buffer and wakes the I/O thread.
         """
-        msg = encode(event(name, data))
+        try:
+            msg = encode(event(name, data))
+        except (TypeError, ValueError, RecursionError) as exc:
+            # never let a bad event (a NaN, an object) raise into the machine
+            log.error("QMP event %s not serializable (%s); not sent", name, exc)
+            return
         log.debug("QMP event %s", msg[:-2].decode("utf-8", "replace"))
         with self._lock:
             if self._closed:
@@ -411,7 +293,8 @@ class QmpServer:
 
                 log.debug("QMP <- %s %r id=%r", req.name, req.arguments, req.id)
                 qmp_commands.execute(req, self._vm, self._dispatch, fd,
-                                     deliver=lambda rep, c=client: self._deliver(c, rep))
+                                     deliver=lambda rep, c=client: self._deliver(c, rep),
+                                     fds=client.named_fds)
             except Exception:  # noqa: BLE001 - never let the executor die
                 log.exception("QMP executor error")
 
@@ -419,8 +302,8 @@ class QmpServer:
         """Queue a reply (any thread; for VM commands the machine thread)."""
         try:
             data = encode(rep)
-        except (TypeError, ValueError) as exc:
-            log.error("QMP reply not serializable: %r (%s)", rep, exc)
+        except (TypeError, ValueError, RecursionError) as exc:
+            log.error("QMP reply not serializable: %.200r (%s)", rep, exc)
             data = encode(error_reply(f"internal error: reply not serializable: {exc}",
                                       "GenericError", rep.get("id", NO_ID)))
         with self._lock:
@@ -440,7 +323,10 @@ class QmpServer:
     def _io_loop(self) -> None:
         try:
             while not self._stopping:
-                for key, mask in self._sel.select(timeout=1.0):
+                timeout = 1.0
+                if self._paused:
+                    timeout = min(timeout, max(0.0, self._accept_resume - time.monotonic()))
+                for key, mask in self._sel.select(timeout=timeout):
                     data = key.data
                     if data is _WAKE:
                         try:
@@ -458,6 +344,8 @@ class QmpServer:
                             self._read(c)
                         if mask & selectors.EVENT_WRITE and not c.closed:
                             self._send(c)
+                if self._paused and time.monotonic() >= self._accept_resume:
+                    self._resume_accept()
                 self._service()
         except Exception:  # noqa: BLE001
             if not self._stopping:
@@ -473,8 +361,13 @@ class QmpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("QMP accept failed: %s", exc)
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue            # that client gave up; the next may not
+                self._pause_accept(lst, exc)
                 return
+            if self._accept_delay:
+                log.warning("QMP accepts clients again")
+                self._accept_delay = 0.0
             sock.setblocking(False)
             self._nclient += 1
             name = f"qmp-client-{self._nclient}"
@@ -484,6 +377,32 @@ class QmpServer:
                 self._clients[c.fd] = c
             log.debug("QMP %s connected (%r)", name, addr)
             self._send(c)
+
+    def _pause_accept(self, lst: _Listen, exc: OSError) -> None:
+        """accept() failed (EMFILE: the monitor is out of descriptors).  The
+        pending connection stays readable, so retrying at once would spin and
+        log without end: stop watching the listener for a while (100 ms,
+        doubling up to 1 s) and log once until an accept succeeds again."""
+        lo, hi = _ACCEPT_BACKOFF
+        if not self._accept_delay:
+            log.warning("QMP cannot accept clients: %s; retrying every %g-%g s",
+                        exc.strerror or exc, lo, hi)
+        self._accept_delay = min(max(self._accept_delay * 2, lo), hi)
+        self._accept_resume = time.monotonic() + self._accept_delay
+        if lst not in self._paused:
+            try:
+                self._sel.unregister(lst.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            self._paused.append(lst)
+
+    def _resume_accept(self) -> None:
+        for lst in self._paused:
+            try:
+                self._sel.register(lst.sock, selectors.EVENT_READ, lst)
+            except (KeyError, ValueError, OSError):
+                pass
+        self._paused.clear()
 
     def _read(self, c: _Client) -> None:
         try:
@@ -602,6 +521,7 @@ class QmpServer:
         for fd in c.fds:
             _close_fd(fd)
         c.fds.clear()
+        c.named_fds.close()
 
 
 def _close_fd(fd: int) -> None:

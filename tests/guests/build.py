@@ -32,7 +32,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GUESTS = ("serial_hello", "memcheck", "counter", "virtio_blk", "timer_irq", "triple_fault")
+GUESTS = ("serial_hello", "memcheck", "counter", "virtio_blk", "timer_irq", "triple_fault",
+          "hostile")
 COMMON = ("common.S",)
 HEADERS = ("guest.h",)
 LINKER_SCRIPT = "linker.ld"

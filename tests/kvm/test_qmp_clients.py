@@ -613,7 +613,7 @@ def test_stop_freezes_the_guest(guests, start_vm):
 # --- 6. bad input ------------------------------------------------------------------
 BAD_INPUTS = [
     # (bytes sent, error class, text the description must contain)
-    (b'{"execute": ]}', "GenericError", "JSON parse error"),
+    (b'{"execute": ]', "GenericError", "JSON parse error, expecting value"),
     (b'[1]', "GenericError", "QMP input must be a JSON object"),
     (b'{"execute":"no-such-command","id":7}', "CommandNotFound",
      "The command no-such-command has not been found"),
@@ -627,7 +627,27 @@ BAD_INPUTS = [
     (b'{"execute":"device_del","arguments":{"id":["x"]}}', "GenericError",
      "Parameter 'id' expects a string"),
     (b'{"execute":"query-status","arguments":{"pad":"' + b"A" * (2 * MiB) + b'"}}',
-     "GenericError", "too large"),
+     "GenericError", "JSON token size limit exceeded"),
+    # issue 9: each of these gave "internal error" plus a traceback, no reply,
+    # or a reply that is not JSON; a NUL in ifname opened a host tap "a"
+    (b'{"execute":"query-status","id":1e999}', "GenericError", "number 1e999 is out of range"),
+    (b'{"execute":"query-status","id":' + b"[" * 980 + b"]" * 980 + b"}", "GenericError",
+     "JSON nesting depth limit exceeded"),
+    (b'{"execute":"migrate","arguments":{"uri":"file:/tmp/' + b"d/" * 3000 + b'"}}',
+     "GenericError", "Parameter 'uri' is too long"),
+    (b'{"execute":"migrate","arguments":{"uri":"file:/tmp' + b"/d" * 1000 + b'"}}',
+     "GenericError", "Parameter 'uri' is too deep"),
+    (b'{"execute":"blockdev-add","arguments":{"node-name":"d","file":{"driver":"file",'
+     b'"filename":"/tmp/a\\u0000b"}}}', "GenericError",
+     "Parameter 'file.filename' must not contain a NUL character"),
+    (b'{"execute":"netdev_add","arguments":{"id":"n","ifname":"a\\udc80"}}', "GenericError",
+     "is not a valid Unicode character"),
+    (b'{"execute":"netdev_add","arguments":{"id":"n","ifname":"a\\u0000"}}', "GenericError",
+     "Parameter 'ifname' must not contain a NUL character"),
+    (b'{"execute":"device_add","arguments":{"id":"x","driver":"virtio-blk-mmio","self":1}}',
+     "GenericError", "Invalid parameter 'self'"),
+    (b'{"execute":"device_add","arguments":{"id":"x","driver":"virtio-blk-mmio","vm":1}}',
+     "GenericError", "Invalid parameter 'vm'"),
 ]
 
 
@@ -646,7 +666,10 @@ def test_bad_input_gets_errors_and_the_session_goes_on(guests, start_vm):
         q.send(json.dumps({"execute": "query-target", "id": "pretty"}, indent=2) + "\n")
         assert q.reply() == {"return": {"arch": "x86_64"}, "id": "pretty"}
         assert q.cmd("qmp_capabilities", id=0) == {"return": {}, "id": 0}
+        # 0xff resets the parser; QEMU 7.2 answers it with this error, so do we
         q.send(b"\xff\n" + json.dumps({"execute": "query-kvm", "id": 1}).encode())
+        assert q.reply() == {"error": {"class": "GenericError",
+                                       "desc": "JSON parse error, stray '\ufffd'"}}
         assert q.reply() == {"return": {"enabled": True, "present": True}, "id": 1}
         last = read_count(vm)
         for n, (data, klass, text) in enumerate(BAD_INPUTS):
@@ -666,6 +689,8 @@ def test_bad_input_gets_errors_and_the_session_goes_on(guests, start_vm):
         assert q.no_pending_input(0.3) == b"", "more than one reply to a bad input"
         assert not q.events, q.events
         assert vm.proc.poll() is None
+        assert "Traceback" not in vm.stderr and "internal error" not in vm.stderr, \
+            vm.stderr[-3000:]
     finally:
         q.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -87,7 +86,7 @@ def test_seed_restore_command_line():
     boot = parse_args(SEED_BOOT)
     cfg = parse_args(SEED_RESTORE)
     assert cfg.incoming == IncomingConfig(path="path/to/template", mapped=True)
-    assert dataclasses.replace(cfg, incoming=None) == boot
+    assert cfg.replace(incoming=None) == boot
 
 
 def test_incoming_mapped_off():
@@ -97,7 +96,7 @@ def test_incoming_mapped_off():
 
 def test_config_is_frozen():
     cfg = parse_args(SEED_BOOT)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError, match="frozen"):
         cfg.cpus = 2  # type: ignore[misc]
 
 

@@ -8,8 +8,9 @@ listeners. What is only needed later -- a QMP command, writing a template, a
 cold boot, -daemonize/-name -- must stay out of it, and so must a few
 standard modules that cost start-up time for nothing.
 
-Each check runs in a fresh interpreter and only counts the modules the
-stratopy imports added (the interpreter's site hooks may import anything).
+Each check runs in a fresh interpreter started with -S, as bin/stratopy
+starts it (site's .pth hooks may import anything), and only counts the
+modules the stratopy imports added.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ NOT_AT_START = {
     "concurrent.futures": "EventLoop.call: QMP requests only",
 }
 
+# `logging` (18 M instructions) comes with the first record emitted
+# (stratopy.logs), and a start without -D emits none. migration/restore.py
+# still imports it itself (it belongs to the template-format work): until it
+# takes its logger from stratopy.logs, the check leaves the migration modules
+# out.
+WITHOUT_MIGRATION = tuple(m for m in START_PATH if not m.startswith("stratopy.migration"))
+
 _PROBE = """
 import json, sys
 before = set(sys.modules)
@@ -60,7 +68,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 def imported_by(*modules: str) -> set[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _PROBE, *modules], capture_output=True,
+    r = subprocess.run([sys.executable, "-S", "-c", _PROBE, *modules], capture_output=True,
                        text=True, env=env, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     return set(json.loads(r.stdout))
@@ -71,6 +79,52 @@ def test_warm_start_path_does_not_import_what_runs_later():
     assert set(START_PATH) <= loaded
     unexpected = {m: why for m, why in NOT_AT_START.items() if m in loaded}
     assert not unexpected, f"imported before the first KVM_RUN: {unexpected}"
+
+
+def test_start_path_does_not_import_logging():
+    loaded = imported_by(*WITHOUT_MIGRATION)
+    assert "stratopy.machine.microvm" in loaded and "stratopy.qmp.server" in loaded
+    assert "logging" not in loaded, "imported at start: logging (use stratopy.logs)"
+
+
+def test_config_does_not_generate_dataclasses():
+    """config.py's classes are written out (42 M instructions generated)."""
+    assert "dataclasses" not in imported_by("stratopy.config", "stratopy.cli_parse")
+
+
+# The dataclasses a warm start still creates (each costs 2-4 M instructions
+# of generated code, docs/performance.md). The state classes are read by
+# migration/codec.py through dataclasses.fields and type hints; the QMP ones
+# belong to the QMP work. Anything else on the start path is written out
+# (stratopy.record, config.py, kvm/exits.py).
+DATACLASSES_AT_START = {
+    "stratopy.devices.serial.SerialState", "stratopy.devices.virtio.block.BlockState",
+    "stratopy.devices.virtio.mmio.MmioState", "stratopy.devices.virtio.net.NetState",
+    "stratopy.devices.virtio.queue.QueueState", "stratopy.machine.vcpu_state.VcpuState",
+    "stratopy.machine.vcpu_state.VmArchState", "stratopy.migration.memfile.MemoryImage",
+    "stratopy.qmp.protocol.Request", "stratopy.qmp.protocol.ProtocolError",
+    "stratopy.qmp.listen.UnixListener", "stratopy.qmp.listen.TcpListener",
+}
+
+_DATACLASS_PROBE = """
+import dataclasses, json, sys
+for name in sys.argv[1:]:
+    __import__(name)
+print(json.dumps(sorted(
+    f"{name}.{attr}" for name, mod in list(sys.modules.items()) if name.startswith("stratopy")
+    for attr, v in vars(mod).items()
+    if isinstance(v, type) and v.__module__ == name and dataclasses.is_dataclass(v))))
+"""
+
+
+def test_start_path_creates_no_new_dataclasses():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-S", "-c", _DATACLASS_PROBE, *START_PATH],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    extra = set(json.loads(r.stdout)) - DATACLASSES_AT_START
+    assert not extra, f"dataclasses created at start (write them out: stratopy.record): {extra}"
 
 
 def test_cli_alone_imports_no_machine_qmp_or_migration():

@@ -526,3 +526,66 @@ def test_direct_short_chunk_ends_the_transfer(tmp_path, monkeypatch):
         assert be.direct
     finally:
         be.close()
+
+
+def test_a_guest_that_keeps_adding_requests_does_not_hold_the_device(disk):
+    """Each flush the backend serves makes the (fake) guest publish another
+    request, as a vCPU can while the device thread works. One notification
+    must end after a queue's worth and ask to run again, so the device
+    thread gets back to the other devices."""
+    r = Rig(disk)
+    r.drv.init(sizes=[16])
+    requeued: list[int] = []
+    r.dev.requeue = requeued.append
+    served = [0]
+    real_flush = r.backend.flush
+
+    def flush_and_add_another():
+        real_flush()
+        served[0] += 1
+        if served[0] < 10_000:          # the old loop would serve all of them
+            r.header(B.VIRTIO_BLK_T_FLUSH)
+            r.drv.submit(0, [(HDR, 16, False), (STATUS, 1, True)], kick=False)
+    r.backend.flush = flush_and_add_another
+    try:
+        r.header(B.VIRTIO_BLK_T_FLUSH)
+        r.drv.submit(0, [(HDR, 16, False), (STATUS, 1, True)])
+        assert served[0] == 16           # one queue's worth (size 16) per turn
+        assert requeued == [0]
+        assert len(r.drv.used(0)) == 16
+        assert r.irq.count == 1          # the batch is signalled before yielding
+        # the continuation serves the next batch, and again asks for a turn
+        r.t.notify(0)
+        assert served[0] == 32 and requeued == [0, 0]
+        assert not r.t.broken
+    finally:
+        r.close()
+
+
+def test_a_batch_that_empties_the_queue_does_not_ask_for_another_turn(rig):
+    requeued: list[int] = []
+    rig.dev.requeue = requeued.append
+    for k in range(3):
+        rig.header(B.VIRTIO_BLK_T_FLUSH, addr=HDR + k * 32)
+        rig.drv.submit(0, [(HDR + k * 32, 16, False), (STATUS + k, 1, True)], kick=False)
+    rig.drv.w(M.REG_QUEUE_NOTIFY, 0)
+    assert len(rig.drv.used(0)) == 3
+    assert requeued == []
+
+
+def test_file_backend_refuses_a_fifo_without_blocking(tmp_path):
+    # A FIFO swapped in after the command line was checked must neither block
+    # the open (no writer) nor become a disk.
+    import errno as _errno
+    import signal as _signal
+
+    fifo = tmp_path / "disk"
+    os.mkfifo(fifo)
+    _signal.signal(_signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("open blocked")))
+    _signal.alarm(5)
+    try:
+        with pytest.raises(OSError) as e:
+            FileBackend(str(fifo), readonly=True)
+    finally:
+        _signal.alarm(0)
+    assert e.value.errno == _errno.EINVAL

@@ -21,9 +21,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from stratopy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from stratopy.errors import DeviceError, TemplateError
@@ -80,7 +81,10 @@ class FileBackend:
         self.path = path
         self.readonly = bool(readonly)
         self.warning: Optional[str] = None
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO swapped in for the checked path must not block
+        # the open (it is refused by its kind below); no effect on file I/O.
+        flags = ((os.O_RDONLY if readonly else os.O_RDWR)
+                 | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         self.direct = False
         fd = -1
         if direct:
@@ -96,6 +100,9 @@ class FileBackend:
             fd = os.open(path, flags)
         self.fd = fd
         try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise OSError(errno.EINVAL, "not a regular file or block device")
             self.size = os.lseek(fd, 0, os.SEEK_END)
         except OSError:
             os.close(fd)
@@ -274,6 +281,11 @@ class BlockDevice(VirtioDevice):
     def __init__(self, backend, serial: str = ""):
         super().__init__()
         self._set_backend(backend, serial)
+        # Set by the machine: run process_queue(q) again later, after the
+        # other devices had their turn (it kicks the queue's ioeventfd). One
+        # notification serves at most one queue's worth of requests, so a
+        # guest that keeps adding requests cannot hold the device thread.
+        self.requeue: Callable[[int], None] = lambda q: None
 
     def _set_backend(self, backend, serial: str) -> None:
         self.backend = backend
@@ -331,13 +343,16 @@ class BlockDevice(VirtioDevice):
         mem = self.mem
         done = 0
         try:
-            while True:
+            while done < q.size:
                 chain = q.pop(mem)
                 if chain is None:
-                    break
+                    return
                 written = self._handle(mem, chain)
                 q.add_used(mem, chain.head, written)
                 done += 1
+            # A full queue's worth served: whatever the guest added meanwhile
+            # waits for the next turn (a spurious turn finds nothing).
+            self.requeue(0)
         finally:
             if done:
                 self.signal_used(0)

@@ -48,6 +48,29 @@ _IFREQ_FLAGS = struct.Struct(f"{IFNAMSIZ}sH")
 _EMPTY_HDR = bytes(10) + struct.pack("<H", 1)     # no flags, no GSO, num_buffers 1
 
 
+def ifname_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a tap, or None.  Linux's dev_valid_name():
+    at most IFNAMSIZ-1 bytes, not "." or "..", no '/', ':' or whitespace;
+    NUL would silently cut the name short (``a\0b`` would open tap ``a``).
+    Also printable text in UTF-8 (Linux takes any other byte, but a control
+    character or a lone surrogate cannot be shown or encoded safely)."""
+    if not name:
+        return "cannot be empty"
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    if not name.isprintable():
+        return "must be printable text"
+    if len(raw) >= IFNAMSIZ:
+        return f"is longer than {IFNAMSIZ - 1} bytes"
+    if name in (".", ".."):
+        return "cannot be '.' or '..'"
+    if any(c in "/: " for c in name):
+        return "cannot contain '/', ':' or a space"
+    return None
+
+
 def _ifreq(name: str, flags: int) -> bytes:
     raw = name.encode()
     return _IFREQ_FLAGS.pack(raw, flags) + bytes(IFREQ_SIZE - _IFREQ_FLAGS.size)
@@ -72,9 +95,10 @@ class Tap:
     def _open(self, ifname: str | None) -> None:
         name = ifname or ""
         what = f"tap {name}" if name else "a tap"
-        if len(name.encode()) >= IFNAMSIZ:
-            raise StratoError(f"cannot open {what}: interface name longer than "
-                              f"{IFNAMSIZ - 1} bytes")
+        problem = ifname_problem(name) if name else None
+        if problem:
+            shown = name if name.isascii() and name.isprintable() else ascii(name)
+            raise StratoError(f"cannot open tap {shown}: the interface name {problem}")
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
