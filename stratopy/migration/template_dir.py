@@ -35,13 +35,13 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from stratopy.errors import MigrationError, TemplateError
 from stratopy.memory import GuestMemory
 from stratopy.migration import format as state_format
 from stratopy.migration import memfile
+from stratopy.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,18 @@ def _commit(path_dir: str, image: memfile.MemoryImage, state_tmp: str) -> None:
 # --------------------------------------------------------------------------
 # restoring
 
-@dataclass
-class OpenedTemplate:
-    meta: dict
-    components: dict
-    record: dict            # meta.memory, checked (with "digests" as bytes)
-    memory_fd: int          # the checked memory file: map and verify THIS
-    memory_path: str
+class OpenedTemplate(Record):
+    """A template opened for restore (a Record: no dataclass on the warm start)."""
+
+    __slots__ = ("meta", "components", "record", "memory_fd", "memory_path")
+
+    def __init__(self, meta: dict, components: dict, record: dict, memory_fd: int,
+                 memory_path: str):
+        self.meta = meta
+        self.components = components
+        self.record = record            # meta.memory, checked ("digests" as bytes)
+        self.memory_fd = memory_fd      # the checked memory file: map and verify THIS
+        self.memory_path = memory_path
 
     def close(self) -> None:
         if self.memory_fd >= 0:
