@@ -157,6 +157,12 @@ def start_lazy_verify(machine, opened, ram) -> threading.Thread:
     the lowest CPU priority; on damage stop the VM: one error line, SHUTDOWN
     (host-error), exit code 1. The thread owns ``opened.memory_fd``."""
     def run() -> None:
+        # Start after the first KVM_RUN: the warm start itself is not slowed
+        # (the GIL and both host CPUs go to building and starting the VM).
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not (
+                machine.runners and machine.runners[0].first_run_at is not None):
+            time.sleep(0.005)
         try:
             # who=0: on Linux the nice value is per thread and 0 is the calling
             # thread (the seccomp policy allows exactly this form)
