@@ -214,24 +214,3 @@ def test_rootfs_key_tracks_vecstate_and_compiler():
                                        compiler_id="gcc 12")
     assert k != guest.rootfs_cache_key("bb", b"init", b"initrd", vecstate=b"a",
                                        compiler_id="gcc 13")
-
-
-@pytest.mark.skipif(not BUSYBOX.exists() or not shutil.which("gcc")
-                    or not shutil.which("debugfs", path=os.environ.get("PATH", "")
-                                        + ":/sbin:/usr/sbin"),
-                    reason="needs busybox-static, gcc and e2fsprogs")
-def test_rootfs_carries_vecstate(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATOPY_CACHE", str(tmp_path))
-    img = guest.ensure_rootfs()
-    debugfs = shutil.which("debugfs", path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")
-    listing = subprocess.run([debugfs, "-R", "ls -l /usr/bin", str(img)],
-                             capture_output=True, text=True, check=True).stdout
-    line, = [ln for ln in listing.splitlines() if ln.split()[-1:] == ["vecstate"]]
-    assert line.split()[1] == "100755", line
-    out = tmp_path / "vecstate"
-    subprocess.run([debugfs, "-R", f"dump /usr/bin/vecstate {out}", str(img)],
-                   capture_output=True, check=True)
-    assert guest._elf_is_static(out)
-    out.chmod(0o755)
-    r = subprocess.run([str(out), "0"], capture_output=True, text=True, timeout=10)
-    assert r.stdout.startswith("vecstate pid="), r
