@@ -105,7 +105,7 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -device virtio-net-device,netdev=NETDEV_ID[,id=ID][,mac=XX:XX:XX:XX:XX:XX]
   -device virtio-serial-device[,id=ID]
   -device virtconsole,id=ID,chardev=CHARDEV_ID
-  -device virtio-rng-device,rng=OBJECT_ID[,id=ID]
+  -device virtio-rng-device,rng=OBJECT_ID[,id=ID][,max-bytes=N,period=MS]
   -serial stdio|pty|none|file,path=PATH|socket,path=PATH[,server][,nowait]|chardev:ID
   -qmp unix:PATH,server,nowait  |  tcp:IP:PORT,server,nowait   (repeatable)
   -incoming file:DIR[,mapped=on|off]   start from the VM template in DIR
@@ -706,6 +706,25 @@ def _parse_device(text: str) -> tuple[str, _Props]:
     return driver, p
 
 
+def _rng_limit(who: str, max_raw: str | None, period_raw: str | None) -> tuple[int | None, int | None]:
+    """StratoVirt's rules: both or neither; max-bytes*1000/period (bytes per
+    second) within 64..1000000000."""
+    from stratopy.devices.virtio.rng import MAX_BYTES_PER_SEC, MIN_BYTES_PER_SEC
+
+    o = "-device"
+    if (max_raw is None) != (period_raw is None):
+        raise ConfigError(o, f"{who}: max-bytes and period go together (give both or neither)")
+    if max_raw is None:
+        return None, None
+    max_bytes = _int(o, "max-bytes", max_raw, 1, MAX_U64)
+    period = _int(o, "period", period_raw, 1, MAX_U64)
+    rate = max_bytes * 1000 // period
+    if not MIN_BYTES_PER_SEC <= rate <= MAX_BYTES_PER_SEC:
+        raise ConfigError(o, f"{who}: max-bytes*1000/period is {rate} bytes per second, "
+                             f"outside {MIN_BYTES_PER_SEC}..{MAX_BYTES_PER_SEC}")
+    return max_bytes, period
+
+
 def _mac(value: str) -> str:
     if not _MAC.fullmatch(value):
         raise ConfigError("-device", f"{NET}: mac '{value}' is malformed (use xx:xx:xx:xx:xx:xx)")
@@ -961,13 +980,13 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
             devices.append(serial_port)
         else:  # RNG
             ref = p.need("rng")
-            for prop in ("max-bytes", "max_bytes", "period"):
-                p.refuse(prop, "rate limiting is not supported")
+            max_bytes, period = _rng_limit(who, p.take("max-bytes", "max_bytes"), p.take("period"))
             p.finish()
             rng = rngs.get(ref)
             if rng is None:
                 raise ConfigError(o, f"{who}: rng object '{ref}' is not defined by -object rng-random")
-            devices.append(DeviceConfig(driver=RNG, id=dev_id, rng=rng))
+            devices.append(DeviceConfig(driver=RNG, id=dev_id, rng=rng,
+                                        max_bytes=max_bytes, period=period))
 
     # The virtio-serial-device carries its console's chardev for the builder.
     if serial_port is not None:

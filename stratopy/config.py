@@ -188,7 +188,8 @@ class DeviceConfig(_Frozen):
                               virtconsole plugged into it, or None
     ``virtconsole``           ``chardev`` (ChardevConfig), ``bus``: the id of
                               the virtio-serial-device it belongs to
-    ``virtio-rng-device``     ``rng`` (RngObjectConfig)
+    ``virtio-rng-device``     ``rng`` (RngObjectConfig), ``max_bytes`` and
+                              ``period`` (ms): the rate limit, both or neither
     ========================  ===============================================
 
     ``id`` is always set: when the command line gives none (StratoVirt allows
@@ -198,7 +199,8 @@ class DeviceConfig(_Frozen):
     its own: see :meth:`MachineConfig.transport_devices`.
     """
 
-    __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng")
+    __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
+                 "max_bytes", "period")
 
     def __init__(
             self,
@@ -211,6 +213,8 @@ class DeviceConfig(_Frozen):
             chardev: ChardevConfig | None = None,
             bus: str | None = None,
             rng: RngObjectConfig | None = None,
+            max_bytes: int | None = None,
+            period: int | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -221,6 +225,8 @@ class DeviceConfig(_Frozen):
         _set(self, "chardev", chardev)
         _set(self, "bus", bus)
         _set(self, "rng", rng)
+        _set(self, "max_bytes", max_bytes)
+        _set(self, "period", period)
 
 
 class QmpConfig(_Frozen):

@@ -74,7 +74,17 @@ def make_device(machine, slot):
             def close(self) -> None:
                 os.close(fd)
         src = Source()
-        return RngDevice(src), src
+        if d.max_bytes is None:
+            return RngDevice(src), src
+        from stratopy.devices.virtio.rng import RateLimiter
+
+        loop = machine.loop
+
+        def call_later(delay: float, fn) -> None:
+            # process_queue may run on a vCPU thread (MMIO notify): the
+            # timer heap belongs to the device thread
+            loop.call_soon(lambda: loop.call_later(delay, fn))
+        return RngDevice(src, limiter=RateLimiter(d.max_bytes, d.period), call_later=call_later), src
     if d.driver == cfgmod.SERIAL:
         from stratopy.chardev import Chardev
         from stratopy.devices.virtio.console import ConsoleDevice

@@ -420,7 +420,7 @@ ERRORS = [
     (K + ["-device", "virtio-serial-device", "-device", "virtio-serial-device"], "-device", "only one"),
     (K + ["-device", "virtio-rng-device,rng=r"], "-device", "rng object 'r' is not defined"),
     (K + ["-object", "rng-random,id=r,filename=/dev/urandom", "-device",
-          "virtio-rng-device,rng=r,max-bytes=1234,period=1000"], "-device", "max-bytes", "not supported"),
+          "virtio-rng-device,rng=r,max-bytes=1234"], "-device", "max-bytes and period go together"),
     # -qmp
     (K + ["-qmp", "unix:/tmp/q"], "-qmp", "'server,nowait' is required"),
     (K + ["-qmp", "unix:/tmp/q,server"], "-qmp", "'server,nowait' is required"),
