@@ -22,6 +22,12 @@ READY = "STRATOPY-GUEST-READY"
 LINUX_CMDLINE = "console=ttyS0 pci=off reboot=k quiet panic=1 root=/dev/vda"
 
 
+# A -D log line in StratoVirt's format (util/src/logger.rs), the one Kata
+# Containers parses: groups pid, tid, file, line, level, message.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}: \[(\d+)\]\[(\d+)\]"
+                      r"\[(\S+\.py):(\d+)\]:(INFO|WARN|ERROR|DEBUG): (.*)$")
+
+
 class GuestTimeout(AssertionError):
     pass
 
