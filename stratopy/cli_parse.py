@@ -98,7 +98,7 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -append "CMDLINE"                kernel command line (repeatable, joined by spaces)
   -initrd PATH                     initramfs
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S][,if=none][,format=raw][,aio=off|native|io_uring]
-  -netdev tap,id=ID,ifname=NAME|fd=N[,vhost=on|off][,queues=N]
+  -netdev tap,id=ID,ifname=NAME|fd=N|fds=N:M...[,vhost=on|off][,queues=N]
   -chardev stdio|pty,id=ID  |  file,id=ID,path=PATH  |  socket,id=ID,path=PATH[,server][,nowait]
   -object rng-random,id=ID,filename=PATH
   -device virtio-blk-device,id=ID,drive=DRIVE_ID[,serial=S]
@@ -111,6 +111,7 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -incoming file:DIR[,mapped=on|off]   start from the VM template in DIR
   -S                               start with vCPUs paused (QMP 'cont' starts them)
   -name NAME                       guest name
+  -uuid UUID                       the VM's UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)
   -D [LOGFILE]                     log to LOGFILE (to stderr when no file is given)
   -daemonize                       detach after initialising
   -pidfile PATH                    write the PID (needs -daemonize)
@@ -139,6 +140,7 @@ _OPTIONS: dict[str, tuple[str, bool]] = {
     "-incoming": ("value", False),
     "-S": ("flag", False),
     "-name": ("value", False),
+    "-uuid": ("value", False),
     "-D": ("optional", False),
     "-daemonize": ("flag", False),
     "-pidfile": ("value", False),
@@ -149,7 +151,7 @@ _VERSION = ("-V", "-version", "--version")
 
 # StratoVirt options stratopy knows of but does not implement (a clearer refusal).
 _STRATOVIRT_ONLY = {
-    "-accel", "-cpu", "-numa", "-mod-test", "-mon", "-overcommit", "-uuid",
+    "-accel", "-cpu", "-numa", "-mod-test", "-mon", "-overcommit",
     "-no-user-config", "-nodefaults", "-sandbox", "-msg", "-rtc", "-no-shutdown",
     "-battery", "-boot", "-nographic", "-realtime", "-display", "-usb", "-trace",
     "-global", "-hardware-signature", "-smbios", "-cameradev", "-vnc",
@@ -160,6 +162,7 @@ _BOOL_TRUE = ("on", "true", "yes")
 _BOOL_FALSE = ("off", "false", "no")
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)", re.ASCII)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -542,27 +545,42 @@ def _parse_netdev(text: str) -> NetdevConfig:
     net_id = _id(o, "-netdev", p.need("id"))
     ifname = p.take("ifname")
     fd_raw = p.take("fd")
+    fds_raw = p.take("fds")
     vhost = p.take_bool(False, "vhost")
     queues_raw = p.take("queues")
     p.finish()
-    if ifname is not None and fd_raw is not None:
-        raise ConfigError(o, f"netdev '{net_id}': give ifname= or fd=, not both")
-    if ifname is None and fd_raw is None:
-        raise ConfigError(o, f"netdev '{net_id}': the tap device is missing, use ifname= or fd=")
+    given = [k for k, v in (("ifname", ifname), ("fd", fd_raw), ("fds", fds_raw)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(o, f"netdev '{net_id}': give one of ifname=, fd= or fds=, not "
+                             + " and ".join(f"{k}=" for k in given))
+    if not given:
+        raise ConfigError(o, f"netdev '{net_id}': the tap device is missing, use ifname=, fd= or fds=")
     fd = None
+    extra: tuple[int, ...] = ()
     if ifname is not None:
         if not _valid_ifname(ifname):
             raise ConfigError(o, f"ifname '{ifname}' is not a valid interface name (1..{MAX_IFNAME_LEN} "
                                  f"bytes, no '/', ':', space or control character)")
     else:
-        assert fd_raw is not None
-        if fd_raw.startswith("-"):
-            raise ConfigError(o, f"fd={fd_raw}: a file descriptor cannot be negative")
-        fd = _int(o, "fd", fd_raw, 0, (1 << 31) - 1)
-        if fd < 3:
-            raise ConfigError(o, f"fd={fd} is stdin/stdout/stderr, not a tap")
+        key, raw = ("fd", fd_raw) if fd_raw is not None else ("fds", fds_raw)
+        fds = [_tap_fd(o, key, x) for x in raw.split(":")]
+        if len(fds) > MAX_NET_QUEUE_PAIRS:
+            raise ConfigError(o, f"{key}={raw}: more than {MAX_NET_QUEUE_PAIRS} queues")
+        if len(set(fds)) != len(fds):
+            raise ConfigError(o, f"{key}={raw}: a file descriptor is given twice")
+        fd, extra = fds[0], tuple(fds[1:])
     queues = 1 if queues_raw is None else _int(o, "queues", queues_raw, 1, MAX_NET_QUEUE_PAIRS)
-    return NetdevConfig(id=net_id, kind="tap", ifname=ifname, fd=fd, vhost=vhost, queues=queues)
+    return NetdevConfig(id=net_id, kind="tap", ifname=ifname, fd=fd, vhost=vhost, queues=queues,
+                        extra_fds=extra)
+
+
+def _tap_fd(o: str, key: str, raw: str) -> int:
+    if raw.startswith("-"):
+        raise ConfigError(o, f"{key}={raw}: a file descriptor cannot be negative")
+    fd = _int(o, key, raw, 0, (1 << 31) - 1)
+    if fd < 3:
+        raise ConfigError(o, f"{key}: fd {fd} is stdin/stdout/stderr")
+    return fd
 
 
 def _valid_ifname(name: str) -> bool:
@@ -683,7 +701,6 @@ def _parse_incoming(text: str) -> IncomingConfig:
 
 _UNSUPPORTED_DEVICE_HINT = {
     "virtserialport": "only virtconsole ports are supported",
-    "vhost-vsock-device": "vsock is not supported",
     "virtio-balloon-device": "balloon is not supported",
     "vhost-user-fs-device": "virtio-fs is not supported",
     "vfio-pci": "vfio needs q35, which is not supported yet",
@@ -693,6 +710,8 @@ _UNSUPPORTED_DEVICE_HINT = {
 def _parse_device(text: str) -> tuple[str, _Props]:
     o = "-device"
     driver, p = _typed(o, text, "device driver")
+    if driver == "vhost-vsock-device":
+        _refuse_vsock(p)
     if driver not in DEVICE_DRIVERS:
         if driver in _UNSUPPORTED_DEVICE_HINT:
             reason = _UNSUPPORTED_DEVICE_HINT[driver]
@@ -723,6 +742,22 @@ def _rng_limit(who: str, max_raw: str | None, period_raw: str | None) -> tuple[i
         raise ConfigError(o, f"{who}: max-bytes*1000/period is {rate} bytes per second, "
                              f"outside {MIN_BYTES_PER_SEC}..{MAX_BYTES_PER_SEC}")
     return max_bytes, period
+
+
+def _refuse_vsock(p: _Props) -> None:
+    """``vhost-vsock-device,id=ID,guest-cid=N[,vhostfd=FD]`` (what Kata
+    starts) is understood, checked, then refused: stratopy has no vsock
+    device yet, and the VM must not start without the one channel Kata's
+    agent talks over."""
+    o = "-device"
+    dev_id = _id(o, "vhost-vsock-device", p.need("id"))
+    cid = _int(o, "guest-cid", p.need("guest-cid"), 3, (1 << 32) - 2)   # 0-2 are reserved
+    vhostfd = p.take("vhostfd")
+    if vhostfd is not None:
+        _tap_fd(o, "vhostfd", vhostfd)
+    p.finish()
+    raise ConfigError(o, f"vhost-vsock-device '{dev_id}' (guest-cid={cid}): vsock is not implemented "
+                         "yet; the VM would start without its host channel")
 
 
 def _mac(value: str) -> str:
@@ -826,6 +861,10 @@ def _parse(argv: list[str]) -> MachineConfig:
                 raise ConfigError(opt, f"the name must be 1..{MAX_ID_LEN} characters")
             _no_control(opt, "the name", value)
             kw["name"] = value
+        elif opt == "-uuid":
+            if not _UUID.fullmatch(value):
+                raise ConfigError(opt, f"'{value}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, hex)")
+            kw["uuid"] = value.lower()
         elif opt == "-D":
             log_given = True
             if value is not None:

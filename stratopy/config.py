@@ -113,14 +113,18 @@ class DriveConfig(_Frozen):
 
 
 class NetdevConfig(_Frozen):
-    """``-netdev tap,id=ID,ifname=NAME`` or ``-netdev tap,id=ID,fd=N``.
+    """``-netdev tap,id=ID,ifname=NAME`` or ``-netdev tap,id=ID,fd=N|fds=N:M:...``.
 
-    Exactly one of ``ifname``/``fd`` is set.  ``queues`` counts queue pairs
+    Exactly one of ``ifname``/``fd`` is set. ``fds=`` (the queues of one
+    multi-queue tap, as Kata passes them): ``fd`` is the first, used for the
+    device's one queue pair; ``extra_fds`` the others, checked to be queues
+    of the same tap and then detached from it (nothing is steered to a
+    queue nobody reads).  ``queues`` counts queue pairs
     (StratoVirt's ``queues=``), default 1.  ``vhost=on`` is accepted here; the
     machine refuses it where it cannot honour it (templates).
     """
 
-    __slots__ = ("id", "kind", "ifname", "fd", "vhost", "queues")
+    __slots__ = ("id", "kind", "ifname", "fd", "vhost", "queues", "extra_fds")
 
     def __init__(
             self,
@@ -130,6 +134,7 @@ class NetdevConfig(_Frozen):
             fd: int | None = None,
             vhost: bool = False,
             queues: int = 1,
+            extra_fds: tuple[int, ...] = (),
     ):
         _set(self, "id", id)
         _set(self, "kind", kind)
@@ -137,6 +142,7 @@ class NetdevConfig(_Frozen):
         _set(self, "fd", fd)
         _set(self, "vhost", vhost)
         _set(self, "queues", queues)
+        _set(self, "extra_fds", extra_fds)
 
 
 class ChardevConfig(_Frozen):
@@ -267,7 +273,7 @@ class MachineConfig(_Frozen):
         "machine_type", "dump_guest_core", "mem_share", "cpus", "max_cpus", "sockets", "cores",
         "threads", "mem_size", "mem_path", "mem_prealloc", "kernel", "kernel_cmdline",
         "initrd", "drives", "netdevs", "chardevs", "rng_objects", "devices", "serial", "qmp",
-        "incoming", "start_paused", "name", "log_file", "log_to_stderr", "daemonize",
+        "incoming", "start_paused", "name", "uuid", "log_file", "log_to_stderr", "daemonize",
         "pidfile", "disable_seccomp",
     )
 
@@ -298,6 +304,7 @@ class MachineConfig(_Frozen):
             incoming: IncomingConfig | None = None,
             start_paused: bool = False,
             name: str | None = None,
+            uuid: str | None = None,
             log_file: str | None = None,
             log_to_stderr: bool = False,
             daemonize: bool = False,
@@ -328,6 +335,7 @@ class MachineConfig(_Frozen):
         _set(self, "incoming", incoming)
         _set(self, "start_paused", start_paused)
         _set(self, "name", name)
+        _set(self, "uuid", uuid)
         _set(self, "log_file", log_file)
         _set(self, "log_to_stderr", log_to_stderr)
         _set(self, "daemonize", daemonize)

@@ -33,7 +33,14 @@ def open_tap(nd: cfgmod.NetdevConfig):
     """The Tap of a netdev (StratoError when it cannot be opened/adopted)."""
     from stratopy.devices.virtio.tap import Tap
 
-    return Tap(ifname=nd.ifname, fd=nd.fd)
+    tap = Tap(ifname=nd.ifname, fd=nd.fd)
+    try:
+        for fd in nd.extra_fds:
+            tap.drop_extra_queue(fd)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
 
 
 def mac_bytes(mac: str | None) -> bytes | None:
