@@ -38,15 +38,17 @@ class Vm:
     _seq = 0
 
     def __init__(self, args: list[str], qmp: bool = True, env: dict | None = None,
-                 cwd: str | None = None, program: list[str] | None = None):
+                 cwd: str | None = None, program: list[str] | None = None,
+                 serial_stdio: bool = True):
         """``program``: the monitor's argv prefix (default ``python -m stratopy``;
-        the benchmarks pass QEMU's)."""
+        the benchmarks pass QEMU's). ``serial_stdio=False``: no ``-serial
+        stdio`` added (a command line replayed verbatim)."""
         self.tmp = tempfile.mkdtemp(prefix="stratopy-vm-")
         self.qmp_path = os.path.join(self.tmp, "qmp.sock") if qmp else None
         argv = list(program or [sys.executable, "-m", "stratopy"]) + list(args)
         if qmp and not any(a == "-qmp" for a in args):
             argv += ["-qmp", f"unix:{self.qmp_path},server,nowait"]
-        if "-serial" not in args:
+        if "-serial" not in args and serial_stdio:
             argv += ["-serial", "stdio"]
         self.argv = argv
         self.t_start = time.monotonic()
