@@ -97,6 +97,8 @@ def test_kata_command_line_and_qmp_sequence(guests, tmp_path):
             assert r == {"return": {}}, r
             cpus = q.cmd("query-cpus")["return"]
             assert len(cpus) == 1 and cpus[0]["CPU"] == 0 and cpus[0]["thread_id"] > 0, cpus
+            r = q.cmd("blockdev-del", **{"node-name": "drive-1"})
+            assert "error" in r and "busy" in r["error"]["desc"], r      # its device uses it
             r = q.cmd("device_del", id="drive-1")
             assert r == {"return": {}}, r
             q.wait_event("DEVICE_DELETED", TIMEOUT)
