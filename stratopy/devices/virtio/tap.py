@@ -72,6 +72,17 @@ def _ifreq(name: str, flags: int) -> bytes:
     return _IFREQ_FLAGS.pack(raw, flags) + bytes(IFREQ_SIZE - _IFREQ_FLAGS.size)
 
 
+def _tun_info(fd: int) -> tuple[str, int]:
+    """(interface name, IFF_* flags) of an inherited tun/tap fd (TUNGETIFF)."""
+    try:
+        res = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
+    except OSError as e:
+        raise StratoError(f"tap fd={fd} is not an attached tap device: {e.strerror} "
+                          f"(errno {e.errno})") from None
+    name, flags = _IFREQ_FLAGS.unpack_from(res)
+    return name.split(b"\0", 1)[0].decode(errors="replace"), flags
+
+
 class Tap:
     """A non-blocking tap fd exchanging frames that begin with a 12-byte
     ``virtio_net_hdr_v1``."""
@@ -118,13 +129,7 @@ class Tap:
         self.fd = fd
 
     def _adopt(self, fd: int) -> None:
-        try:
-            res = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
-        except OSError as e:
-            raise StratoError(f"tap fd={fd} is not an attached tap device: {e.strerror} "
-                              f"(errno {e.errno})") from None
-        name, flags = _IFREQ_FLAGS.unpack_from(res)
-        self.ifname = name.split(b"\0", 1)[0].decode(errors="replace")
+        self.ifname, flags = _tun_info(fd)
         if not flags & IFF_TAP:
             raise StratoError(f"fd={fd} ({self.ifname}) is a tun device, not a tap")
         if not flags & IFF_NO_PI:
@@ -153,13 +158,7 @@ class Tap:
         (TUNGETIFF), then detach it from the tap so that the kernel steers
         nothing to it, and close our copy."""
         try:
-            try:
-                res = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
-            except OSError as e:
-                raise StratoError(f"tap fd={fd} is not an attached tap device: {e.strerror} "
-                                  f"(errno {e.errno})") from None
-            name, flags = _IFREQ_FLAGS.unpack_from(res)
-            name = name.split(b"\0", 1)[0].decode(errors="replace")
+            name, flags = _tun_info(fd)
             if not flags & IFF_TAP or name != self.ifname:
                 raise StratoError(f"fds=: fd {fd} is {name or 'no interface'}, not a queue of "
                                   f"tap {self.ifname} (fd {self.fd})")
