@@ -292,9 +292,7 @@ def _fs_page_size(fd: int) -> tuple[bool, int]:
 
     os.fstatvfs has no f_type, and only f_type tells hugetlbfs apart; its
     f_bsize is the huge page size (StratoVirt reads the same field)."""
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)    # the process's own libc (no ldconfig run)
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
     if libc.fstatfs(fd, buf) != 0:
         return False, PAGE_SIZE
