@@ -526,6 +526,15 @@ def _parse(argv: list[str]) -> MachineConfig:
     if kw.get("daemonize") and stdio:
         opt = "-serial" if serial is not None and serial.backend == "stdio" else "-chardev"
         raise ConfigError("-daemonize", f"cannot be combined with stdio ({opt} {stdio[0].backend})")
+    if "incoming" in kw:
+        # a warm start's RAM is the template's memory file mapped private;
+        # it cannot also be a -mem-path file, a memfd or preallocated (and
+        # StratoVirt takes no template of a VM with these)
+        for key, opt in (("mem_path", "-mem-path"), ("mem_share", "-machine mem-share=on"),
+                         ("mem_prealloc", "-mem-prealloc")):
+            if kw.get(key):
+                raise ConfigError("-incoming", f"cannot be combined with {opt} (guest RAM "
+                                               "comes from the template's memory file)")
     if "pidfile" in kw and not kw.get("daemonize"):
         raise ConfigError("-pidfile", "requires -daemonize")
 
