@@ -35,11 +35,12 @@ KATA_APPEND = ("poll=16 root=/dev/vda rootflags=data=ordered,errors=remount-ro r
                "pci=off iommu=off acpi=off quiet 8250.nr_uarts=0 agent.log_vport=1025")
 
 
-def kata_args(kernel: str, qmp: str, rootfs: str, vsock: bool = False) -> list[str]:
+def kata_args(kernel: str, qmp: str, rootfs: str, vsock: bool = False,
+              machine: str = "type=microvm,dump-guest-core=off") -> list[str]:
     args = ["-name", f"sandbox-{SANDBOX}", "-uuid", UUID, "-smp", "1", "-m", "64",
             "-kernel", kernel, "-append", KATA_APPEND,
             "-qmp", f"unix:{qmp},server,nowait", "-D", "-disable-seccomp",
-            "-machine", "type=microvm,dump-guest-core=off",
+            "-machine", machine,
             "-object", "rng-random,id=objrng0,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=objrng0,id=virtio-rng0",
             "-drive", f"id=rootfs,file={rootfs},readonly=on,direct=off",
@@ -70,7 +71,10 @@ def test_kata_vsock_is_refused_in_one_line(guests, tmp_path):
                     "vhost-vsock-device", "vsock-id", "not implemented")
 
 
-def test_kata_command_line_and_qmp_sequence(guests, tmp_path):
+# Kata adds mem-share=on when the sandbox shares files with virtio-fs
+@pytest.mark.parametrize("machine", ["type=microvm,dump-guest-core=off",
+                                     "type=microvm,dump-guest-core=off,mem-share=on"])
+def test_kata_command_line_and_qmp_sequence(guests, tmp_path, machine):
     rootfs = tmp_path / "rootfs.img"
     rootfs.write_bytes(bytes(1 << 20))
     hot = tmp_path / "hot.img"
@@ -81,7 +85,8 @@ def test_kata_command_line_and_qmp_sequence(guests, tmp_path):
     try:
         program = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "tests.kata_launch",
                    TAP, "2", "--", sys.executable, "-m", "stratopy"]
-        vm = harness.Vm(kata_args(guests["counter"], qmp_path, str(rootfs)), qmp=False,
+        vm = harness.Vm(kata_args(guests["counter"], qmp_path, str(rootfs), machine=machine),
+                        qmp=False,
                         program=program, serial_stdio=False)
         q = qmp_connect(qmp_path, vm)
         try:
@@ -117,7 +122,9 @@ def test_kata_command_line_and_qmp_sequence(guests, tmp_path):
             q.close()
         pid = vm.proc.pid
         # -machine dump-guest-core=off: guest RAM out of core dumps
-        assert "dd" in guest_ram_vma(pid, 64)["flags"]
+        ram = guest_ram_vma(pid, 64)
+        assert "dd" in ram["flags"], ram
+        assert ram["name"].startswith("/memfd:") == ("mem-share=on" in machine), ram
         # fds=3:4: fd 3 is the device's tap queue, fd 4 was checked and dropped
         assert os.readlink(f"/proc/{pid}/fd/3") == "/dev/net/tun"
         assert f"iff:\t{TAP}" in open(f"/proc/{pid}/fdinfo/3").read()
