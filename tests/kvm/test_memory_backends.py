@@ -41,6 +41,8 @@ def vmas(pid: int) -> list[dict]:
                 found.append(cur)
             elif head[0] == "VmFlags:" and cur is not None:
                 cur["flags"] = head[1:]
+            elif head[0] == "Rss:" and cur is not None:
+                cur["rss"] = int(head[1]) << 10
     return found
 
 
@@ -154,6 +156,19 @@ def test_mem_path_vm_is_refused_as_a_template(guests, start_vm, tmp_path):
         assert q.cmd("query-status")["return"]["status"] == "paused"
     finally:
         q.close()
+
+
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_mem_prealloc_anonymous(guests, start_vm, prealloc):
+    """-mem-prealloc without -mem-path: all of guest RAM is resident before
+    the guest runs (MAP_POPULATE); without it only what the guest touched."""
+    vm = boot(start_vm, guests, *(["-mem-prealloc"] if prealloc else []))
+    big = [v for v in vmas(vm.proc.pid) if v["size"] >= GUEST_MIB << 20 and v["perms"] == "rw-p"]
+    resident = max(v["rss"] for v in big)
+    if prealloc:
+        assert resident >= GUEST_MIB << 20, big
+    else:
+        assert resident < (GUEST_MIB << 20) // 2, big
 
 
 @contextlib.contextmanager
