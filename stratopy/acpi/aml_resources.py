@@ -34,10 +34,13 @@ def _check(value: int, bits: int, what: str) -> int:
 
 
 def resource_template(*descriptors: bytes) -> bytes:
-    """ResourceTemplate(): a Buffer of descriptors and the End Tag, whose
-    checksum byte makes the whole resource data sum to zero (§6.4.2.9)."""
-    data = b"".join(descriptors) + bytes([END_TAG])
-    return buffer(data + bytes([(-sum(data)) & 0xFF]))
+    """ResourceTemplate(): a Buffer of descriptors and the End Tag.
+
+    The End Tag's checksum byte is 0, which §6.4.2.9 defines as "treat the
+    checksum as valid"; iasl and QEMU write 0 too, so our buffers are
+    byte-for-byte what iasl compiles from the same ASL (the tests rely on it).
+    """
+    return buffer(b"".join(descriptors) + bytes([END_TAG, 0]))
 
 
 def io(minimum: int, maximum: int, alignment: int, length: int, decode16: bool = True) -> bytes:
