@@ -119,12 +119,20 @@ class MicrovmAcpi:
     ged_mmio_addr: int = GED_MMIO_ADDR
     vmgenid_guid_addr: int | None = VMGENID_GUID_ADDR
     power_button: bool = True
+    sleep: bool = True        # \_S5 + the GED page's sleep registers: guest poweroff
     serial: tuple[int, int] | None = (0x3F8, 4)
     virtio: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+def s5_package() -> bytes:
+    """``Name(\\_S5, Package {SLP_TYPa, SLP_TYPb, 0, 0})`` (ACPI 6.5 §7.4.2):
+    the value a powering-off guest writes to the sleep control register."""
+    return aml.name("\\_S5", aml.package(ged.SLP_TYP_S5, 0, 0, 0))
+
+
 def microvm_dsdt_aml(config: MicrovmAcpi) -> bytes:
-    """The DSDT body: ``Scope(\\_SB) { COM1, V000.., VGEN, PWRB, GED }``."""
+    """The DSDT body: ``\\_S5`` and ``Scope(\\_SB) { COM1, V000.., VGEN,
+    PWRB, GED }``."""
     devices = []
     if config.serial is not None:
         devices.append(serial_device(*config.serial))
@@ -141,17 +149,23 @@ def microvm_dsdt_aml(config: MicrovmAcpi) -> bytes:
         if not config.ged_gsi:
             raise aml.AmlError("the GED needs a GSI (ged_gsi) for its events")
         devices.append(ged_device(config.ged_mmio_addr, config.ged_gsi, notifications))
-    return aml.scope("\\_SB", *devices)
+    return (s5_package() if config.sleep else b"") + aml.scope("\\_SB", *devices)
 
 
-def microvm_fadt() -> tables.FadtConfig:
+def microvm_fadt(config: MicrovmAcpi | None = None) -> tables.FadtConfig:
     """Hardware-reduced (no PM blocks, no SCI, events through the GED);
     buttons are control-method devices; no VGA, no CMOS RTC (the microvm
-    has neither), no i8042 announced (it only exists for ``reboot=k``)."""
+    has neither), no i8042 announced (it only exists for ``reboot=k``);
+    the sleep registers in the GED page when ``config.sleep``."""
+    sleep = None
+    if config is not None and config.sleep:
+        sleep = (config.ged_mmio_addr + ged.SLEEP_CONTROL_OFFSET,
+                 config.ged_mmio_addr + ged.SLEEP_STATUS_OFFSET)
     return tables.FadtConfig(
         hw_reduced=True,
         flags=tables.FADT_PWR_BUTTON | tables.FADT_SLP_BUTTON,
         iapc_boot_arch=tables.IAPC_VGA_NOT_PRESENT | tables.IAPC_CMOS_RTC_NOT_PRESENT,
+        sleep_registers=sleep,
     )
 
 
@@ -160,5 +174,5 @@ def microvm_tables(config: MicrovmAcpi) -> tables.AcpiLayout:
     ``(gpa, bytes)`` of the result's ``blobs`` into guest memory."""
     madt = tables.madt(list(range(config.cpus)), config.ioapic_id, config.ioapic_addr,
                        config.lapic_addr)
-    return tables.place(RSDP_ADDR, TABLES_WINDOW, microvm_dsdt_aml(config), microvm_fadt(),
-                        [madt])
+    return tables.place(RSDP_ADDR, TABLES_WINDOW, microvm_dsdt_aml(config),
+                        microvm_fadt(config), [madt])

@@ -10,6 +10,11 @@ reads the event register (``read``: returns the pending bits and clears
 them, like QEMU's GED selector) -> ``Notify(VGEN, 0x80)`` for bit 0 (the
 vmgenid driver reads the new ID and reseeds the RNG), ``Notify(PWRB,
 0x80)`` for bit 1 (the ACPI button driver reports KEY_POWER).
+
+The same page holds the hardware-reduced sleep registers the FADT points
+at (SLEEP_CONTROL_REG, SLEEP_STATUS_REG, ACPI 6.5 §4.8.3.7): a guest that
+powers off writes SLP_TYP=5 (the ``\\_S5`` package) with SLP_EN to the
+control register, which calls ``poweroff()``: the monitor ends the VM.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ EVENT_VMGENID = 1 << 0
 EVENT_POWER_BUTTON = 1 << 1
 EVENTS_VALID = EVENT_VMGENID | EVENT_POWER_BUTTON
 
-REGISTER_SIZE = 4          # one 32-bit register: the event selector
+REGISTER_SIZE = 4          # the 32-bit event selector, at offset 0
+SLEEP_CONTROL_OFFSET = 4   # 8-bit sleep control register
+SLEEP_STATUS_OFFSET = 5    # 8-bit sleep status register
 MMIO_SIZE = 0x1000         # what the machine maps (a page, so nothing shares it)
+
+SLP_TYP_S5 = 5             # the SLP_TYPa of \_S5 the DSDT gives the guest
+SLEEP_TYPE_SHIFT = 2       # SLP_TYPx: bits 2-4 of the sleep control register
+SLEEP_TYPE_MASK = 0x1C
+SLEEP_ENABLE = 0x20        # SLP_EN: bit 5
 
 GUID_SIZE = 16
 
@@ -43,13 +55,16 @@ class GedDevice:
     ``irq()`` raises the GED interrupt (an edge). Reads of the register
     return the pending event bits (little-endian) and clear them; a read
     narrower than 4 bytes returns and clears only the bytes it covers.
-    Writes are ignored (the guest acknowledges by reading).
+    Writes to the event register are ignored (the guest acknowledges by
+    reading); a write of SLP_EN with SLP_TYP=5 to the sleep control
+    register calls ``poweroff()`` (None: the guest cannot power off this way).
     """
 
-    __slots__ = ("_irq", "pending")
+    __slots__ = ("_irq", "_poweroff", "pending")
 
-    def __init__(self, irq: Callable[[], None]):
+    def __init__(self, irq: Callable[[], None], poweroff: Callable[[], None] | None = None):
         self._irq = irq
+        self._poweroff = poweroff
         self.pending = 0
 
     def raise_event(self, events: int) -> None:
@@ -59,6 +74,7 @@ class GedDevice:
         self._irq()
 
     def read(self, offset: int, size: int) -> bytes:
+        # The sleep status register reads 0: the guest never waits for a wake.
         if size <= 0:
             return b""
         if offset < 0 or offset >= REGISTER_SIZE:
@@ -70,7 +86,12 @@ class GedDevice:
         return value.to_bytes(width, "little") + bytes(size - width)
 
     def write(self, offset: int, data: bytes) -> None:
-        return None
+        if offset != SLEEP_CONTROL_OFFSET or not data:
+            return
+        value = data[0]
+        sleep_type = (value & SLEEP_TYPE_MASK) >> SLEEP_TYPE_SHIFT
+        if value & SLEEP_ENABLE and sleep_type == SLP_TYP_S5 and self._poweroff is not None:
+            self._poweroff()
 
     # --- snapshot -----------------------------------------------------------------
     def state(self) -> GedState:

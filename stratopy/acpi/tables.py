@@ -155,6 +155,9 @@ class FadtConfig:
     iapc_boot_arch: int = IAPC_VGA_NOT_PRESENT
     pm: PmBlocks | None = None
     reset: tuple[int, int, int] | None = None   # (GAS space, address, value)
+    # hardware-reduced sleep: MMIO addresses of the 8-bit control and status
+    # registers (both or neither; Linux offers S5 poweroff only with both)
+    sleep_registers: tuple[int, int] | None = None
     hypervisor_vendor: bytes = b"STRATOPY"
 
 
@@ -200,6 +203,12 @@ def fadt(config: FadtConfig, dsdt_addr: int, facs_addr: int | None = None) -> by
         flags |= FADT_RESET_REG_SUP
         put(116, "12s", gas(space, 8, address))
         put(128, "B", value)
+    if config.sleep_registers is not None:
+        if not config.hw_reduced:
+            raise AcpiLayoutError("FADT: sleep registers go with a hardware-reduced platform")
+        control, status = config.sleep_registers
+        put(244, "12s", gas(GAS_SYSTEM_MEMORY, 8, control, access_size=1))
+        put(256, "12s", gas(GAS_SYSTEM_MEMORY, 8, status, access_size=1))
     put(112, "<I", flags)
     put(131, "B", FADT_MINOR_REVISION)
     put(140, "<Q", dsdt_addr)

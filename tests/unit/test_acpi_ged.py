@@ -51,6 +51,21 @@ def test_reads_outside_the_register_and_writes_change_nothing():
     assert dev.read(0, 8) == b"\x01" + bytes(7)
 
 
+def test_s5_written_with_slp_en_powers_off():
+    calls = []
+    dev = ged.GedDevice(lambda: None, poweroff=lambda: calls.append("off"))
+    dev.write(ged.SLEEP_STATUS_OFFSET, b"\x80")            # Linux clears WAK_STS first
+    dev.write(ged.SLEEP_CONTROL_OFFSET, bytes([5 << 2]))  # SLP_TYP without SLP_EN
+    dev.write(ged.SLEEP_CONTROL_OFFSET, bytes([3 << 2 | ged.SLEEP_ENABLE]))  # S3: not ours
+    dev.write(0, bytes([5 << 2 | ged.SLEEP_ENABLE]))       # the event register
+    assert calls == []
+    dev.write(ged.SLEEP_CONTROL_OFFSET, bytes([5 << 2 | ged.SLEEP_ENABLE]))
+    assert calls == ["off"]
+    assert dev.read(ged.SLEEP_STATUS_OFFSET, 1) == b"\x00"
+    # without a poweroff callback the write is ignored
+    ged.GedDevice(lambda: None).write(ged.SLEEP_CONTROL_OFFSET, bytes([5 << 2 | 0x20]))
+
+
 @pytest.mark.parametrize("bad", [0, 1 << 2, 1 << 31])
 def test_unknown_events_are_refused(bad):
     dev, edges = make()

@@ -68,6 +68,7 @@ def test_the_scan_catches_a_bad_checksum(tmp_path):
 
 
 MICROVM_ASL = r"""
+    Name (\_S5, Package (4) { 5, 0, 0, 0 })
     Scope (\_SB)
     {
         Device (COM1)
@@ -292,6 +293,13 @@ def test_microvm_fadt_as_iasl_reads_it(tmp_path):
     assert bits["VGA Not Present (V4)"] == "1" and bits["CMOS RTC Not Present (V5)"] == "1"
     assert bits["8042 Present on ports 60/64 (V2)"] == "0"
     assert f["SCI Interrupt"] == "0000"
+    # the hardware-reduced sleep registers: bytes 4 and 5 of the GED page
+    assert re.search(r"Sleep Control Register : \[Generic Address Structure\]\s+"
+                     r".*?Space ID : 00 \[SystemMemory\]\s+.*?Bit Width : 08\s+.*?\s+"
+                     r".*?Encoded Access Width : 01 \[Byte Access:8\]\s+"
+                     r".*?Address : 00000000FEA00004", dsl)
+    assert re.search(r"Sleep Status Register : \[Generic Address Structure\](?:\s+.*?){4}"
+                     r"\s+.*?Address : 00000000FEA00005", dsl)
 
 
 def test_fixed_hardware_fadt_and_facs_as_iasl_reads_them(tmp_path):

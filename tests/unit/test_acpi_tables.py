@@ -29,7 +29,7 @@ def assert_valid_sdt(table: bytes, signature: bytes) -> None:
 
 def every_sdt():
     yield tables.dsdt(devices.microvm_dsdt_aml(MICROVM)), b"DSDT"
-    yield tables.fadt(devices.microvm_fadt(), 0xE0040), b"FACP"
+    yield tables.fadt(devices.microvm_fadt(MICROVM), 0xE0040), b"FACP"
     yield tables.fadt(Q35_FADT, 0xE0080, 0xE0040), b"FACP"
     yield tables.madt([0, 1, 2, 3], 5, 0xFEC00000, 0xFEE00000), b"APIC"
     yield tables.madt(list(range(300)), 0, 0xFEC00000, 0xFEE00000), b"APIC"
@@ -71,6 +71,15 @@ def test_fadt_fields_at_their_offsets():
     # FIRMWARE_CTRL, DSDT (32-bit), SCI, SMI, PM blocks: all absent
     assert f[36:109] == bytes(109 - 36)
     assert f[132:140] == bytes(8) and f[148:268] == bytes(268 - 148)   # X_ blocks too
+
+
+def test_microvm_fadt_points_at_the_sleep_registers_in_the_ged_page():
+    f = tables.fadt(devices.microvm_fadt(MICROVM), 0xE0040)
+    assert struct.unpack_from("<BBBBQ", f, 244) == (0, 8, 0, 1, devices.GED_MMIO_ADDR + 4)
+    assert struct.unpack_from("<BBBBQ", f, 256) == (0, 8, 0, 1, devices.GED_MMIO_ADDR + 5)
+    with pytest.raises(tables.AcpiLayoutError, match="hardware-reduced"):
+        tables.fadt(tables.FadtConfig(hw_reduced=False, pm=Q35_PM, sleep_registers=(1, 2)),
+                    0xE0080, 0xE0040)
     assert f[268:276] == b"STRATOPY"
 
 
