@@ -69,23 +69,23 @@ def interrupt(*gsis: int, consumer: bool = True, edge: bool = True, active_low: 
     return struct.pack("<BH", EXTENDED_IRQ, len(body)) + body
 
 
-def _general_flags(producer: bool, min_fixed: bool, max_fixed: bool, subtractive: bool) -> int:
-    # §6.4.3.5.1 byte 4: bit 0 consumer, 1 subtractive decode, 2 _MIF, 3 _MAF
-    return (0 if producer else 1) | subtractive << 1 | min_fixed << 2 | max_fixed << 3
+# Address space descriptors by address width: (tag, struct format)
+_ADDRESS_FORMS = {16: (WORD_ADDRESS, "H"), 32: (DWORD_ADDRESS, "I"), 64: (QWORD_ADDRESS, "Q")}
 
 
-def _address_space(tag: int, fmt: str, bits: int, resource_type: int, general: int,
-                   specific: int, granularity: int, minimum: int, maximum: int,
-                   translation: int, length: int) -> bytes:
-    for value, what in ((granularity, "granularity"), (minimum, "minimum"),
-                        (maximum, "maximum"), (translation, "translation"),
-                        (length, "length")):
-        _check(value, bits, f"address space {what}")
-    if length and maximum - minimum + 1 != length and general & 0x0C == 0x0C:
-        raise AmlError(f"fixed address range {minimum:#x}-{maximum:#x} "
-                       f"is not {length:#x} bytes long")
+def _fixed_range(bits: int, resource_type: int, specific: int, minimum: int, maximum: int,
+                 producer: bool, translation: int = 0) -> bytes:
+    """An address space descriptor (§6.4.3.5) for the fixed range
+    [minimum, maximum]: general flags (byte 4) = consumer (bit 0), positive
+    decode, _MIF (bit 2) and _MAF (bit 3) set; granularity 0."""
+    tag, fmt = _ADDRESS_FORMS[bits]
+    length = maximum - minimum + 1
+    for value, what in ((minimum, "minimum"), (maximum, "maximum"),
+                        (translation, "translation"), (length, "length")):
+        _check(value, bits, f"address range {what}")
+    general = (0 if producer else 1) | 1 << 2 | 1 << 3
     body = struct.pack("<BBB" + fmt * 5, resource_type, general, specific,
-                       granularity, minimum, maximum, translation, length)
+                       0, minimum, maximum, translation, length)
     return struct.pack("<BH", tag, len(body)) + body
 
 
@@ -94,40 +94,34 @@ def memory_flags(read_write: bool = True, cache: int = NON_CACHEABLE) -> int:
     return read_write | (cache << 1)
 
 
+# I/O type-specific flags: _RNG = 3, the entire range is decoded
+IO_ENTIRE_RANGE = 0x03
+
+
 def qword_memory(minimum: int, maximum: int, *, cache: int = NON_CACHEABLE,
                  read_write: bool = True, producer: bool = True, translation: int = 0) -> bytes:
-    """QWordMemory (§6.4.3.5.1), fixed range [minimum, maximum]."""
-    return _address_space(QWORD_ADDRESS, "Q", 64, MEMORY_RANGE,
-                          _general_flags(producer, True, True, False),
-                          memory_flags(read_write, cache), 0, minimum, maximum,
-                          translation, maximum - minimum + 1)
+    """QWordMemory (§6.4.3.5.1)."""
+    return _fixed_range(64, MEMORY_RANGE, memory_flags(read_write, cache), minimum, maximum,
+                        producer, translation)
 
 
 def dword_memory(minimum: int, maximum: int, *, cache: int = NON_CACHEABLE,
                  read_write: bool = True, producer: bool = True, translation: int = 0) -> bytes:
-    """DWordMemory (§6.4.3.5.2), fixed range [minimum, maximum]."""
-    return _address_space(DWORD_ADDRESS, "I", 32, MEMORY_RANGE,
-                          _general_flags(producer, True, True, False),
-                          memory_flags(read_write, cache), 0, minimum, maximum,
-                          translation, maximum - minimum + 1)
+    """DWordMemory (§6.4.3.5.2)."""
+    return _fixed_range(32, MEMORY_RANGE, memory_flags(read_write, cache), minimum, maximum,
+                        producer, translation)
 
 
 def word_io(minimum: int, maximum: int, *, producer: bool = True) -> bytes:
-    """WordIO (§6.4.3.5.3), fixed range, entire range decoded (_RNG = 3)."""
-    return _address_space(WORD_ADDRESS, "H", 16, IO_RANGE,
-                          _general_flags(producer, True, True, False),
-                          0x03, 0, minimum, maximum, 0, maximum - minimum + 1)
+    """WordIO (§6.4.3.5.3)."""
+    return _fixed_range(16, IO_RANGE, IO_ENTIRE_RANGE, minimum, maximum, producer)
 
 
 def dword_io(minimum: int, maximum: int, *, producer: bool = True) -> bytes:
-    """DWordIO (§6.4.3.5.2), fixed range, entire range decoded."""
-    return _address_space(DWORD_ADDRESS, "I", 32, IO_RANGE,
-                          _general_flags(producer, True, True, False),
-                          0x03, 0, minimum, maximum, 0, maximum - minimum + 1)
+    """DWordIO (§6.4.3.5.2)."""
+    return _fixed_range(32, IO_RANGE, IO_ENTIRE_RANGE, minimum, maximum, producer)
 
 
 def word_bus_number(minimum: int, maximum: int, *, producer: bool = True) -> bytes:
     """WordBusNumber (§6.4.3.5.3): the bus range a host bridge decodes."""
-    return _address_space(WORD_ADDRESS, "H", 16, BUS_NUMBER_RANGE,
-                          _general_flags(producer, True, True, False),
-                          0, 0, minimum, maximum, 0, maximum - minimum + 1)
+    return _fixed_range(16, BUS_NUMBER_RANGE, 0, minimum, maximum, producer)

@@ -67,6 +67,20 @@ def test_the_scan_catches_a_bad_checksum(tmp_path):
     assert TROUBLE.search(iasl(tmp_path, "-d", "bad.dat"))
 
 
+VIRTIO_ASL = r"""
+        Device (V00%(index)d)
+        {
+            Name (_HID, "LNRO0005")
+            Name (_UID, %(index)d)
+            Name (_CCA, 1)
+            Name (_CRS, ResourceTemplate ()
+            {
+                Memory32Fixed (ReadWrite, %(base)#x, 0x200, )
+                Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {%(irq)d}
+            })
+        }
+"""
+
 MICROVM_ASL = r"""
     Name (\_S5, Package (4) { 5, 0, 0, 0 })
     Scope (\_SB)
@@ -82,29 +96,7 @@ MICROVM_ASL = r"""
                 Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {4}
             })
         }
-        Device (V000)
-        {
-            Name (_HID, "LNRO0005")
-            Name (_UID, 0)
-            Name (_CCA, 1)
-            Name (_CRS, ResourceTemplate ()
-            {
-                Memory32Fixed (ReadWrite, 0xF0100000, 0x200, )
-                Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {5}
-            })
-        }
-        Device (V001)
-        {
-            Name (_HID, "LNRO0005")
-            Name (_UID, 1)
-            Name (_CCA, 1)
-            Name (_CRS, ResourceTemplate ()
-            {
-                Memory32Fixed (ReadWrite, 0xF0100200, 0x200, )
-                Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {6}
-            })
-        }
-        Device (VGEN)
+%(virtio)s        Device (VGEN)
         {
             Name (_HID, "QEMUVGID")
             Name (_CID, "VM_GEN_COUNTER")
@@ -144,7 +136,10 @@ def test_microvm_dsdt_is_what_iasl_compiles_from_the_asl(tmp_path):
     # 6035 "_HID suffix must be all hex digits": QEMU's VGEN _HID "QEMUVGID"
     # is not a well-formed ACPI id. Linux binds the device by its _CID
     # "VM_GEN_COUNTER"; the _HID only has to be there.
-    expected = compile_asl(tmp_path, definition_block(MICROVM_ASL), expected_errors=("6035",))
+    virtio = "".join(VIRTIO_ASL % {"index": i, "base": base, "irq": irq}
+                     for i, (base, _, irq) in enumerate(MICROVM.virtio))
+    expected = compile_asl(tmp_path, definition_block(MICROVM_ASL % {"virtio": virtio}),
+                           expected_errors=("6035",))
     ours = tables.dsdt(devices.microvm_dsdt_aml(MICROVM))
     assert ours[36:] == expected[36:]
     assert ours[:9] == expected[:9]          # signature, length, revision
