@@ -106,9 +106,13 @@ def virtio_mmio_device(index: int, base: int, size: int, irq: int) -> bytes:
 class MicrovmAcpi:
     """What the microvm's tables describe.
 
-    ``virtio`` lists (base, size, irq) of every virtio-mmio slot; leave it
-    empty to keep finding them through ``virtio_mmio.device=`` only (a
-    guest given both would probe each transport twice).
+    ``virtio`` lists (base, size, irq) of every virtio-mmio slot. A guest
+    that uses ACPI needs them here: with a hardware-reduced FADT, x86 Linux
+    has no legacy PIC, so the bare IRQ numbers of ``virtio_mmio.device=``
+    are not mapped and every such device fails to probe (-EINVAL; seen
+    booting Linux 6.1 on these tables). The command-line entries then have
+    to go (both at once: the first claims the MMIO range and fails, the
+    DSDT one finds it busy); keep them only for ``acpi=off``.
     """
 
     cpus: int
