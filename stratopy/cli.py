@@ -42,10 +42,32 @@ class _Terminated(BaseException):
         super().__init__(signum)
 
 
-def _add_tid(record) -> bool:
-    """A logging filter that adds ``tid``: the kernel thread id (as in /proc/PID/task/TID)."""
-    record.tid = threading.get_native_id()
-    return True
+_LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}          # Rust's log crate names
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _stratovirt_line(record, format_exception) -> str:
+    """StratoVirt's log line (util/src/logger.rs), the one Kata Containers
+    parses: ``YYYY-MM-DDTHH:MM:SS.nnnnnnnnn: [pid][tid][file:line]:LEVEL: msg``,
+    local time, tid the kernel thread id (as in /proc/PID/task/TID), file
+    relative to the source root. A plain function: ``logging`` is imported
+    only once a record is emitted (stratopy.logs)."""
+    import time
+
+    sec = int(record.created)
+    nsec = int(round((record.created - sec) * 1e9))
+    if nsec >= 1_000_000_000:
+        sec, nsec = sec + 1, nsec - 1_000_000_000
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(sec))
+    path = record.pathname
+    if path.startswith(_SOURCE_ROOT):
+        path = path[len(_SOURCE_ROOT):]
+    level = _LEVEL_NAMES.get(record.levelname, record.levelname)
+    msg = record.getMessage()
+    if record.exc_info:
+        msg += " " + format_exception(record.exc_info).replace("\n", " | ")
+    return (f"{stamp}.{nsec:09d}: [{record.process}][{threading.get_native_id()}]"
+            f"[{path}:{record.lineno}]:{level}: {msg}")
 
 
 def _setup_logging(config) -> None:
@@ -61,10 +83,12 @@ def _setup_logging(config) -> None:
 def _install_logging(config) -> None:
     import logging
 
+    class StratoVirtFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return _stratovirt_line(record, self.formatException)
+
     level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.INFO
-    who = f"{config.name} " if config.name else ""
-    fmt = (f"%(asctime)s.%(msecs)03d [{who.replace('%', '%%')}pid %(process)d tid %(tid)d] "
-           "%(levelname)s %(name)s: %(message)s")
+    formatter: logging.Formatter = StratoVirtFormatter()
     if config.log_file:
         from stratopy import files
 
@@ -74,14 +98,14 @@ def _install_logging(config) -> None:
         stream = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
         handler: logging.Handler = logging.StreamHandler(stream)
     elif config.logging:
+        # -D alone: stderr, as StratoVirt's init_log("") does
         handler = logging.StreamHandler(sys.stderr)
     else:
         # Without -D only warnings and errors reach stderr.
         handler = logging.StreamHandler(sys.stderr)
         level = logging.DEBUG if os.environ.get("STRATOPY_DEBUG") else logging.WARNING
-        fmt = "stratopy: %(message)s"
-    handler.addFilter(_add_tid)
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))
+        formatter = logging.Formatter("stratopy: %(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

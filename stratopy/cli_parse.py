@@ -14,7 +14,10 @@ Public API:
 * ``one_line(text)``: user text made fit for one line (control characters
   escaped), for errors and log lines that echo it.
 
-docs/cli.md is the user-facing description of every rule below.
+docs/cli.md is the user-facing description of every rule below. The
+value helpers live in :mod:`stratopy.cli_values`, the device-side options
+(``-drive``, ``-netdev``, ``-chardev``, ``-serial``, ``-object``,
+``-device``) in :mod:`stratopy.cli_devices`.
 """
 
 from __future__ import annotations
@@ -22,17 +25,34 @@ from __future__ import annotations
 import re
 
 from stratopy import __version__
+from stratopy.cli_devices import (  # noqa: F401 - _mac re-exported (machine/control.py)
+    _build_devices,
+    _parse_chardev,
+    _parse_drive,
+    _parse_netdev,
+    _parse_object,
+    _parse_serial,
+    _mac,
+)
+from stratopy.cli_values import (  # noqa: F401 - MAX_BLK_SERIAL_LEN re-exported (control.py)
+    MAX_BLK_SERIAL_LEN,
+    MAX_ID_LEN,
+    PAGE_SIZE,
+    SERIAL_CHARDEV_ID,
+    _BOOL_FALSE,
+    _Props,
+    _first_bare,
+    _int,
+    _no_control,
+    _path,
+    _size,
+    _sock_path,
+    _split,
+)
 from stratopy.config import (
-    BLK,
-    CONSOLE,
-    DEVICE_DRIVERS,
     MAX_CPUS,
     MIN_MEM_SIZE,
-    NET,
-    RNG,
-    SERIAL,
     ChardevConfig,
-    DeviceConfig,
     DriveConfig,
     IncomingConfig,
     MachineConfig,
@@ -51,16 +71,6 @@ __all__ = [
     "parse_args",
     "version_text",
 ]
-
-MAX_ID_LEN = 255  # StratoVirt's MAX_STRING_LENGTH
-MAX_PATH_LEN = 4096  # StratoVirt's MAX_PATH_LENGTH
-MAX_SOCK_PATH_BYTES = 107  # sun_path is 108 bytes with the terminating NUL
-MAX_BLK_SERIAL_LEN = 20  # VIRTIO_BLK_ID_BYTES
-MAX_IFNAME_LEN = 15  # IFNAMSIZ - 1
-MAX_NET_QUEUE_PAIRS = 16
-PAGE_SIZE = 4096
-MAX_U64 = (1 << 64) - 1
-SERIAL_CHARDEV_ID = "serial_chardev"
 
 
 class CliExit(Exception):
@@ -98,20 +108,21 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -append "CMDLINE"                kernel command line (repeatable, joined by spaces)
   -initrd PATH                     initramfs
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S][,if=none][,format=raw][,aio=off|native|io_uring]
-  -netdev tap,id=ID,ifname=NAME|fd=N[,vhost=on|off][,queues=N]
+  -netdev tap,id=ID,ifname=NAME|fd=N|fds=N:M...[,vhost=on|off][,queues=N]
   -chardev stdio|pty,id=ID  |  file,id=ID,path=PATH  |  socket,id=ID,path=PATH[,server][,nowait]
   -object rng-random,id=ID,filename=PATH
   -device virtio-blk-device,id=ID,drive=DRIVE_ID[,serial=S]
   -device virtio-net-device,netdev=NETDEV_ID[,id=ID][,mac=XX:XX:XX:XX:XX:XX]
   -device virtio-serial-device[,id=ID]
   -device virtconsole,id=ID,chardev=CHARDEV_ID
-  -device virtio-rng-device,rng=OBJECT_ID[,id=ID]
+  -device virtio-rng-device,rng=OBJECT_ID[,id=ID][,max-bytes=N,period=MS]
   -serial stdio|pty|none|file,path=PATH|socket,path=PATH[,server][,nowait]|chardev:ID
   -qmp unix:PATH,server,nowait  |  tcp:IP:PORT,server,nowait   (repeatable)
   -incoming file:DIR[,mapped=on|off][,verify=lazy|full]
                                        start from the VM template in DIR
   -S                               start with vCPUs paused (QMP 'cont' starts them)
   -name NAME                       guest name
+  -uuid UUID                       the VM's UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)
   -D [LOGFILE]                     log to LOGFILE (to stderr when no file is given)
   -daemonize                       detach after initialising
   -pidfile PATH                    write the PID (needs -daemonize)
@@ -140,6 +151,7 @@ _OPTIONS: dict[str, tuple[str, bool]] = {
     "-incoming": ("value", False),
     "-S": ("flag", False),
     "-name": ("value", False),
+    "-uuid": ("value", False),
     "-D": ("optional", False),
     "-daemonize": ("flag", False),
     "-pidfile": ("value", False),
@@ -148,190 +160,16 @@ _OPTIONS: dict[str, tuple[str, bool]] = {
 _HELP = ("-h", "-help", "--help")
 _VERSION = ("-V", "-version", "--version")
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+
 # StratoVirt options stratopy knows of but does not implement (a clearer refusal).
 _STRATOVIRT_ONLY = {
-    "-accel", "-cpu", "-numa", "-mod-test", "-mon", "-overcommit", "-uuid",
+    "-accel", "-cpu", "-numa", "-mod-test", "-mon", "-overcommit",
     "-no-user-config", "-nodefaults", "-sandbox", "-msg", "-rtc", "-no-shutdown",
     "-battery", "-boot", "-nographic", "-realtime", "-display", "-usb", "-trace",
     "-global", "-hardware-signature", "-smbios", "-cameradev", "-vnc",
     "-windows_emu_pid", "-freeze",
 }
-
-_BOOL_TRUE = ("on", "true", "yes")
-_BOOL_FALSE = ("off", "false", "no")
-_DIGITS = re.compile(r"[0-9]+", re.ASCII)
-_SIZE = re.compile(r"([0-9]+)([kKmMgG]?)", re.ASCII)
-_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", re.ASCII)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-# --------------------------------------------------------------------------
-# value helpers
-
-
-def _bool(option: str, key: str, value: str) -> bool:
-    v = value.lower()
-    if v in _BOOL_TRUE:
-        return True
-    if v in _BOOL_FALSE:
-        return False
-    raise ConfigError(option, f"{key}: invalid boolean '{value}' (use on/off, true/false or yes/no)")
-
-
-def _int(option: str, key: str, value: str, lo: int, hi: int) -> int:
-    if not _DIGITS.fullmatch(value):
-        raise ConfigError(option, f"{key}: '{value}' is not a number")
-    if len(value) > 20:
-        raise ConfigError(option, f"{key}: {value} is out of range {lo}..{hi}")
-    n = int(value)
-    if not lo <= n <= hi:
-        raise ConfigError(option, f"{key}: {n} is out of range {lo}..{hi}")
-    return n
-
-
-def _size(option: str, value: str) -> int:
-    m = _SIZE.fullmatch(value)
-    if not m:
-        raise ConfigError(option, f"invalid size '{value}' (use N, NK, NM or NG; no unit means MiB)")
-    digits, unit = m.groups()
-    if len(digits) > 20:
-        raise ConfigError(option, f"size '{value}' is too large")
-    shift = {"": 20, "k": 10, "m": 20, "g": 30}[unit.lower()]
-    size = int(digits) << shift
-    if size > MAX_U64:
-        raise ConfigError(option, f"size '{value}' is too large")
-    return size
-
-
-def _no_control(option: str, what: str, value: str) -> None:
-    """Names and paths end up in log lines and one-line errors: a newline
-    would split them, a NUL cannot reach the kernel at all."""
-    m = _CONTROL.search(value)
-    if m:
-        c = m.group()
-        name = "a NUL character" if c == "\0" else f"a control character ({c!r})"
-        raise ConfigError(option, f"{what} contains {name}")
-
-
-def _id(option: str, what: str, value: str) -> str:
-    if not value:
-        raise ConfigError(option, f"{what}: id must not be empty")
-    if len(value) > MAX_ID_LEN:
-        raise ConfigError(option, f"{what}: id is longer than {MAX_ID_LEN} characters")
-    _no_control(option, f"{what}: id", value)
-    return value
-
-
-def _path(option: str, key: str, value: str) -> str:
-    if not value:
-        raise ConfigError(option, f"{key}: path must not be empty")
-    if len(value) > MAX_PATH_LEN:
-        raise ConfigError(option, f"{key}: path is longer than {MAX_PATH_LEN} characters")
-    _no_control(option, f"{key}: path", value)
-    return value
-
-
-def _sock_path(option: str, key: str, value: str) -> str:
-    _path(option, key, value)
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_SOCK_PATH_BYTES:
-        raise ConfigError(option, f"{key}: unix socket path is longer than {MAX_SOCK_PATH_BYTES} bytes")
-    return value
-
-
-class _Props:
-    """A ``key=value,...`` list.  Bare words are keys with value None.
-
-    Consumers ``take`` what they know; ``finish`` refuses whatever is left.
-    """
-
-    def __init__(self, option: str, text: str, what: str, items: list[str]):
-        self.option = option
-        self.what = what
-        self.known: list[str] = []
-        self.d: dict[str, str | None] = {}
-        for item in items:
-            if item == "":
-                raise ConfigError(option, f"empty item in '{text}' (stray comma?)")
-            key, eq, value = item.partition("=")
-            if key == "":
-                raise ConfigError(option, f"'{item}' has no property name")
-            if key in self.d:
-                raise ConfigError(option, f"property '{key}' given twice for {what}")
-            self.d[key] = value if eq else None
-
-    def _pop(self, names: tuple[str, ...]) -> tuple[str, str | None] | None:
-        self.known.append(names[0])
-        found = [n for n in names if n in self.d]
-        if len(found) > 1:
-            raise ConfigError(self.option, f"'{found[0]}' and '{found[1]}' are the same property for {self.what}")
-        if not found:
-            return None
-        return found[0], self.d.pop(found[0])
-
-    def take(self, *names: str) -> str | None:
-        got = self._pop(names)
-        if got is None:
-            return None
-        key, value = got
-        if value is None:
-            raise ConfigError(self.option, f"property '{key}' of {self.what} needs a value ({key}=...)")
-        return value
-
-    def need(self, *names: str) -> str:
-        value = self.take(*names)
-        if value is None:
-            raise ConfigError(self.option, f"{self.what} requires {names[0]}=")
-        return value
-
-    def take_bool(self, default: bool, *names: str) -> bool:
-        got = self._pop(names)
-        if got is None:
-            return default
-        key, value = got
-        if value is None:
-            raise ConfigError(self.option, f"property '{key}' of {self.what} needs a value ({key}=on|off)")
-        return _bool(self.option, key, value)
-
-    def take_flag(self, name: str) -> bool:
-        """A bare word such as ``server``; ``server=on|off`` is accepted too."""
-        got = self._pop((name,))
-        if got is None:
-            return False
-        key, value = got
-        return True if value is None else _bool(self.option, key, value)
-
-    def refuse(self, name: str, reason: str) -> None:
-        if name in self.d:
-            raise ConfigError(self.option, f"property '{name}' of {self.what}: {reason}")
-
-    def finish(self) -> None:
-        for key in self.d:
-            accepted = ", ".join(dict.fromkeys(self.known)) or "none"
-            raise ConfigError(self.option, f"unknown property '{key}' for {self.what} (accepted: {accepted})")
-
-
-def _split(option: str, text: str) -> list[str]:
-    if text == "":
-        raise ConfigError(option, "empty value")
-    return text.split(",")
-
-
-def _first_bare(option: str, text: str, key: str, what: str) -> _Props:
-    """``-machine microvm,...``: a leading bare word is the value of ``key``."""
-    items = _split(option, text)
-    if "=" not in items[0] and items[0] != "":
-        items[0] = f"{key}={items[0]}"
-    return _Props(option, text, what, items)
-
-
-def _typed(option: str, text: str, what: str) -> tuple[str, _Props]:
-    """``-device DRIVER,...`` / ``-chardev BACKEND,...``: the first item is the type."""
-    items = _split(option, text)
-    kind = items[0]
-    if kind == "" or "=" in kind:
-        raise ConfigError(option, f"'{text}' must start with the {what}")
-    return kind, _Props(option, text, kind, items[1:])
-
 
 # --------------------------------------------------------------------------
 # tokenizing
@@ -497,140 +335,6 @@ def _parse_mem(text: str) -> int:
     return size
 
 
-def _parse_drive(text: str) -> DriveConfig:
-    o = "-drive"
-    p = _Props(o, text, "-drive", _split(o, text))
-    drive_id = p.take("id")
-    if drive_id is None:
-        raise ConfigError(o, "requires id=")
-    _id(o, "-drive", drive_id)
-    file = p.take("file")
-    if file is None:
-        raise ConfigError(o, f"drive '{drive_id}' requires file=")
-    _path(o, "file", file)
-    readonly = p.take_bool(False, "readonly")
-    direct = p.take_bool(True, "direct")
-    serial = p.take("serial")
-    if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
-        raise ConfigError(o, f"serial is longer than {MAX_BLK_SERIAL_LEN} characters")
-    iface = p.take("if")
-    if iface is not None and iface != "none":
-        if iface == "pflash":
-            raise ConfigError(o, "if=pflash is not supported on microvm (only if=none)")
-        raise ConfigError(o, f"unknown if={iface} (only if=none)")
-    fmt = p.take("format")
-    if fmt is not None and fmt != "raw":
-        raise ConfigError(o, f"format={fmt} is not supported (only raw)")
-    aio = p.take("aio")
-    if aio is None:
-        aio = "native" if direct else "off"
-    elif aio not in ("off", "native", "io_uring"):
-        raise ConfigError(o, f"unknown aio={aio} (off, native or io_uring)")
-    elif aio == "native" and not direct:
-        raise ConfigError(o, 'aio=native needs direct=on (use aio=off with direct=off)')
-    p.finish()
-    return DriveConfig(id=drive_id, file=file, readonly=readonly, direct=direct,
-                       serial=serial, format="raw", aio=aio)
-
-
-def _parse_netdev(text: str) -> NetdevConfig:
-    o = "-netdev"
-    kind, p = _typed(o, text, "netdev type (tap)")
-    if kind != "tap":
-        if kind == "vhost-user":
-            raise ConfigError(o, "vhost-user is not supported (only tap)")
-        raise ConfigError(o, f"unknown netdev type '{kind}' (only tap)")
-    net_id = _id(o, "-netdev", p.need("id"))
-    ifname = p.take("ifname")
-    fd_raw = p.take("fd")
-    vhost = p.take_bool(False, "vhost")
-    queues_raw = p.take("queues")
-    p.finish()
-    if ifname is not None and fd_raw is not None:
-        raise ConfigError(o, f"netdev '{net_id}': give ifname= or fd=, not both")
-    if ifname is None and fd_raw is None:
-        raise ConfigError(o, f"netdev '{net_id}': the tap device is missing, use ifname= or fd=")
-    fd = None
-    if ifname is not None:
-        # One rule for the command line, QMP and the tap itself (imported
-        # here: a start without -netdev ifname= does not need it).
-        from stratopy.devices.virtio.tap import ifname_problem
-
-        problem = ifname_problem(ifname)
-        if problem is not None:
-            raise ConfigError(o, f"ifname '{one_line(ifname)}' is not a valid interface name: "
-                                 f"it {problem}")
-    else:
-        assert fd_raw is not None
-        if fd_raw.startswith("-"):
-            raise ConfigError(o, f"fd={fd_raw}: a file descriptor cannot be negative")
-        fd = _int(o, "fd", fd_raw, 0, (1 << 31) - 1)
-        if fd < 3:
-            raise ConfigError(o, f"fd={fd} is stdin/stdout/stderr, not a tap")
-    queues = 1 if queues_raw is None else _int(o, "queues", queues_raw, 1, MAX_NET_QUEUE_PAIRS)
-    return NetdevConfig(id=net_id, kind="tap", ifname=ifname, fd=fd, vhost=vhost, queues=queues)
-
-
-def _chardev_from(o: str, backend: str, p: _Props, chardev_id: str) -> ChardevConfig:
-    if backend in ("stdio", "pty"):
-        p.finish()
-        return ChardevConfig(id=chardev_id, backend=backend)
-    if backend == "file":
-        path = _path(o, "path", p.need("path"))
-        p.finish()
-        return ChardevConfig(id=chardev_id, backend="file", path=path)
-    if backend == "socket":
-        path = p.take("path")
-        if path is None:
-            if "port" in p.d or "host" in p.d:
-                raise ConfigError(o, "tcp sockets (host=/port=) are not supported for chardevs (use path=)")
-            raise ConfigError(o, "socket requires path=")
-        _sock_path(o, "path", path)
-        server = p.take_flag("server")
-        nowait = p.take_flag("nowait")
-        p.finish()
-        if nowait and not server:
-            raise ConfigError(o, "nowait only makes sense with server")
-        return ChardevConfig(id=chardev_id, backend="socket", path=path, server=server, nowait=nowait)
-    raise ConfigError(o, f"unknown chardev backend '{backend}' (stdio, pty, file or socket)")
-
-
-def _parse_chardev(text: str) -> ChardevConfig:
-    o = "-chardev"
-    backend, p = _typed(o, text, "backend (stdio, pty, file or socket)")
-    chardev_id = _id(o, "-chardev", p.need("id"))
-    return _chardev_from(o, backend, p, chardev_id)
-
-
-def _parse_serial(text: str) -> ChardevConfig | str | None:
-    """A ChardevConfig, the id of a ``-chardev`` (``chardev:ID``), or None (``none``)."""
-    o = "-serial"
-    if text.startswith("chardev:"):
-        ref = text[len("chardev:"):]
-        if not ref or "," in ref:
-            raise ConfigError(o, f"'{text}': use chardev:ID")
-        return ref
-    if text == "none":
-        return None
-    backend, p = _typed(o, text, "backend (stdio, pty, file, socket or chardev:ID)")
-    if "id" in p.d:
-        raise ConfigError(o, "id= is not accepted here (use -chardev ...,id=ID and -serial chardev:ID)")
-    return _chardev_from(o, backend, p, SERIAL_CHARDEV_ID)
-
-
-def _parse_object(text: str) -> RngObjectConfig:
-    o = "-object"
-    kind, p = _typed(o, text, "object type (rng-random)")
-    if kind != "rng-random":
-        if kind.startswith("memory-backend"):
-            raise ConfigError(o, f"{kind} is not supported (use -m, -mem-path)")
-        raise ConfigError(o, f"unknown object type '{kind}' (only rng-random)")
-    obj_id = _id(o, "rng-random", p.need("id"))
-    filename = _path(o, "filename", p.need("filename"))
-    p.finish()
-    return RngObjectConfig(id=obj_id, filename=filename)
-
-
 def _parse_qmp(text: str) -> QmpConfig:
     o = "-qmp"
     items = _split(o, text)
@@ -683,43 +387,6 @@ def _parse_incoming(text: str) -> IncomingConfig:
                              f"at once, its memory is checked beside it) or verify=full")
     p.finish()
     return IncomingConfig(path=path, mapped=mapped, verify=verify)
-
-
-_UNSUPPORTED_DEVICE_HINT = {
-    "virtserialport": "only virtconsole ports are supported",
-    "vhost-vsock-device": "vsock is not supported",
-    "virtio-balloon-device": "balloon is not supported",
-    "vhost-user-fs-device": "virtio-fs is not supported",
-    "vfio-pci": "vfio needs q35, which is not supported yet",
-}
-
-
-def _parse_device(text: str) -> tuple[str, _Props]:
-    o = "-device"
-    driver, p = _typed(o, text, "device driver")
-    if driver not in DEVICE_DRIVERS:
-        if driver in _UNSUPPORTED_DEVICE_HINT:
-            reason = _UNSUPPORTED_DEVICE_HINT[driver]
-        elif driver.endswith("-pci"):
-            reason = "PCI devices need q35, which is not supported yet"
-        else:
-            reason = "unknown device"
-        raise ConfigError(o, f"'{driver}': {reason} (microvm supports: {', '.join(DEVICE_DRIVERS)})")
-    for prop in ("bus", "addr", "multifunction"):
-        p.refuse(prop, "not used on microvm (virtio-mmio has no bus address)")
-    return driver, p
-
-
-def _mac(value: str) -> str:
-    if not _MAC.fullmatch(value):
-        raise ConfigError("-device", f"{NET}: mac '{value}' is malformed (use xx:xx:xx:xx:xx:xx)")
-    mac = value.lower()
-    first = int(mac[:2], 16)
-    if first & 1:
-        raise ConfigError("-device", f"{NET}: mac {mac} is a multicast address")
-    if mac == "00:00:00:00:00:00":
-        raise ConfigError("-device", f"{NET}: mac 00:00:00:00:00:00 is not a usable address")
-    return mac
 
 
 # --------------------------------------------------------------------------
@@ -811,6 +478,10 @@ def _parse(argv: list[str]) -> MachineConfig:
                 raise ConfigError(opt, f"the name must be 1..{MAX_ID_LEN} characters")
             _no_control(opt, "the name", value)
             kw["name"] = value
+        elif opt == "-uuid":
+            if not _UUID.fullmatch(value):
+                raise ConfigError(opt, f"'{value}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, hex)")
+            kw["uuid"] = value.lower()
         elif opt == "-D":
             log_given = True
             if value is not None:
@@ -860,6 +531,15 @@ def _parse(argv: list[str]) -> MachineConfig:
     if kw.get("daemonize") and stdio:
         opt = "-serial" if serial is not None and serial.backend == "stdio" else "-chardev"
         raise ConfigError("-daemonize", f"cannot be combined with stdio ({opt} {stdio[0].backend})")
+    if "incoming" in kw:
+        # a warm start's RAM is the template's memory file mapped private;
+        # it cannot also be a -mem-path file, a memfd or preallocated (and
+        # StratoVirt takes no template of a VM with these)
+        for key, opt in (("mem_path", "-mem-path"), ("mem_share", "-machine mem-share=on"),
+                         ("mem_prealloc", "-mem-prealloc")):
+            if kw.get(key):
+                raise ConfigError("-incoming", f"cannot be combined with {opt} (guest RAM "
+                                               "comes from the template's memory file)")
     if "pidfile" in kw and not kw.get("daemonize"):
         raise ConfigError("-pidfile", "requires -daemonize")
 
@@ -891,93 +571,3 @@ def _parse(argv: list[str]) -> MachineConfig:
         qmp=tuple(qmps),
         **kw,
     )
-
-
-def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[DeviceConfig, ...]:
-    o = "-device"
-    devices: list[DeviceConfig] = []
-    ids: set[str] = set()
-    serial_bus: str | None = None  # id of the virtio-serial-device
-    serial_port: DeviceConfig | None = None  # its virtconsole
-
-    for index, text in enumerate(texts):
-        driver, p = _parse_device(text)
-        given_id = p.take("id")
-        if given_id is None:
-            if driver in (BLK, CONSOLE):
-                raise ConfigError(o, f"{driver} requires id=")
-            dev_id = f"{driver}.{index}"
-        else:
-            dev_id = _id(o, driver, given_id)
-        if dev_id in ids:
-            raise ConfigError(o, f"device id '{dev_id}' is used twice")
-        ids.add(dev_id)
-        who = f"{driver} '{dev_id}'"
-
-        if driver == BLK:
-            ref = p.need("drive")
-            serial = p.take("serial")
-            p.finish()
-            drive = drives.get(ref)
-            if drive is None:
-                raise ConfigError(o, f"{who}: drive '{ref}' is not defined by -drive")
-            claim("drive", ref, who, o)
-            if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
-                raise ConfigError(o, f"{who}: serial is longer than {MAX_BLK_SERIAL_LEN} characters")
-            if serial is not None and drive.serial is not None and serial != drive.serial:
-                raise ConfigError(o, f"{who}: serial '{serial}' differs from drive '{ref}' serial '{drive.serial}'")
-            devices.append(DeviceConfig(driver=BLK, id=dev_id, drive=drive,
-                                        serial=serial if serial is not None else drive.serial))
-        elif driver == NET:
-            ref = p.need("netdev")
-            mac_raw = p.take("mac")
-            p.finish()
-            netdev = netdevs.get(ref)
-            if netdev is None:
-                raise ConfigError(o, f"{who}: netdev '{ref}' is not defined by -netdev")
-            claim("netdev", ref, who, o)
-            mac = None if mac_raw is None else _mac(mac_raw)
-            devices.append(DeviceConfig(driver=NET, id=dev_id, netdev=netdev, mac=mac))
-        elif driver == SERIAL:
-            max_ports = p.take("max_ports")
-            if max_ports is not None and _int(o, "max_ports", max_ports, 1, 31) != 1:
-                raise ConfigError(o, f"{who}: max_ports must be 1 on microvm (one virtconsole)")
-            p.finish()
-            if serial_bus is not None:
-                raise ConfigError(o, f"{who}: only one virtio-serial-device is supported")
-            serial_bus = dev_id
-            devices.append(DeviceConfig(driver=SERIAL, id=dev_id))
-        elif driver == CONSOLE:
-            ref = p.need("chardev")
-            nr = p.take("nr")
-            if nr is not None and _int(o, "nr", nr, 0, 31) != 0:
-                raise ConfigError(o, f"{who}: nr must be 0 (port 0 is the console)")
-            p.finish()
-            if serial_bus is None:
-                raise ConfigError(o, f"{who}: needs a virtio-serial-device before it on the command line")
-            if serial_port is not None:
-                raise ConfigError(o, f"{who}: the virtio-serial-device already has a console ('{serial_port.id}')")
-            chardev = chardevs.get(ref)
-            if chardev is None:
-                raise ConfigError(o, f"{who}: chardev '{ref}' is not defined by -chardev")
-            claim("chardev", ref, who, o)
-            serial_port = DeviceConfig(driver=CONSOLE, id=dev_id, chardev=chardev, bus=serial_bus)
-            devices.append(serial_port)
-        else:  # RNG
-            ref = p.need("rng")
-            for prop in ("max-bytes", "max_bytes", "period"):
-                p.refuse(prop, "rate limiting is not supported")
-            p.finish()
-            rng = rngs.get(ref)
-            if rng is None:
-                raise ConfigError(o, f"{who}: rng object '{ref}' is not defined by -object rng-random")
-            devices.append(DeviceConfig(driver=RNG, id=dev_id, rng=rng))
-
-    # The virtio-serial-device carries its console's chardev for the builder.
-    if serial_port is not None:
-        devices = [
-            DeviceConfig(driver=SERIAL, id=d.id, chardev=serial_port.chardev)
-            if d.driver == SERIAL else d
-            for d in devices
-        ]
-    return tuple(devices)

@@ -113,14 +113,18 @@ class DriveConfig(_Frozen):
 
 
 class NetdevConfig(_Frozen):
-    """``-netdev tap,id=ID,ifname=NAME`` or ``-netdev tap,id=ID,fd=N``.
+    """``-netdev tap,id=ID,ifname=NAME`` or ``-netdev tap,id=ID,fd=N|fds=N:M:...``.
 
-    Exactly one of ``ifname``/``fd`` is set.  ``queues`` counts queue pairs
+    Exactly one of ``ifname``/``fd`` is set. ``fds=`` (the queues of one
+    multi-queue tap, as Kata passes them): ``fd`` is the first, used for the
+    device's one queue pair; ``extra_fds`` the others, checked to be queues
+    of the same tap and then detached from it (nothing is steered to a
+    queue nobody reads).  ``queues`` counts queue pairs
     (StratoVirt's ``queues=``), default 1.  ``vhost=on`` is accepted here; the
     machine refuses it where it cannot honour it (templates).
     """
 
-    __slots__ = ("id", "kind", "ifname", "fd", "vhost", "queues")
+    __slots__ = ("id", "kind", "ifname", "fd", "vhost", "queues", "extra_fds")
 
     def __init__(
             self,
@@ -130,6 +134,7 @@ class NetdevConfig(_Frozen):
             fd: int | None = None,
             vhost: bool = False,
             queues: int = 1,
+            extra_fds: tuple[int, ...] = (),
     ):
         _set(self, "id", id)
         _set(self, "kind", kind)
@@ -137,6 +142,7 @@ class NetdevConfig(_Frozen):
         _set(self, "fd", fd)
         _set(self, "vhost", vhost)
         _set(self, "queues", queues)
+        _set(self, "extra_fds", extra_fds)
 
 
 class ChardevConfig(_Frozen):
@@ -188,7 +194,8 @@ class DeviceConfig(_Frozen):
                               virtconsole plugged into it, or None
     ``virtconsole``           ``chardev`` (ChardevConfig), ``bus``: the id of
                               the virtio-serial-device it belongs to
-    ``virtio-rng-device``     ``rng`` (RngObjectConfig)
+    ``virtio-rng-device``     ``rng`` (RngObjectConfig), ``max_bytes`` and
+                              ``period`` (ms): the rate limit, both or neither
     ========================  ===============================================
 
     ``id`` is always set: when the command line gives none (StratoVirt allows
@@ -198,7 +205,8 @@ class DeviceConfig(_Frozen):
     its own: see :meth:`MachineConfig.transport_devices`.
     """
 
-    __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng")
+    __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
+                 "max_bytes", "period")
 
     def __init__(
             self,
@@ -211,6 +219,8 @@ class DeviceConfig(_Frozen):
             chardev: ChardevConfig | None = None,
             bus: str | None = None,
             rng: RngObjectConfig | None = None,
+            max_bytes: int | None = None,
+            period: int | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -221,6 +231,8 @@ class DeviceConfig(_Frozen):
         _set(self, "chardev", chardev)
         _set(self, "bus", bus)
         _set(self, "rng", rng)
+        _set(self, "max_bytes", max_bytes)
+        _set(self, "period", period)
 
 
 class QmpConfig(_Frozen):
@@ -266,7 +278,7 @@ class MachineConfig(_Frozen):
         "machine_type", "dump_guest_core", "mem_share", "cpus", "max_cpus", "sockets", "cores",
         "threads", "mem_size", "mem_path", "mem_prealloc", "kernel", "kernel_cmdline",
         "initrd", "drives", "netdevs", "chardevs", "rng_objects", "devices", "serial", "qmp",
-        "incoming", "start_paused", "name", "log_file", "log_to_stderr", "daemonize",
+        "incoming", "start_paused", "name", "uuid", "log_file", "log_to_stderr", "daemonize",
         "pidfile", "disable_seccomp",
     )
 
@@ -297,6 +309,7 @@ class MachineConfig(_Frozen):
             incoming: IncomingConfig | None = None,
             start_paused: bool = False,
             name: str | None = None,
+            uuid: str | None = None,
             log_file: str | None = None,
             log_to_stderr: bool = False,
             daemonize: bool = False,
@@ -327,6 +340,7 @@ class MachineConfig(_Frozen):
         _set(self, "incoming", incoming)
         _set(self, "start_paused", start_paused)
         _set(self, "name", name)
+        _set(self, "uuid", uuid)
         _set(self, "log_file", log_file)
         _set(self, "log_to_stderr", log_to_stderr)
         _set(self, "daemonize", daemonize)

@@ -10,8 +10,12 @@ packages that are installed on the machine:
   Produces ``vmlinux`` (ELF, for the PVH/ELF loader), ``bzImage`` and the
   final ``config``.  Every line of the fragment is checked against the final
   .config: Kconfig silently drops options whose dependencies are missing.
-* rootfs: ``busybox-static`` + ``tools/guest/init`` as /sbin/init, turned
-  into a 32 MiB ext4 image by ``mkfs.ext4 -d`` (no mounting, no root needed).
+* rootfs: ``busybox-static`` + ``tools/guest/init`` as /sbin/init +
+  ``/usr/bin/vecstate`` (``tools/guest/vecstate.c``, a freestanding static
+  program that checks its own registers across task switches, built with
+  gcc), turned into a 32 MiB ext4 image by ``mkfs.ext4 -d`` (no mounting,
+  no root needed). Both init scripts run every process with
+  :data:`GLIBC_TUNABLES_VECTOR_SAFE` (why: docs/architecture.md, PVM).
   Beside it, ``initrd.cpio``: an uncompressed initramfs (cpio "newc") with
   busybox and ``tools/guest/initrd-init`` as /init, which mounts the
   virtio-blk root and switches to it (for ``-initrd`` tests).
@@ -70,6 +74,17 @@ INITRD_NAME = "initrd.cpio"
 READY_MARKER = "STRATOPY-GUEST-READY"
 #: The guest shell's prompt (PS1).
 SHELL_PROMPT = "# "
+#: What both init scripts export for every process (they must say exactly
+#: this): glibc's SSE2 string functions, because on kvm_pvm the guest kernel
+#: (``noxsave``) does not keep a process's AVX state across task switches.
+GLIBC_TUNABLES_VECTOR_SAFE = (
+    "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX,"
+    "-AVX_Fast_Unaligned_Load")
+#: Where the register check program lands in the rootfs.
+VECSTATE_GUEST_PATH = "usr/bin/vecstate"
+VECSTATE_CFLAGS = ("-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie", "-O2",
+                   "-mgeneral-regs-only", "-fno-stack-protector",
+                   "-fno-asynchronous-unwind-tables", "-Wall", "-Werror")
 
 _TAIL_LINES = 30
 _KERNEL_FILES = ("vmlinux", "bzImage", "config")
@@ -107,6 +122,10 @@ def init_script_path() -> Path:
 
 def initrd_init_path() -> Path:
     return tools_dir() / "initrd-init"
+
+
+def vecstate_source_path() -> Path:
+    return tools_dir() / "vecstate.c"
 
 
 def patch_paths() -> list[Path]:
@@ -182,16 +201,29 @@ def kernel_cache_key(source_version: str, patches: Sequence[tuple[str, bytes]],
 
 
 def rootfs_cache_key(busybox_id: str, init_script: bytes, initrd_init: bytes = b"",
-                     builder_version: str = BUILDER_VERSION) -> str:
+                     builder_version: str = BUILDER_VERSION, vecstate: bytes = b"",
+                     compiler_id: str = "") -> str:
     """Key of a rootfs (+ initramfs) build: busybox (version + binary hash)
-    + both init scripts."""
+    + both init scripts + the vecstate source and the compiler that builds it."""
     return _hash_parts("rootfs", builder_version, ROOTFS_SIZE, busybox_id, init_script,
-                       "initrd", initrd_init)
+                       "initrd", initrd_init, "vecstate", vecstate,
+                       " ".join(VECSTATE_CFLAGS), compiler_id)
+
+
+def _compiler_id() -> str:
+    """gcc's version line ("" without gcc: the build then says what is missing)."""
+    try:
+        r = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return r.stdout.split("\n", 1)[0] if r.returncode == 0 else ""
 
 
 def _rootfs_key() -> str:
     return rootfs_cache_key(_busybox_id(), init_script_path().read_bytes(),
-                            initrd_init_path().read_bytes())
+                            initrd_init_path().read_bytes(),
+                            vecstate=vecstate_source_path().read_bytes(),
+                            compiler_id=_compiler_id())
 
 
 def _read_patches() -> list[tuple[str, bytes]]:
@@ -590,7 +622,8 @@ _ROOTFS_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
 
 def populate_rootfs_dir(staging: Path, busybox: Path = BUSYBOX_BINARY,
                         init_script: Path | None = None) -> None:
-    """Lay the root file system out in ``staging`` (an empty directory)."""
+    """Lay the root file system out in ``staging`` (an empty directory);
+    :func:`build_rootfs` adds vecstate."""
     for rel, mode in _ROOTFS_DIRS.items():
         (staging / rel).mkdir(parents=True, exist_ok=True)
         os.chmod(staging / rel, mode)
@@ -640,6 +673,10 @@ def build_rootfs(force: bool = False) -> Path:
         try:
             _progress(f"rootfs: staging busybox + /sbin/init in {staging}")
             populate_rootfs_dir(staging)
+            _require_tools({"gcc": "gcc"})
+            log.run("gcc vecstate.c",
+                    ["gcc", *VECSTATE_CFLAGS, "-o", staging / VECSTATE_GUEST_PATH,
+                     vecstate_source_path()])
             log.run(f"mkfs.ext4 -d ({ROOTFS_SIZE})",
                     [mkfs, "-q", "-F", "-L", "stratopy-root", "-E", "root_owner=0:0",
                      "-d", staging, tmp, ROOTFS_SIZE])

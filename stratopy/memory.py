@@ -3,9 +3,15 @@
 Everything the guest controls (descriptor addresses, lengths) reaches RAM
 through this class, so every access is checked against the region list and
 an out-of-range access raises GuestMemoryError instead of touching host
-memory. Regions are backed either by anonymous memory (cold boot) or by a
+memory. Regions are backed either by anonymous memory (cold boot), by a shared
+file (cold boot with ``-mem-path``: a file in that directory, hugetlbfs
+included, or a memfd with ``-machine mem-share=on``; both MAP_SHARED so that
+other processes such as vhost-user back-ends can map the same pages) or by a
 file mapped MAP_PRIVATE (warm start from a template: copy-on-write, clones
 share unchanged pages, the file is never written).
+
+``dump-guest-core=off`` marks every guest RAM mapping MADV_DONTDUMP: guest
+memory holds the guest's secrets and must not end up in a monitor core dump.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from stratopy.errors import GuestMemoryError, StratoError
 from stratopy.record import Record
 
 PAGE_SIZE = 4096
+HUGETLBFS_MAGIC = 0x958458F6
+_STATFS_SIZE = 120  # struct statfs on x86_64: f_type, f_bsize, ... (longs)
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -66,15 +74,90 @@ class GuestMemory:
 
     # --- construction -------------------------------------------------
     @classmethod
-    def anonymous(cls, layout: list[tuple[int, int]]) -> "GuestMemory":
-        """Fresh zeroed RAM for the (gpa, size) ranges of ``layout``."""
+    def anonymous(cls, layout: list[tuple[int, int]], populate: bool = False) -> "GuestMemory":
+        """Fresh zeroed RAM for the (gpa, size) ranges of ``layout``
+        (``populate``: fault every page in now, MAP_POPULATE)."""
         regions, off = [], 0
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
         for gpa, size in layout:
-            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            mm = mmap.mmap(-1, size, flags=flags,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
             regions.append(Region(gpa, size, mm, off))
             off += size
         return cls(regions)
+
+    @classmethod
+    def for_boot(cls, layout: list[tuple[int, int]], *, mem_path: str | None = None,
+                 share: bool = False, prealloc: bool = False,
+                 dump_guest_core: bool = True) -> "GuestMemory":
+        """Cold-boot RAM as the command line asks (StratoVirt's host_mmap.rs).
+
+        ``mem_path``: a file in that directory (created, then unlinked at
+        once so nothing is left behind) or that file itself, mapped
+        MAP_SHARED; on hugetlbfs the guest size must be a multiple of the
+        huge page size. ``share`` without ``mem_path``: a memfd, MAP_SHARED.
+        ``prealloc``: every page allocated now (fallocate for a file, so that
+        running out of huge pages or tmpfs space is one error here rather than
+        a SIGBUS when the guest first touches the page; MAP_POPULATE builds the
+        page tables). Raises StratoError naming the option on any failure.
+        """
+        total = sum(size for _, size in layout)
+        if mem_path is None and not share:
+            mem = cls.anonymous(layout, populate=prealloc)
+        else:
+            if mem_path is not None:
+                fd, what = _open_mem_path(mem_path, total), "-mem-path"
+            else:
+                fd, what = os.memfd_create("stratopy_guest_ram", os.MFD_CLOEXEC), "mem-share"
+            try:
+                if os.fstat(fd).st_size < total:
+                    try:
+                        os.ftruncate(fd, total)
+                    except OSError as e:
+                        raise StratoError(f"{what}: cannot size guest memory to {total >> 20} MiB: "
+                                          f"{e.strerror}") from None
+                if prealloc:
+                    try:
+                        os.posix_fallocate(fd, 0, total)
+                    except OSError as e:
+                        raise StratoError(f"-mem-prealloc: cannot allocate {total >> 20} MiB of guest "
+                                          f"memory in {mem_path or 'a memfd'}: {e.strerror}"
+                                          + (" (not enough free huge pages?)" if mem_path else "")) from None
+                mem = cls._map_shared(fd, layout, what, prealloc)
+            finally:
+                os.close(fd)
+        if not dump_guest_core:
+            mem.exclude_from_core_dump()
+        return mem
+
+    @classmethod
+    def _map_shared(cls, fd: int, layout: list[tuple[int, int]], what: str,
+                    populate: bool) -> "GuestMemory":
+        regions: list[Region] = []
+        off = 0
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        try:
+            for gpa, size in layout:
+                mm = mmap.mmap(fd, size, flags=flags,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
+                regions.append(Region(gpa, size, mm, off))
+                off += size
+        except OSError as e:
+            for r in regions:
+                r.mm.close()
+            hint = " (not enough free huge pages?)" if e.errno == 12 else ""
+            raise StratoError(f"{what}: cannot map {size >> 20} MiB of guest memory: "
+                              f"{e.strerror}{hint}") from None
+        return cls(regions)
+
+    def exclude_from_core_dump(self) -> None:
+        """MADV_DONTDUMP on every region (``dump-guest-core=off``)."""
+        for r in self.regions:
+            try:
+                r.mm.madvise(mmap.MADV_DONTDUMP)
+            except OSError as e:
+                raise StratoError(f"dump-guest-core=off: madvise(MADV_DONTDUMP) failed: "
+                                  f"{e.strerror}") from None
 
     @classmethod
     def from_fd(cls, fd: int, layout: list[tuple[int, int]], mapped: bool = True,
@@ -191,3 +274,54 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         r = self._region(gpa, 8)
         _U64.pack_into(r.mm, gpa - r.gpa, value)
+
+
+def _fs_page_size(fd: int) -> tuple[bool, int]:
+    """(is hugetlbfs, its page size) for the file system of ``fd``.
+
+    os.fstatvfs has no f_type, and only f_type tells hugetlbfs apart; its
+    f_bsize is the huge page size (StratoVirt reads the same field)."""
+    libc = ctypes.CDLL(None, use_errno=True)    # the process's own libc (no ldconfig run)
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if libc.fstatfs(fd, buf) != 0:
+        return False, PAGE_SIZE
+    f_type, f_bsize = struct.unpack_from("<qq", buf)
+    return (f_type & 0xFFFFFFFF) == HUGETLBFS_MAGIC, f_bsize
+
+
+def _open_mem_path(path: str, total: int) -> int:
+    """The backing file of ``-mem-path``: a new, already unlinked file when
+    ``path`` is a directory (as StratoVirt's mkstemp + unlink), else the
+    file itself (created if missing; an existing one must be large enough)."""
+    import stat
+    import tempfile
+
+    try:
+        st = os.stat(path)
+        is_dir = stat.S_ISDIR(st.st_mode)
+    except FileNotFoundError:
+        st, is_dir = None, False
+    except OSError as e:
+        raise StratoError(f"-mem-path: {path}: {e.strerror}") from None
+    try:
+        if is_dir:
+            fd, tmp = tempfile.mkstemp(prefix="stratopy_backmem_", dir=path)
+            os.unlink(tmp)
+        else:
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise StratoError(f"-mem-path: {path} is neither a directory nor a regular file")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StratoError(f"-mem-path: cannot create guest memory file in {path}: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if 0 < size < total:
+            raise StratoError(f"-mem-path: {path} has {size} bytes, the guest needs {total}")
+        huge, page = _fs_page_size(fd)
+        if huge and total % page:
+            raise StratoError(f"-mem-path: {path} is hugetlbfs with {page >> 10} KiB pages; -m "
+                              f"{total >> 20}M is not a multiple of {page >> 20}M")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

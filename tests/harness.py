@@ -22,6 +22,12 @@ READY = "STRATOPY-GUEST-READY"
 LINUX_CMDLINE = "console=ttyS0 pci=off reboot=k quiet panic=1 root=/dev/vda"
 
 
+# A -D log line in StratoVirt's format (util/src/logger.rs), the one Kata
+# Containers parses: groups pid, tid, file, line, level, message.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}: \[(\d+)\]\[(\d+)\]"
+                      r"\[(\S+\.py):(\d+)\]:(INFO|WARN|ERROR|DEBUG): (.*)$")
+
+
 class GuestTimeout(AssertionError):
     pass
 
@@ -32,15 +38,17 @@ class Vm:
     _seq = 0
 
     def __init__(self, args: list[str], qmp: bool = True, env: dict | None = None,
-                 cwd: str | None = None, program: list[str] | None = None):
+                 cwd: str | None = None, program: list[str] | None = None,
+                 serial_stdio: bool = True):
         """``program``: the monitor's argv prefix (default ``python -m stratopy``;
-        the benchmarks pass QEMU's)."""
+        the benchmarks pass QEMU's). ``serial_stdio=False``: no ``-serial
+        stdio`` added (a command line replayed verbatim)."""
         self.tmp = tempfile.mkdtemp(prefix="stratopy-vm-")
         self.qmp_path = os.path.join(self.tmp, "qmp.sock") if qmp else None
         argv = list(program or [sys.executable, "-m", "stratopy"]) + list(args)
         if qmp and not any(a == "-qmp" for a in args):
             argv += ["-qmp", f"unix:{self.qmp_path},server,nowait"]
-        if "-serial" not in args:
+        if "-serial" not in args and serial_stdio:
             argv += ["-serial", "stdio"]
         self.argv = argv
         self.t_start = time.monotonic()

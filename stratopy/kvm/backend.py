@@ -18,7 +18,17 @@ import os
 # Each entry: (kernel parameter, why). Confirmed by experiment on kvm_pvm
 # with Linux 6.1; harmless to keep even if a kernel ignores one.
 PVM_CMDLINE_TABLE: tuple[tuple[str, str], ...] = (
-    ("noxsave", "XSAVE/XRSTOR: 'emulation failure' on XRSTOR in the kernel"),
+    # noxsave: task switches then save only FXSAVE state (x87, XMM0-15), yet
+    # guest user code runs with the host's XCR0, so YMM upper halves, ZMM and
+    # k masks are shared by all guest processes. Exposed: any program that
+    # picks AVX at run time -- glibc, Go's runtime, OpenSSL, hand-written
+    # SIMD -- where the guest's CPUID reports OSXSAVE=1; where it reports 0
+    # (CPUID faulting, as here) only code that skips that check. Workaround
+    # in users' images: GLIBC_TUNABLES (stratopy.guest's images export
+    # guest.GLIBC_TUNABLES_VECTOR_SAFE), GODEBUG=cpu.avx=off,cpu.avx2=off,
+    # OPENSSL_ia32cap. docs/architecture.md ("noxsave and the AVX state").
+    ("noxsave", "XSAVE/XRSTOR: 'emulation failure' on XRSTOR in the kernel; "
+                "leaves guest processes' AVX state unsaved (see above)"),
     ("clearcpuid=popcnt,rdrand,rdseed,smap,erms,fsrm",
      "POPCNT, RDRAND, RDSEED, SMAP (clac/stac), ERMS/FSRM (rep movsb paths) "
      "are not emulated"),

@@ -35,6 +35,9 @@ class MachineControl:
         # name -> (DriveConfig, FileBackend) / (NetdevConfig, Tap)
         self.drives: dict[str, tuple] = {}
         self.netdevs: dict[str, tuple] = {}
+        # nodes whose device device_del removed (file closed then): in QEMU's
+        # model they live until blockdev-del, which Kata sends next
+        self.released_nodes: set[str] = set()
 
     # --- run state ------------------------------------------------------------
     def query_status(self) -> dict:
@@ -306,6 +309,8 @@ class MachineControl:
                     raise QmpError(f"Device {id} cannot be removed: only virtio-blk and "
                                    f"virtio-net devices in the replaceable slots can "
                                    f"(microvm hot-replace)", "DeviceNotFound")
+                if slot.kind == "blk" and slot.config.drive is not None:
+                    self.released_nodes.add(slot.config.drive.id)
                 self.m.hot_unbind(slot)
                 self.m.event_sink(qmpev.DEVICE_DELETED, qmpev.device_deleted_data(id))
                 return
@@ -323,6 +328,25 @@ class MachineControl:
                            f"devices in the replaceable slots can (microvm hot-replace)",
                            "DeviceNotFound")
         raise QmpError(f"Device {id} not found", "DeviceNotFound")
+
+    def blockdev_del(self, node_name: str) -> None:
+        """Drop block node ``node_name``: one blockdev-add registered and no
+        device uses (Kata's rollback after a failed device_add), or one whose
+        device device_del removed (Kata's hot-unplug). StratoVirt's microvm
+        answers "blockdev_del not support yet" (Kata ignores that error)."""
+        if node_name in self.drives:
+            _, backend = self.drives.pop(node_name)
+            backend.close()
+            return
+        if node_name in self.released_nodes:
+            self.released_nodes.discard(node_name)
+            return
+        for slot in self.m.slots:
+            drive = slot.config.drive if slot.config is not None else None
+            if drive is not None and drive.id == node_name:
+                raise QmpError(f"Node '{node_name}' is busy: device '{slot.config.id}' uses it "
+                               f"(device_del it first)")
+        raise QmpError(f"Failed to find node with node-name='{node_name}'")
 
 
 class Control:

@@ -33,7 +33,14 @@ def open_tap(nd: cfgmod.NetdevConfig):
     """The Tap of a netdev (StratoError when it cannot be opened/adopted)."""
     from stratopy.devices.virtio.tap import Tap
 
-    return Tap(ifname=nd.ifname, fd=nd.fd)
+    tap = Tap(ifname=nd.ifname, fd=nd.fd)
+    try:
+        for fd in nd.extra_fds:
+            tap.drop_extra_queue(fd)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
 
 
 def mac_bytes(mac: str | None) -> bytes | None:
@@ -74,7 +81,17 @@ def make_device(machine, slot):
             def close(self) -> None:
                 os.close(fd)
         src = Source()
-        return RngDevice(src), src
+        if d.max_bytes is None:
+            return RngDevice(src), src
+        from stratopy.devices.virtio.rng import RateLimiter
+
+        loop = machine.loop
+
+        def call_later(delay: float, fn) -> None:
+            # process_queue may run on a vCPU thread (MMIO notify): the
+            # timer heap belongs to the device thread
+            loop.call_soon(lambda: loop.call_later(delay, fn))
+        return RngDevice(src, limiter=RateLimiter(d.max_bytes, d.period), call_later=call_later), src
     if d.driver == cfgmod.SERIAL:
         from stratopy.chardev import Chardev
         from stratopy.devices.virtio.console import ConsoleDevice

@@ -246,7 +246,10 @@ class MicroVm:
     def build_for_boot(self) -> None:
         t0 = time.monotonic()
         self._create_vm()
-        self.mem = GuestMemory.anonymous(layout.ram_layout(self.config.mem_size))
+        c = self.config
+        self.mem = GuestMemory.for_boot(layout.ram_layout(c.mem_size), mem_path=c.mem_path,
+                                        share=c.mem_share, prealloc=c.mem_prealloc,
+                                        dump_guest_core=c.dump_guest_core)
         self._map_memory()
         self._create_vcpus()
         self._setup_legacy_devices()
@@ -260,6 +263,10 @@ class MicroVm:
 
         t0 = time.monotonic()
         restore.restore_machine(self, self.config.incoming)
+        if not self.config.dump_guest_core:
+            # the template's RAM is guest memory too (StratoVirt marks every
+            # host mapping of guest RAM, whatever backs it)
+            self.mem.exclude_from_core_dump()
         self.timings["build"] = time.monotonic() - t0
 
     # ------------------------------------------------------------------

@@ -124,6 +124,9 @@ class VmControl(Protocol):
         options of StratoVirt's schema, hyphens turned into underscores;
         any other option is refused before this is called)."""
 
+    def blockdev_del(self, node_name: str) -> None:
+        """Drop block node ``node_name`` (not in use by a device)."""
+
     def device_del(self, id: str) -> None:  # noqa: A002
         """Remove device ``id``; unknown id -> ``QmpError(..., "DeviceNotFound")``.
         Emit DEVICE_DELETED ``{"device": id, "path": id}`` when it is gone."""
@@ -355,6 +358,7 @@ def _table() -> dict:
         Command("getfd", _getfd, (P("fdname", required=True, valid=fdname_problem),),
                 static=True, takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),
+        Command("blockdev-del", _vm("blockdev_del", "node_name"), (P("node-name", required=True),)),
         Command("migrate", _migrate, (P("uri", required=True, valid=migrate_uri_problem),
                                       P("blk", "bool"),
                                       P("inc", "bool"), P("detach", "bool"))),

@@ -26,8 +26,7 @@ pytestmark = pytest.mark.kvm
 TIMEOUT = 30.0
 FIFO_TIMEOUT = 15.0           # the old code blocks in open(): fail after this
 GiB = 1 << 30
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[(?:\S+ )?pid \d+ tid \d+\] "
-                      r"(INFO|WARNING|ERROR|DEBUG) \S+: .*$")
+LOG_LINE = harness.LOG_LINE
 
 
 def _cap_memory() -> None:

@@ -13,6 +13,7 @@ from stratopy import cli
 from stratopy.cli_parse import parse_args
 from stratopy.daemon import Daemonizer
 from stratopy.errors import ConfigError, StratoError
+from tests.harness import LOG_LINE
 from tests.unit.bounded import deadline, umask
 
 GiB = 1 << 30
@@ -55,7 +56,9 @@ def test_log_file_is_created_private_under_umask_000(tmp_path, restore_logging):
         cli._setup_logging(parse_args(["-kernel", "k", "-D", str(log), "-name", "vm1"]))
     logging.getLogger("stratopy").info("hello")
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
-    assert "[vm1 pid" in log.read_text() and "INFO stratopy: hello" in log.read_text()
+    line = log.read_text().splitlines()[-1]
+    m = LOG_LINE.match(line)
+    assert m and m.group(5, 6) == ("INFO", "hello") and int(m.group(1)) == os.getpid(), line
 
 
 def test_log_file_fifo_is_refused_without_blocking(tmp_path, restore_logging):

@@ -350,8 +350,23 @@ ERRORS = [
     # -netdev
     (K + ["-netdev", "user,id=n"], "-netdev", "only tap"),
     (K + ["-netdev", "tap,ifname=t"], "-netdev", "requires id="),
-    (K + ["-netdev", "tap,id=n"], "-netdev", "ifname= or fd="),
-    (K + ["-netdev", "tap,id=n,ifname=t,fd=5"], "-netdev", "not both"),
+    (K + ["-netdev", "tap,id=n"], "-netdev", "ifname=, fd= or fds="),
+    (K + ["-netdev", "tap,id=n,ifname=t,fd=5"], "-netdev", "not ifname= and fd="),
+    (K + ["-netdev", "tap,id=n,fds=3:5,fd=5"], "-netdev", "not fd= and fds="),
+    (K + ["-netdev", "tap,id=n,fds=3:3"], "-netdev", "given twice"),
+    (K + ["-netdev", "tap,id=n,fds=3:"], "-netdev", "not a number"),
+    (K + ["-netdev", "tap,id=n,fds=4:2"], "-netdev", "fd 2 is stdin/stdout/stderr"),
+    (K + ["-netdev", "tap,id=n,fds=" + ":".join(str(i) for i in range(3, 20))], "-netdev", "more than 16"),
+    (K + ["-uuid", "not-a-uuid"], "-uuid", "is not a UUID"),
+    (K + ["-incoming", "file:/t", "-mem-path", "/dev/hugepages"], "-incoming", "-mem-path"),
+    (K + ["-incoming", "file:/t", "-machine", "microvm,mem-share=on"], "-incoming", "mem-share=on"),
+    (K + ["-mem-prealloc", "-incoming", "file:/t"], "-incoming", "-mem-prealloc"),
+    (K + ["-uuid", "6f03e56e-efa1-4f0f-9b8f-492cf1824c8"], "-uuid", "is not a UUID"),
+    (K + ["-device", "vhost-vsock-device,id=v,guest-cid=3,vhostfd=5"], "-device",
+     "vsock is not implemented yet"),
+    (K + ["-device", "vhost-vsock-device,id=v,guest-cid=2"], "-device", "guest-cid: 2 is out of range"),
+    (K + ["-device", "vhost-vsock-device,id=v"], "-device", "requires guest-cid="),
+    (K + ["-device", "vhost-vsock-device,id=v,guest-cid=3,cid=4"], "-device", "unknown property 'cid'"),
     (K + ["-netdev", "tap,id=n,fd=-3"], "-netdev", "negative"),
     (K + ["-netdev", "tap,id=n,fd=x"], "-netdev", "not a number"),
     (K + ["-netdev", "tap,id=n,fd=1"], "-netdev", "stdout"),
@@ -420,7 +435,7 @@ ERRORS = [
     (K + ["-device", "virtio-serial-device", "-device", "virtio-serial-device"], "-device", "only one"),
     (K + ["-device", "virtio-rng-device,rng=r"], "-device", "rng object 'r' is not defined"),
     (K + ["-object", "rng-random,id=r,filename=/dev/urandom", "-device",
-          "virtio-rng-device,rng=r,max-bytes=1234,period=1000"], "-device", "max-bytes", "not supported"),
+          "virtio-rng-device,rng=r,max-bytes=1234"], "-device", "max-bytes and period go together"),
     # -qmp
     (K + ["-qmp", "unix:/tmp/q"], "-qmp", "'server,nowait' is required"),
     (K + ["-qmp", "unix:/tmp/q,server"], "-qmp", "'server,nowait' is required"),
@@ -557,3 +572,14 @@ def test_ifname_follows_linux_dev_valid_name(ifname):
 
 def test_ifname_of_15_bytes_is_accepted():
     assert parse_args(K + ["-netdev", "tap,id=n,ifname=" + "é" * 7 + "x"]).netdevs[0].ifname == "é" * 7 + "x"
+
+
+def test_kata_options():
+    """What Kata Containers' StratoVirt driver passes besides the usual."""
+    cfg = parse_args(K + ["-uuid", "6F03E56E-efa1-4f0f-9b8f-492cf1824c83",
+                          "-netdev", "tap,id=eth0,fds=3:4",
+                          "-device", "virtio-net-device,netdev=eth0,id=eth0,mac=02:00:00:00:00:01"])
+    assert cfg.uuid == "6f03e56e-efa1-4f0f-9b8f-492cf1824c83"
+    nd = cfg.netdevs[0]
+    assert (nd.fd, nd.extra_fds, nd.ifname) == (3, (4,), None)
+    assert parse_args(K + ["-netdev", "tap,id=n,fds=7"]).netdevs[0].extra_fds == ()

@@ -198,10 +198,10 @@ def _debugfs(img: Path, cmd: str) -> str:
     return r.stdout
 
 
-@pytest.mark.skipif(not Path("/bin/busybox").exists()
+@pytest.mark.skipif(not Path("/bin/busybox").exists() or not shutil.which("gcc")
                     or not shutil.which("debugfs", path=os.environ.get("PATH", "")
                                         + ":/sbin:/usr/sbin"),
-                    reason="needs busybox-static and e2fsprogs")
+                    reason="needs busybox-static, gcc and e2fsprogs")
 def test_rootfs_build_real(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATOPY_CACHE", str(tmp_path))
     img = guest.ensure_rootfs()
@@ -226,6 +226,16 @@ def test_rootfs_build_real(tmp_path, monkeypatch):
     for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc"):
         assert re.search(rf"\s{d}$", root, re.M), d
     assert "STRATOPY-GUEST-READY" in _debugfs(img, "cat /sbin/init")
+    # vecstate (tools/guest/vecstate.c), static, and it runs
+    usr_bin = _debugfs(img, "ls -l /usr/bin")
+    vs = [l for l in usr_bin.splitlines() if l.split()[-1:] == ["vecstate"]]
+    assert vs and vs[0].split()[1] == "100755", usr_bin
+    _debugfs(img, f"dump /usr/bin/vecstate {tmp_path / 'vecstate'}")
+    assert guest._elf_is_static(tmp_path / "vecstate")
+    (tmp_path / "vecstate").chmod(0o755)
+    r = subprocess.run([str(tmp_path / "vecstate"), "0"], capture_output=True, text=True,
+                       timeout=10)
+    assert r.returncode == 0 and r.stdout.startswith("vecstate pid="), r
 
     # idempotent: a second call finds it and does not rebuild
     mtime = img.stat().st_mtime_ns

@@ -86,6 +86,9 @@ class FakeVm:
     def netdev_add(self, **args):
         self._rec("netdev_add", **args)
 
+    def blockdev_del(self, node_name):
+        self._rec("blockdev_del", node_name)
+
     def device_add(self, **args):
         self._rec("device_add", **args)
 

@@ -33,11 +33,14 @@ TUNSETIFF = _IOW(ord("T"), 202, ctypes.c_int)
 TUNSETOFFLOAD = _IOW(ord("T"), 208, ctypes.c_uint)
 TUNGETIFF = _IOR(ord("T"), 210, ctypes.c_uint)
 TUNSETVNETHDRSZ = _IOW(ord("T"), 216, ctypes.c_int)
+TUNSETQUEUE = _IOW(ord("T"), 217, ctypes.c_int)
 
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_DETACH_QUEUE = 0x0400
 
 IFNAMSIZ = 16
 IFREQ_SIZE = 40
@@ -74,6 +77,17 @@ def ifname_problem(name: str) -> str | None:
 def _ifreq(name: str, flags: int) -> bytes:
     raw = name.encode()
     return _IFREQ_FLAGS.pack(raw, flags) + bytes(IFREQ_SIZE - _IFREQ_FLAGS.size)
+
+
+def _tun_info(fd: int) -> tuple[str, int]:
+    """(interface name, IFF_* flags) of an inherited tun/tap fd (TUNGETIFF)."""
+    try:
+        res = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
+    except OSError as e:
+        raise StratoError(f"tap fd={fd} is not an attached tap device: {e.strerror} "
+                          f"(errno {e.errno})") from None
+    name, flags = _IFREQ_FLAGS.unpack_from(res)
+    return name.split(b"\0", 1)[0].decode(errors="replace"), flags
 
 
 class Tap:
@@ -122,13 +136,7 @@ class Tap:
         self.fd = fd
 
     def _adopt(self, fd: int) -> None:
-        try:
-            res = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
-        except OSError as e:
-            raise StratoError(f"tap fd={fd} is not an attached tap device: {e.strerror} "
-                              f"(errno {e.errno})") from None
-        name, flags = _IFREQ_FLAGS.unpack_from(res)
-        self.ifname = name.split(b"\0", 1)[0].decode(errors="replace")
+        self.ifname, flags = _tun_info(fd)
         if not flags & IFF_TAP:
             raise StratoError(f"fd={fd} ({self.ifname}) is a tun device, not a tap")
         if not flags & IFF_NO_PI:
@@ -150,6 +158,29 @@ class Tap:
     def _configure(fd: int) -> None:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+
+    def drop_extra_queue(self, fd: int) -> None:
+        """``fds=A:B:...``: ``fd`` is another queue of this multi-queue tap,
+        which the one-queue-pair device will never read. Check that it is
+        (TUNGETIFF), then detach it from the tap so that the kernel steers
+        nothing to it, and close our copy."""
+        try:
+            name, flags = _tun_info(fd)
+            if not flags & IFF_TAP or name != self.ifname:
+                raise StratoError(f"fds=: fd {fd} is {name or 'no interface'}, not a queue of "
+                                  f"tap {self.ifname} (fd {self.fd})")
+            if not flags & IFF_MULTI_QUEUE:
+                raise StratoError(f"fds=: tap {self.ifname} has several fds but no IFF_MULTI_QUEUE")
+            try:
+                fcntl.ioctl(fd, TUNSETQUEUE, _ifreq("", IFF_DETACH_QUEUE))
+            except OSError as e:
+                raise StratoError(f"fds=: cannot detach queue fd {fd} of tap {self.ifname}: "
+                                  f"{e.strerror}") from None
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # --- I/O -------------------------------------------------------------------
     def fileno(self) -> int:
