@@ -110,12 +110,14 @@ class MicroVm:
         """``cpuids``: a template's CPUID per vCPU (restore), else this host's."""
         supported = self.kvm.supported_cpuid()
         n = self.config.cpus
+        brand = cpu.host_brand_string() if cpuids is None else b""
         for i in range(n):
             vcpu = self.vm.create_vcpu(i)
             # CPUID first: KVM validates later MSR/XSAVE writes against it.
             if cpuids is None:
                 cpuid = type(supported).from_buffer_copy(supported)
                 cpu.filter_cpuid(cpuid.entries[:cpuid.nent], i, n)
+                cpu.fill_brand_string(cpuid.entries[:cpuid.nent], brand)
             else:
                 cpuid = cpuids[i]
             vcpu.set_cpuid(cpuid)

@@ -32,6 +32,10 @@ def sha256(path: str) -> str:
 def test_vmlinux_boots_to_a_shell(booted):
     vm, *_ = booted
     assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "1"
+    # The guest's model name is the host's brand string (as StratoVirt gives it).
+    host = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    guest = vm.run("grep -m1 '^model name' /proc/cpuinfo")
+    assert guest.split(":", 1)[1].strip() == host.split(":", 1)[1].strip(), guest
     assert "vda" in vm.run("cat /proc/partitions")
     assert vm.run("cat /root-file.txt").strip() == "disk-marker-5678"
 

@@ -171,6 +171,41 @@ def filter_cpuid(entries: list, cpu_index: int, num_cpus: int) -> None:
                 e.eax, e.ebx, e.ecx = 0, 0, e.index
 
 
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+
+
+def host_brand_string(cpuinfo: str = "/proc/cpuinfo") -> bytes:
+    """The host CPU's brand string (CPUID 0x80000002-4) as 48 bytes, NUL
+    padded, or b"" if the host does not say. Linux's ``model name`` is that
+    string with its padding stripped; reading it avoids executing CPUID from
+    Python."""
+    try:
+        with open(cpuinfo, "rb") as f:
+            for line in f:
+                if line.startswith(b"model name"):
+                    name = line.partition(b":")[2].strip()
+                    return name[:47].ljust(48, b"\0") if name else b""
+    except OSError:
+        pass
+    return b""
+
+
+def fill_brand_string(entries: list, brand: bytes) -> bool:
+    """StratoVirt gives the guest the host's brand string; KVM_GET_SUPPORTED_CPUID
+    reports zeros there on some hosts (the guest's ``model name`` is then
+    "19/11"). Fill leaves 0x80000002-4 from ``brand`` (48 bytes) where all
+    three are present and zero; True if they were filled."""
+    if len(brand) != 48:
+        return False
+    leaves = {e.function: e for e in entries if e.function in BRAND_LEAVES and e.index == 0}
+    if len(leaves) != 3 or any(e.eax | e.ebx | e.ecx | e.edx for e in leaves.values()):
+        return False
+    for n, leaf in enumerate(BRAND_LEAVES):
+        e = leaves[leaf]
+        e.eax, e.ebx, e.ecx, e.edx = struct.unpack_from("<4I", brand, 16 * n)
+    return True
+
+
 # --------------------------------------------------------------------------
 # CPUID in a template (SPEC §4): the entries each vCPU was given are saved;
 # a restore gives them back and refuses a host lacking a feature they show.
