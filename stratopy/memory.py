@@ -71,6 +71,9 @@ class GuestMemory:
             if a.end > b.gpa:
                 raise ValueError("overlapping guest memory regions")
         self._last = self.regions[0] if self.regions else None
+        # MAP_SHARED (memfd / -mem-path): discarding must free the file's
+        # pages (MADV_REMOVE); for private RAM, MADV_DONTNEED drops them
+        self.shared = False
 
     # --- construction -------------------------------------------------
     @classmethod
@@ -148,7 +151,9 @@ class GuestMemory:
             hint = " (not enough free huge pages?)" if e.errno == 12 else ""
             raise StratoError(f"{what}: cannot map {size >> 20} MiB of guest memory: "
                               f"{e.strerror}{hint}") from None
-        return cls(regions)
+        mem = cls(regions)
+        mem.shared = True
+        return mem
 
     def exclude_from_core_dump(self) -> None:
         """MADV_DONTDUMP on every region (``dump-guest-core=off``)."""
@@ -227,6 +232,18 @@ class GuestMemory:
             return True
         except GuestMemoryError:
             return False
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host the memory of [gpa, gpa+length) back (virtio-balloon):
+        page aligned, inside one region (GuestMemoryError otherwise). Private
+        RAM reads as zeros afterwards (or the template file's content, for a
+        copy-on-write mapping); shared RAM has a hole punched in its file.
+        OSError if the kernel refuses (e.g. less than a huge page)."""
+        if gpa % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+            raise GuestMemoryError(gpa, length)
+        r = self._region(gpa, length)
+        advice = mmap.MADV_REMOVE if self.shared else mmap.MADV_DONTNEED
+        r.mm.madvise(advice, gpa - r.gpa, length)
 
     # --- access -------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
