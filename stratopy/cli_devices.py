@@ -23,6 +23,7 @@ from stratopy.cli_values import (
     _typed,
 )
 from stratopy.config import (
+    BALLOON,
     BLK,
     CONSOLE,
     ChardevConfig,
@@ -192,7 +193,6 @@ def _parse_object(text: str) -> RngObjectConfig:
 
 _UNSUPPORTED_DEVICE_HINT = {
     "virtserialport": "only virtconsole ports are supported",
-    "virtio-balloon-device": "balloon is not supported",
     "vhost-user-fs-device": "virtio-fs is not supported",
     "vfio-pci": "vfio needs q35, which is not supported yet",
 }
@@ -333,6 +333,16 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
             claim("chardev", ref, who, o)
             serial_port = DeviceConfig(driver=CONSOLE, id=dev_id, chardev=chardev, bus=serial_bus)
             devices.append(serial_port)
+        elif driver == BALLOON:
+            # StratoVirt: deflate-on-oom / free-page-reporting, default off;
+            # one balloon per VM
+            deflate = p.take_bool(False, "deflate-on-oom", "deflate_on_oom")
+            reporting = p.take_bool(False, "free-page-reporting", "free_page_reporting")
+            p.finish()
+            if any(d.driver == BALLOON for d in devices):
+                raise ConfigError(o, f"{who}: only one balloon device is supported for each VM")
+            devices.append(DeviceConfig(driver=BALLOON, id=dev_id, deflate_on_oom=deflate,
+                                        free_page_reporting=reporting))
         else:  # RNG
             ref = p.need("rng")
             max_bytes, period = _rng_limit(who, p.take("max-bytes", "max_bytes"), p.take("period"))

@@ -29,7 +29,8 @@ NET = "virtio-net-device"
 SERIAL = "virtio-serial-device"
 CONSOLE = "virtconsole"
 RNG = "virtio-rng-device"
-DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG)
+BALLOON = "virtio-balloon-device"
+DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, BALLOON)
 
 
 class _Frozen(Record):
@@ -196,17 +197,19 @@ class DeviceConfig(_Frozen):
                               the virtio-serial-device it belongs to
     ``virtio-rng-device``     ``rng`` (RngObjectConfig), ``max_bytes`` and
                               ``period`` (ms): the rate limit, both or neither
+    ``virtio-balloon-device`` ``deflate_on_oom``, ``free_page_reporting``
+                              (bools: the features offered)
     ========================  ===============================================
 
     ``id`` is always set: when the command line gives none (StratoVirt allows
-    that for net, serial and rng devices) it is ``'<driver>.<n>'``, n being the
+    that for net, serial, rng and balloon devices) it is ``'<driver>.<n>'``, n being the
     device's index in ``MachineConfig.devices``.
     A virtconsole is a port of the virtio-serial device, not a transport of
     its own: see :meth:`MachineConfig.transport_devices`.
     """
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
-                 "max_bytes", "period")
+                 "max_bytes", "period", "deflate_on_oom", "free_page_reporting")
 
     def __init__(
             self,
@@ -221,6 +224,8 @@ class DeviceConfig(_Frozen):
             rng: RngObjectConfig | None = None,
             max_bytes: int | None = None,
             period: int | None = None,
+            deflate_on_oom: bool = False,
+            free_page_reporting: bool = False,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -233,6 +238,8 @@ class DeviceConfig(_Frozen):
         _set(self, "rng", rng)
         _set(self, "max_bytes", max_bytes)
         _set(self, "period", period)
+        _set(self, "deflate_on_oom", deflate_on_oom)
+        _set(self, "free_page_reporting", free_page_reporting)
 
 
 class QmpConfig(_Frozen):

@@ -93,6 +93,30 @@ class MachineControl:
         return [qmpcmd.hotpluggable_cpu(i, present=i < n, props=qmpcmd.cpu_props(core_id=i))
                 for i in range(max(self.m.config.max_cpus, n))]
 
+    # --- balloon ------------------------------------------------------------------
+    # StratoVirt (machine/src/micro_common/mod.rs, virtio/src/device/balloon.rs):
+    # without a balloon device, or before its driver activated it, both
+    # commands answer DeviceNotActive; balloon emits BALLOON_CHANGED at once.
+    _NO_BALLOON = "No balloon device has been activated"
+
+    def _balloon(self):
+        for slot in self.m.slots:
+            if slot.config is not None and slot.config.driver == cfgmod.BALLOON:
+                return slot.device
+        raise QmpError(self._NO_BALLOON, "DeviceNotActive")
+
+    def balloon(self, value: int) -> None:
+        dev = self._balloon()
+        if not dev.activated:
+            raise QmpError(self._NO_BALLOON, "DeviceNotActive")
+        if value < 0:
+            raise QmpError(f"Invalid parameter 'value': {value} is negative")
+        dev.set_target(value)
+        self.m.event_sink(qmpev.BALLOON_CHANGED, {"actual": dev.guest_bytes()})
+
+    def query_balloon(self) -> dict:
+        return {"actual": self._balloon().guest_bytes()}
+
     # --- migration --------------------------------------------------------------
     def migrate(self, uri: str) -> None:
         from stratopy.migration.snapshot import take_template

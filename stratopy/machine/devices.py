@@ -109,4 +109,20 @@ def make_device(machine, slot):
 
         tap = open_tap(d.netdev)
         return NetDevice(tap, mac=mac_bytes(d.mac)), tap
+    if d.driver == cfgmod.BALLOON:
+        from stratopy.devices.virtio.balloon import BalloonDevice
+
+        loop = machine.loop
+
+        def call_later(delay: float, fn) -> None:
+            # write_config runs on a vCPU thread: the timer heap belongs to
+            # the device thread
+            loop.call_soon(lambda: loop.call_later(delay, fn))
+
+        def actual_changed(guest_bytes: int) -> None:
+            machine.event_sink("BALLOON_CHANGED", {"actual": guest_bytes})
+        mem = machine.mem
+        return BalloonDevice(mem.size, mem.discard, deflate_on_oom=d.deflate_on_oom,
+                             free_page_reporting=d.free_page_reporting,
+                             actual_changed=actual_changed, call_later=call_later), None
     raise StratoError(f"device {d.driver} is not supported")

@@ -38,6 +38,11 @@ def unsupported_reason(config: cfgmod.MachineConfig) -> str | None:
     for nd in config.netdevs:
         if nd.vhost:
             return f"vhost-net (netdev {nd.id}) is not supported by snapshots"
+    for d in config.devices:
+        if d.driver == cfgmod.BALLOON:
+            # a template's memory must be what the guest sees: a balloon
+            # has handed pages back to the host behind its RAM
+            return f"virtio-balloon-device ({d.id}) is not supported by snapshots"
     return None
 
 

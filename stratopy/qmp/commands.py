@@ -106,6 +106,14 @@ class VmControl(Protocol):
     def migrate_cancel(self) -> None:
         """Cancel an ongoing migration (a no-op when none is running)."""
 
+    def balloon(self, value: int) -> None:
+        """Set the balloon so that the guest keeps ``value`` bytes of RAM;
+        without an activated balloon device raise
+        ``QmpError("No balloon device has been activated", "DeviceNotActive")``."""
+
+    def query_balloon(self) -> dict:
+        """``{"actual": guest RAM in bytes, minus the balloon}`` (same error)."""
+
     def blockdev_add(self, **args: Any) -> None:
         """``node_name`` (str), ``file`` ({"driver":"file","filename":str,...}),
         optional ``cache`` ({"direct":bool,"no-flush":bool}), ``read_only``,
@@ -359,6 +367,8 @@ def _table() -> dict:
                 static=True, takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),
         Command("blockdev-del", _vm("blockdev_del", "node_name"), (P("node-name", required=True),)),
+        Command("balloon", _vm("balloon", "value"), (P("value", "int", required=True),)),
+        Command("query-balloon", _vm("query_balloon")),
         Command("migrate", _migrate, (P("uri", required=True, valid=migrate_uri_problem),
                                       P("blk", "bool"),
                                       P("inc", "bool"), P("detach", "bool"))),

@@ -12,9 +12,10 @@ STOP = "STOP"
 RESUME = "RESUME"
 POWERDOWN = "POWERDOWN"
 DEVICE_DELETED = "DEVICE_DELETED"
+BALLOON_CHANGED = "BALLOON_CHANGED"      # {"actual": guest RAM in bytes}
 
 #: What query-events lists (StratoVirt's order, limited to what microvm emits).
-EVENTS = (SHUTDOWN, RESET, STOP, RESUME, POWERDOWN, DEVICE_DELETED)
+EVENTS = (SHUTDOWN, RESET, STOP, RESUME, POWERDOWN, DEVICE_DELETED, BALLOON_CHANGED)
 
 # SHUTDOWN reasons (QEMU's ShutdownCause spelling)
 HOST_QMP_QUIT = "host-qmp-quit"

@@ -80,6 +80,14 @@ class FakeVm:
     def migrate_cancel(self):
         self._rec("migrate_cancel")
 
+    def balloon(self, value):
+        self._rec("balloon", value)
+        raise QmpError("No balloon device has been activated", "DeviceNotActive")
+
+    def query_balloon(self):
+        self._rec("query_balloon")
+        return {"actual": 1 << 30}
+
     def blockdev_add(self, **args):
         self._rec("blockdev_add", **args)
 
