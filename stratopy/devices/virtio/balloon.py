@@ -136,34 +136,26 @@ class BalloonDevice(VirtioDevice):
         self.actual = 0
 
     def process_queue(self, index: int) -> None:
-        q = self._ready_queue(index)
-        if q is None:
-            return
-        mem = self.mem
-        used = 0
-        try:
-            for _ in range(q.size):            # never more than a ring's worth per kick
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                if index == INFLATE:
-                    self._inflate(mem, chain)
-                elif index == REPORTING:
-                    for addr, length, _w in chain.buffers:
-                        start = (addr + PAGE - 1) & ~(PAGE - 1)
-                        end = (addr + length) & ~(PAGE - 1)
-                        if end > start:
-                            self._discard(start, end - start)
-                # DEFLATE: the pages come back on their own when touched
-                q.add_used(mem, chain.head, 0)
-                used += 1
-        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
-            self._broke(e)
-        if used:
-            self.signal_used(index)
+        if index == INFLATE:
+            self._serve_queue(INFLATE, self._inflate)
+        elif index == DEFLATE:
+            # the pages come back on their own when the guest touches them
+            self._serve_queue(DEFLATE, lambda chain: 0)
+        elif index == REPORTING:
+            self._serve_queue(REPORTING, self._report)
 
-    def _inflate(self, mem, chain) -> None:
+    def _report(self, chain) -> int:
+        """Discard the whole pages of each free range the guest reported."""
+        for addr, length, _w in chain.buffers:
+            start = (addr + PAGE - 1) & ~(PAGE - 1)
+            end = (addr + length) & ~(PAGE - 1)
+            if end > start:
+                self._discard(start, end - start)
+        return 0
+
+    def _inflate(self, chain) -> int:
         """Discard the pages of the chain's PFN list, adjacent ones as one range."""
+        mem = self.mem
         left = MAX_PFNS_PER_CHAIN
         run_start = run_len = 0
         for addr, length, is_write in chain.buffers:
@@ -188,6 +180,7 @@ class BalloonDevice(VirtioDevice):
                                     "guest RAM (skipped; further ones only counted)", pfn)
         if run_len:
             self._discard(run_start, run_len)
+        return 0
 
     def _discard(self, gpa: int, length: int) -> None:
         try:

@@ -116,6 +116,29 @@ class VirtioDevice:
         q = self.queues[index]
         return q if q.ready else None
 
+    def _serve_queue(self, index: int, handle: Callable[[Any], int]) -> None:
+        """Pop the chains of queue ``index`` (at most a ring's worth per
+        kick), complete each with ``handle(chain)`` -> bytes written, raise
+        the used interrupt once; a broken chain or a failing ``handle``
+        marks the device broken (``_broke``). For devices whose every chain
+        is answered at once."""
+        q = self._ready_queue(index)
+        if q is None:
+            return
+        mem = self.mem
+        used = 0
+        try:
+            for _ in range(q.size):
+                chain = q.pop(mem)
+                if chain is None:
+                    break
+                q.add_used(mem, chain.head, handle(chain))
+                used += 1
+        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
+            self._broke(e)
+        if used:
+            self.signal_used(index)
+
     def _broke(self, e: BaseException) -> None:
         """A queue turned out broken while the device worked on it: stop using
         the queues and tell the transport (``signal_broken``), with the reason
