@@ -106,16 +106,22 @@ class MachineControl:
         raise QmpError(self._NO_BALLOON, "DeviceNotActive")
 
     def balloon(self, value: int) -> None:
-        dev = self._balloon()
-        if not dev.activated:
-            raise QmpError(self._NO_BALLOON, "DeviceNotActive")
         if value < 0:
             raise QmpError(f"Invalid parameter 'value': {value} is negative")
-        dev.set_target(value)
-        self.m.event_sink(qmpev.BALLOON_CHANGED, {"actual": dev.guest_bytes()})
+        dev = self._balloon()
+        # posted requests run without device_lock; the vCPUs touch the same
+        # transport registers (config interrupt) under it
+        with self.m.loop.device_lock:
+            if not dev.activated:
+                raise QmpError(self._NO_BALLOON, "DeviceNotActive")
+            dev.set_target(value)
+            actual = dev.guest_bytes()
+        self.m.event_sink(qmpev.BALLOON_CHANGED, {"actual": actual})
 
     def query_balloon(self) -> dict:
-        return {"actual": self._balloon().guest_bytes()}
+        dev = self._balloon()
+        with self.m.loop.device_lock:
+            return {"actual": dev.guest_bytes()}
 
     # --- migration --------------------------------------------------------------
     def migrate(self, uri: str) -> None:

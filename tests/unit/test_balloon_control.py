@@ -5,6 +5,8 @@ only what these use), and the template refusal."""
 from __future__ import annotations
 
 import json
+import threading
+import types
 
 import pytest
 
@@ -32,6 +34,7 @@ class Machine:
     def __init__(self, config, activate: bool):
         self.config = config
         self.events: list[tuple[str, dict]] = []
+        self.loop = types.SimpleNamespace(device_lock=threading.RLock())
         self.slots = plan_slots(config)
         self.drivers = []
         for slot in self.slots:
