@@ -29,7 +29,10 @@ NET = "virtio-net-device"
 SERIAL = "virtio-serial-device"
 CONSOLE = "virtconsole"
 RNG = "virtio-rng-device"
-DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG)
+#: userspace virtio-vsock over unix sockets (StratoVirt's naming: virtio-X-device
+#: is emulated by the monitor, vhost-X the kernel's; see cli_devices._parse_vsock)
+VSOCK = "virtio-vsock-device"
+DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, VSOCK)
 
 
 class _Frozen(Record):
@@ -196,6 +199,8 @@ class DeviceConfig(_Frozen):
                               the virtio-serial-device it belongs to
     ``virtio-rng-device``     ``rng`` (RngObjectConfig), ``max_bytes`` and
                               ``period`` (ms): the rate limit, both or neither
+    ``virtio-vsock-device``   ``guest_cid`` (3..2^32-2), ``uds_path`` (the
+                              host-side unix socket, Firecracker's uds_path)
     ========================  ===============================================
 
     ``id`` is always set: when the command line gives none (StratoVirt allows
@@ -206,7 +211,7 @@ class DeviceConfig(_Frozen):
     """
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
-                 "max_bytes", "period")
+                 "max_bytes", "period", "guest_cid", "uds_path")
 
     def __init__(
             self,
@@ -221,6 +226,8 @@ class DeviceConfig(_Frozen):
             rng: RngObjectConfig | None = None,
             max_bytes: int | None = None,
             period: int | None = None,
+            guest_cid: int | None = None,
+            uds_path: str | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -233,6 +240,8 @@ class DeviceConfig(_Frozen):
         _set(self, "rng", rng)
         _set(self, "max_bytes", max_bytes)
         _set(self, "period", period)
+        _set(self, "guest_cid", guest_cid)
+        _set(self, "uds_path", uds_path)
 
 
 class QmpConfig(_Frozen):

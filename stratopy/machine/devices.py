@@ -109,4 +109,21 @@ def make_device(machine, slot):
 
         tap = open_tap(d.netdev)
         return NetDevice(tap, mac=mac_bytes(d.mac)), tap
+    if d.driver == cfgmod.VSOCK:
+        return make_vsock(machine.loop, d)
     raise StratoError(f"device {d.driver} is not supported")
+
+
+def make_vsock(loop, d: cfgmod.DeviceConfig):
+    """The userspace virtio-vsock device and its muxer (the backend: closing
+    it closes every connection and the listener at ``uds-path``)."""
+    from stratopy.devices.virtio.vsock import VsockDevice
+    from stratopy.devices.virtio.vsock_muxer import VsockMuxer, unix_connect, unix_listen
+
+    try:
+        listener = unix_listen(d.uds_path)
+    except OSError as e:
+        raise ConfigError("-device", f"{cfgmod.VSOCK} '{d.id}': cannot listen on uds-path "
+                                     f"{d.uds_path}: {e.strerror}") from None
+    muxer = VsockMuxer(d.uds_path, listener, loop.watch, unix_connect)
+    return VsockDevice(d.guest_cid, muxer), muxer

@@ -428,6 +428,13 @@ class VsockMuxer:
             self.watch(self.listener.fileno(), None, False, False)
             self.listener.close()
             self.listener = None
+            # the socket file is ours (unix_listen): a host program must not
+            # find a dead listener there
+            import os
+            try:
+                os.unlink(self.uds_path)
+            except OSError:
+                pass
 
 
 def _parse_connect(line: bytes) -> int | None:
