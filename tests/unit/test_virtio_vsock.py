@@ -146,6 +146,18 @@ def ops(packets):
     return [p[0].op for p in packets]
 
 
+def guest_conn(g: Guest, guest_port: int, host_port: int, rx: int = 16):
+    """A guest-initiated connection, established: -> (listener, host end)."""
+    srv = unix_listen(f"{g.uds}_{host_port}")
+    g.post_rx(rx)
+    g.send(OP_REQUEST, guest_port, host_port)
+    assert ops(g.received()) == [OP_RESPONSE]
+    c, _ = srv.accept()
+    c.setblocking(True)
+    c.settimeout(2)
+    return srv, c
+
+
 @pytest.fixture
 def g(tmp_path):
     guest = Guest(tmp_path)
@@ -275,13 +287,7 @@ def test_host_data_waits_for_guest_credit(g):
 
 def test_guest_data_beyond_our_credit_is_reset(g, monkeypatch):
     monkeypatch.setattr(vsock_muxer, "BUF_ALLOC", 1000)
-    srv = unix_listen(g.uds + "_6002")
-    g.post_rx()
-    g.send(OP_REQUEST, 1, 6002)
-    assert ops(g.received()) == [OP_RESPONSE]
-    c, _ = srv.accept()
-    c.setblocking(True)
-    c.settimeout(2)
+    srv, c = guest_conn(g, 1, 6002, rx=8)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
     # the host reads nothing: guest data piles up to our buf_alloc, then RST
     for _ in range(4096):
@@ -296,13 +302,7 @@ def test_guest_data_beyond_our_credit_is_reset(g, monkeypatch):
 
 
 def test_forwarded_bytes_are_reported(g):
-    srv = unix_listen(g.uds + "_6003")
-    g.post_rx(16)
-    g.send(OP_REQUEST, 1, 6003)
-    assert ops(g.received()) == [OP_RESPONSE]
-    c, _ = srv.accept()
-    c.setblocking(True)
-    c.settimeout(2)
+    srv, c = guest_conn(g, 1, 6003)
     chunk = b"y" * 4096
     sent = 0
     while sent < BUF_ALLOC:
@@ -321,11 +321,7 @@ def test_forwarded_bytes_are_reported(g):
 
 
 def test_hostile_packets_never_raise(g):
-    srv = unix_listen(g.uds + "_6004")
-    g.post_rx(32)
-    g.send(OP_REQUEST, 9, 6004)
-    assert ops(g.received()) == [OP_RESPONSE]
-    c, _ = srv.accept()
+    srv, c = guest_conn(g, 9, 6004, rx=32)
     # wrong destination cid / type: RST; wrong source cid: dropped silently
     g.send(OP_RW, 9, 6004, b"a", dst_cid=7)
     assert ops(g.received()) == [OP_RST]
