@@ -125,5 +125,9 @@ def make_vsock(loop, d: cfgmod.DeviceConfig):
     except OSError as e:
         raise ConfigError("-device", f"{cfgmod.VSOCK} '{d.id}': cannot listen on uds-path "
                                      f"{d.uds_path}: {e.strerror}") from None
-    muxer = VsockMuxer(d.uds_path, listener, loop.watch, unix_connect)
+    def call_later(delay: float, fn) -> None:
+        # the muxer may run on a vCPU thread (an MMIO queue notify): the
+        # timer heap belongs to the device thread
+        loop.call_soon(lambda: loop.call_later(delay, fn))
+    muxer = VsockMuxer(d.uds_path, listener, loop.watch, unix_connect, call_later)
     return VsockDevice(d.guest_cid, muxer), muxer

@@ -50,6 +50,15 @@ class Loop:
 
     def __init__(self):
         self.watched: dict[int, tuple] = {}
+        self.timers: list[tuple[float, object]] = []
+
+    def call_later(self, delay, fn):
+        self.timers.append((delay, fn))
+
+    def fire_timers(self):
+        todo, self.timers = self.timers, []
+        for _, fn in todo:
+            fn()
 
     def watch(self, fd, cb, read, write):
         if cb is None or not (read or write):
@@ -79,7 +88,8 @@ class Guest:
         self.uds = str(tmp_path / "v.sock")
         self.loop = Loop()
         self.listener = unix_listen(self.uds)
-        self.muxer = VsockMuxer(self.uds, self.listener, self.loop.watch, unix_connect)
+        self.muxer = VsockMuxer(self.uds, self.listener, self.loop.watch, unix_connect,
+                                self.loop.call_later)
         self.dev = VsockDevice(CID, self.muxer)
         self.drv = Driver(self.dev, mem_size=4 << 20)
         self.drv.init(queue_size=queue_size)
@@ -384,6 +394,33 @@ def test_close_removes_the_socket_file(tmp_path):
     g.muxer.close()
     assert not (tmp_path / "v.sock").exists()
     assert g.loop.watched == {}
+
+
+def test_silent_host_client_and_unanswered_request_time_out(g):
+    g.post_rx()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.settimeout(2)
+    silent.connect(g.uds)
+    silent.sendall(b"CONN")                      # never finishes its line
+    g.loop.pump()
+    s = host_connect(g, 5000)                    # the guest never answers
+    [(req, _)] = g.received()
+    assert req.op == OP_REQUEST and len(g.muxer.handshakes) == 1
+    assert {d for d, _ in g.loop.timers} == {vsock_muxer.CONNECT_TIMEOUT}
+    g.loop.fire_timers()
+    assert closed(silent) and closed(s)
+    assert g.muxer.handshakes == {}
+    assert ops(g.received()) == [OP_RST]         # the guest forgets the request too
+    assert g.muxer.conns == {}
+
+
+def test_timer_of_an_answered_request_does_nothing(g):
+    g.post_rx()
+    s = host_connect(g, 5000)
+    [(req, _)] = g.received()
+    g.send(OP_RESPONSE, 5000, req.src_port)
+    g.loop.fire_timers()
+    assert s.recv(100).startswith(b"OK ") and len(g.muxer.conns) == 1
 
 
 def test_event_queue_buffers_are_kept(g):

@@ -21,8 +21,12 @@ CREDIT_REQUEST.
 
 Nothing here owns a thread or an event loop: the machine injects
 ``watch(fd, callback | None, read, write)`` (poll ``fd`` for what is asked,
-call ``callback`` when ready; None / neither: stop) and ``connect(path)``
-(a connected non-blocking unix socket, or OSError). Everything runs on the
+call ``callback`` when ready; None / neither: stop), ``connect(path)``
+(a connected non-blocking unix socket, or OSError) and ``call_later(delay,
+fn)`` (a timer: a host socket that has not sent its CONNECT line, or whose
+REQUEST the guest has not answered, within :data:`CONNECT_TIMEOUT` seconds
+is closed, as Firecracker does, so neither a silent host client nor a guest
+without a vsock driver holds a slot forever). Everything runs on the
 device thread. Hostile input never raises: at most :data:`MAX_CONNECTIONS`
 connections (plus :data:`MAX_HANDSHAKES` host sockets still sending their
 CONNECT line), and at most :data:`MAX_CONTROL` unanswered control packets
@@ -61,6 +65,8 @@ MAX_CONTROL = 1024
 BUF_ALLOC = 256 * 1024
 #: tell the guest about forwarded bytes once this many are unreported
 CREDIT_UPDATE_THRESHOLD = BUF_ALLOC // 4
+#: seconds for the CONNECT line, and then for the guest's RESPONSE
+CONNECT_TIMEOUT = 5.0
 #: longest ``CONNECT <port>\n`` line we read
 MAX_CONNECT_LINE = 32
 #: host ports of host-initiated connections (as Firecracker: above the
@@ -107,11 +113,13 @@ class _Conn:
 
 
 class VsockMuxer:
-    def __init__(self, uds_path: str, listener, watch: Callable, connect: Callable) -> None:
+    def __init__(self, uds_path: str, listener, watch: Callable, connect: Callable,
+                 call_later: Callable[[float, Callable[[], None]], None]) -> None:
         self.uds_path = uds_path
         self.listener = listener
         self.watch = watch
         self.connect = connect
+        self.call_later = call_later
         self.rx_kick: Callable[[], None] = lambda: None     # set by the device
         self.conns: dict[tuple[int, int], _Conn] = {}
         self.handshakes: dict[int, tuple[object, bytearray]] = {}
@@ -347,6 +355,13 @@ class VsockMuxer:
             fd = sock.fileno()
             self.handshakes[fd] = (sock, bytearray())
             self.watch(fd, lambda fd=fd: self._on_handshake(fd), True, False)
+            self.call_later(CONNECT_TIMEOUT, lambda fd=fd, sock=sock: self._handshake_expired(fd, sock))
+
+    def _handshake_expired(self, fd: int, sock) -> None:
+        entry = self.handshakes.get(fd)
+        if entry is not None and entry[0] is sock:
+            self.stats["refused"] += 1
+            self._drop_handshake(fd)
 
     def _on_handshake(self, fd: int) -> None:
         sock, line = self.handshakes[fd]
@@ -374,6 +389,12 @@ class VsockMuxer:
         conn = _Conn(sock, self._free_host_port(port), port, LOCAL_INIT)
         self.conns[conn.key] = conn
         self._send_ctrl(conn, OP_REQUEST)
+        self.call_later(CONNECT_TIMEOUT, lambda: self._request_expired(conn))
+
+    def _request_expired(self, conn: _Conn) -> None:
+        if self.conns.get(conn.key) is conn and conn.state == LOCAL_INIT:
+            self.stats["refused"] += 1
+            self._kill(conn)
 
     def _drop_handshake(self, fd: int) -> None:
         sock, _ = self.handshakes.pop(fd)
