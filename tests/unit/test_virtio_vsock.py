@@ -370,6 +370,17 @@ def test_request_flood_is_bounded(g, monkeypatch):
     srv.close()
 
 
+def test_credit_request_flood_queues_one_answer(g):
+    srv, c = guest_conn(g, 1, 6006, rx=1)
+    for _ in range(500):                         # no rx buffer posted meanwhile
+        g.send(OP_CREDIT_REQUEST, 1, 6006)
+    assert list(g.muxer.conns[(6006, 1)].ctrl) == [(OP_CREDIT_UPDATE, 0)]
+    g.post_rx(8)
+    assert ops(g.received()) == [OP_CREDIT_UPDATE]
+    c.close()
+    srv.close()
+
+
 def test_unanswered_resets_are_bounded(g, monkeypatch):
     monkeypatch.setattr(vsock_muxer, "MAX_CONTROL", 8)
     for port in range(50):                       # no rx buffer posted: nothing drains

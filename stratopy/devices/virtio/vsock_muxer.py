@@ -203,7 +203,11 @@ class VsockMuxer:
             self.rx_kick()
 
     def _send_ctrl(self, conn: _Conn, op: int, flags: int = 0) -> None:
-        conn.ctrl.append((op, flags))
+        # one of each kind at most: a guest that floods CREDIT_REQUESTs
+        # without posting rx buffers must not grow this (a CREDIT_UPDATE
+        # carries fwd_cnt as of when it is sent)
+        if (op, flags) not in conn.ctrl:
+            conn.ctrl.append((op, flags))
         self._enqueue(conn)
 
     # --- guest -> host ---------------------------------------------------------
