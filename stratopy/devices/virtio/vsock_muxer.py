@@ -255,13 +255,16 @@ class VsockMuxer:
                 conn.state = CLOSING
             self._flush_host(conn)
         elif op == OP_CREDIT_UPDATE and conn.state != LOCAL_INIT:
-            self._rewatch(conn)
+            pass                                 # the credit is read from every header
         elif op == OP_CREDIT_REQUEST and conn.state != LOCAL_INIT:
             self._send_ctrl(conn, OP_CREDIT_UPDATE)
         else:
             # unknown op, REQUEST on a live connection, RW before RESPONSE...
             self.stats["invalid"] += 1
             self._kill(conn)
+            return
+        # any header may have given credit back: poll the host socket again
+        self._rewatch(conn)
 
     def _rst_unknown(self, hdr: Header) -> None:
         if hdr.op == OP_RST or len(self.orphan_ctrl) >= MAX_CONTROL:
@@ -421,6 +424,7 @@ class VsockMuxer:
         self._enqueue(conn)
 
     def _forget(self, conn: _Conn) -> None:
+        conn.ctrl.clear()                # nothing more is sent for it
         self._close_sock(conn)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
