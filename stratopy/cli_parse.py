@@ -563,10 +563,6 @@ def _parse(argv: list[str]) -> MachineConfig:
                 raise ConfigError("-device", f"uds-path '{d.uds_path}' is also used by "
                                              f"{sock_paths[d.uds_path]}")
             sock_paths[d.uds_path] = f"device '{d.id}'"
-            if "incoming" in kw:
-                # migrate refuses vsock VMs (docs/snapshot.md): no template has one
-                raise ConfigError("-incoming", f"cannot be combined with vsock device '{d.id}' "
-                                               "(templates have no vsock)")
 
     return MachineConfig(
         drives=tuple(drives.values()),

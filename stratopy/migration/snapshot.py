@@ -37,9 +37,6 @@ def unsupported_reason(config: cfgmod.MachineConfig) -> str | None:
     for nd in config.netdevs:
         if nd.vhost:
             return f"vhost-net (netdev {nd.id}) is not supported by snapshots"
-    for d in config.devices:
-        if d.driver == cfgmod.VSOCK:   # its connections cannot be carried (docs/snapshot.md)
-            return f"vsock device '{d.id}' is not supported by snapshots"
     return None
 
 

@@ -3,11 +3,15 @@ session VM has no vsock device, and its template could not have one) with
 ``virtio-vsock-device,uds-path=``; /usr/bin/vsockecho in the guest
 (tools/guest/vsockecho.c). Host -> guest through ``CONNECT <port>``, guest
 -> host through ``<uds>_<port>``, bytes checked both ways, a few hundred KiB
-each way to exercise credit flow control; the VM's template is refused."""
+each way to exercise credit flow control. Then the VM is templated with a
+guest connection open, and a clone (its own cid and uds-path) resets that
+connection (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), keeps the guest listener,
+and talks both ways with its new cid."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 
@@ -96,11 +100,24 @@ class HostListener:
         return self.data
 
 
-def test_vsock_both_ways_with_credit_flow(images, workdir):
+def vsock_args(images, disk: str, uds: str, cid: int) -> list[str]:
+    return harness.linux_args(images["vmlinux"], disk, extra=[
+        "-device", f"virtio-vsock-device,id=vsock0,guest-cid={cid},uds-path={uds}"])
+
+
+def echo_through_guest(uds: str, port: int, message: bytes) -> None:
+    s, ok = host_connect(uds, port)
+    with s:
+        assert ok.startswith(b"OK "), ok
+        s.sendall(message)
+        assert recv_exact(s, len(message)) == message
+
+
+def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
     disk = make_disk(images, workdir, "vsock.img")
     uds = os.path.join(workdir, "vsock.sock")
-    args = harness.linux_args(images["vmlinux"], disk, extra=[
-        "-device", f"virtio-vsock-device,id=vsock0,guest-cid={GUEST_CID},uds-path={uds}"])
+    args = vsock_args(images, disk, uds, GUEST_CID)
+    tpl = os.path.join(workdir, "vsock-template")
     with harness.Vm(args) as vm:
         vm.wait_for(harness.READY, timeout=900)
         # the guest driver found the device and reads our cid
@@ -140,13 +157,36 @@ def test_vsock_both_ways_with_credit_flow(images, workdir):
         out = vm.run("vsockecho connect 2 6002 x", timeout=120)
         assert vm.last_status == 1 and "connect:" in out, out
 
-        # --- templates: refused in one QMP error ----------------------------------
+        # --- template, with a guest connection open (the host never answers) ------
+        hold = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hold.bind(f"{uds}_6010")
+        hold.listen(1)
+        hold.settimeout(120)
+        vm.send("vsockecho connect 2 6010 held >/tmp/held.out 2>&1 &\n")
+        held, _ = hold.accept()
+        assert recv_exact(held, 4) == b"held"
         q = vm.qmp()
         try:
-            r = q.cmd("migrate", uri=f"file:{workdir}/vsock-template")
-            assert "vsock device 'vsock0' is not supported by snapshots" in r["error"]["desc"], r
+            assert q.cmd("stop") == {"return": {}}
+            assert q.cmd("migrate", uri=f"file:{tpl}") == {"return": {}}
             assert q.cmd("quit") == {"return": {}}
         finally:
             q.close()
         assert vm.wait_exit(60) == 0
         assert not os.path.exists(uds)      # a clean exit removes the listener's socket
+        held.close()
+        hold.close()
+
+    # --- a clone: its own cid and socket; the held connection was reset ---------
+    clone_disk = os.path.join(workdir, "vsock-clone.img")
+    shutil.copyfile(disk, clone_disk)
+    clone_uds = os.path.join(workdir, "vsock-clone.sock")
+    with harness.Vm(vsock_args(images, clone_disk, clone_uds, GUEST_CID + 1)
+                    + ["-incoming", f"file:{tpl}"]) as clone:
+        out = clone.run("sleep 1; cat /tmp/held.out", timeout=120)
+        assert "read: Connection reset by peer" in out, out
+        echo_through_guest(clone_uds, 5000, b"clone-echo")      # the listener survived
+        lst = HostListener(f"{clone_uds}_6000", b"reply:")
+        out = clone.run("vsockecho connect 2 6000 from-clone", timeout=120)
+        assert lst.join() == b"from-clone"
+        assert out.strip() == "reply:from-clone", out

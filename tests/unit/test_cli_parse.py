@@ -385,8 +385,6 @@ ERRORS = [
     (K + ["-qmp", "unix:/tmp/v,server,nowait",
           "-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/v"], "-device",
      "also used by -qmp"),
-    (K + ["-incoming", "file:/t", "-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/v"],
-     "-incoming", "templates have no vsock"),
     (K + ["-device", "vhost-vsock-device,id=v,guest-cid=2"], "-device", "guest-cid: 2 is out of range"),
     (K + ["-device", "vhost-vsock-device,id=v"], "-device", "requires guest-cid="),
     (K + ["-device", "vhost-vsock-device,id=v,guest-cid=3,cid=4"], "-device", "unknown property 'cid'"),

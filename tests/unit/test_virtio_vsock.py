@@ -456,13 +456,38 @@ def test_vsock_slot_follows_command_line_order_after_reserved_slots():
         (RESERVED_COUNT, "vs"), (RESERVED_COUNT + 1, "rng")]
 
 
-def test_migrate_refuses_a_vm_with_vsock():
-    from stratopy.cli_parse import parse_args
-    from stratopy.migration.snapshot import unsupported_reason
+def test_restored_device_owes_the_guest_a_transport_reset(tmp_path):
+    from stratopy.devices.virtio.vsock import VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, VsockState
 
-    assert unsupported_reason(parse_args(VSOCK_ARGS)) == \
-        "vsock device 'vs' is not supported by snapshots"
-    assert unsupported_reason(parse_args(VSOCK_ARGS[:4] + VSOCK_ARGS[6:])) is None
+    g = Guest(tmp_path)
+    try:
+        ev = g.drv.queues[EVENT_QUEUE]
+        state = g.dev.state()
+        assert state == VsockState(guest_cid=CID, acked_features=1 << 32)
+        g.dev.restore(VsockState(guest_cid=7, acked_features=1 << 32))   # the template's cid
+        assert g.dev.guest_cid == CID            # the clone keeps its own
+        ev.kick()                                # no event buffer posted yet: still owed
+        assert ev.get_used() == [] and g.dev.reset_event_pending
+        buf = g.drv.alloc(8)
+        g.drv.mem.write(buf, b"\xff" * 8)
+        head = ev.add([(buf, 8, True)])
+        ev.kick()
+        assert ev.get_used() == [(head, 4)]
+        assert g.drv.mem.read(buf, 4) == struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        ev.add([(g.drv.alloc(8), 8, True)])
+        ev.kick()
+        assert ev.get_used() == []               # sent once
+    finally:
+        g.muxer.close()
+
+
+@pytest.mark.parametrize("cid", [2, 1 << 32, "3", None])
+def test_restore_checks_the_template_cid(g, cid):
+    from stratopy.devices.virtio.vsock import VsockState
+    from stratopy.errors import TemplateError
+
+    with pytest.raises(TemplateError, match="guest_cid"):
+        g.dev.restore(VsockState(guest_cid=cid, acked_features=0))
 
 
 def test_uds_path_that_cannot_listen_is_one_config_error(tmp_path):

@@ -3,10 +3,16 @@ side (queues, packet framing). The connections live in
 :mod:`stratopy.devices.virtio.vsock_muxer` (Firecracker's "hybrid vsock":
 host sockets are unix sockets, not AF_VSOCK).
 
-Queues: 0 = rx (device -> driver), 1 = tx (driver -> device), 2 = event
-(only VIRTIO_VSOCK_EVENT_TRANSPORT_RESET exists; never sent here, see
-docs/snapshot.md). Config space: guest_cid (le64). No feature is offered
-(stream sockets only, no SEQPACKET).
+Queues: 0 = rx (device -> driver), 1 = tx (driver -> device), 2 = event.
+Config space: guest_cid (le64). No feature is offered (stream sockets only,
+no SEQPACKET).
+
+Templates (as Firecracker): connections are not carried over. A device
+restored from a template starts with no connection and sends the guest
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (in a buffer the
+driver posted before the snapshot, or the next one it posts): Linux then
+resets every connected socket (ECONNRESET; listeners stay) and re-reads
+guest_cid, so a clone may have a cid of its own.
 
 Every packet starts with a 44-byte little-endian header (:data:`HDR`):
 src_cid u64, dst_cid u64, src_port u32, dst_port u32, len u32, type u16,
@@ -65,6 +71,7 @@ OP_CREDIT_UPDATE = 6
 OP_CREDIT_REQUEST = 7
 SHUTDOWN_RCV = 1
 SHUTDOWN_SEND = 2
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 
 
 @dataclass
@@ -113,6 +120,9 @@ class VsockDevice(VirtioDevice):
         self.muxer = muxer
         muxer.rx_kick = self.flush_rx
         self.tx_dropped = 0
+        # restored from a template: the guest must hear that its
+        # connections are gone (sent once an event buffer is there)
+        self.reset_event_pending = False
 
     # --- transport hooks ---------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
@@ -123,11 +133,13 @@ class VsockDevice(VirtioDevice):
 
     def activate(self, mem, queues: list, signal_used) -> None:
         super().activate(mem, queues, signal_used)
+        self._send_reset_event()
         self.flush_rx()          # host connections may have waited for the driver
 
     def reset(self) -> None:
         # the driver forgot every connection: so do we (host sockets closed)
         super().reset()
+        self.reset_event_pending = False
         self.muxer.reset()
 
     def process_queue(self, index: int) -> None:
@@ -135,7 +147,31 @@ class VsockDevice(VirtioDevice):
             self._process_tx()
         elif index == RX_QUEUE:
             self.flush_rx()
-        # EVENT_QUEUE: the driver posts buffers we keep for a transport reset
+        elif index == EVENT_QUEUE:
+            # buffers are kept for a transport reset; one may be owed
+            self._send_reset_event()
+
+    def _send_reset_event(self) -> None:
+        q = self._ready_queue(EVENT_QUEUE)
+        if not self.reset_event_pending or q is None:
+            return
+        mem = self.mem
+        try:
+            for _ in range(q.size):
+                chain = q.pop(mem)
+                if chain is None:
+                    return                       # owed until the driver posts one
+                writable = [(a, n) for a, n, w in chain.buffers if w]
+                if not writable or writable[0][1] < 4:
+                    q.add_used(mem, chain.head, 0)   # cannot hold an event
+                    continue
+                mem.write(writable[0][0], struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                q.add_used(mem, chain.head, 4)
+                self.reset_event_pending = False
+                break
+        except Exception as e:  # noqa: BLE001
+            self._broke(e)
+        self.signal_used(EVENT_QUEUE)
 
     # --- guest -> host -------------------------------------------------------
     def _process_tx(self) -> None:
@@ -243,9 +279,13 @@ class VsockDevice(VirtioDevice):
         return VsockState(guest_cid=self.guest_cid, acked_features=self.acked_features)
 
     def restore(self, state: VsockState) -> None:
+        """Apply a template's state. The guest cid stays the command line's
+        (the transport reset makes the guest read it again); connections
+        are gone: the reset event is owed."""
         if not isinstance(state, VsockState):
             raise TemplateError(f"virtio-vsock state has the wrong type {type(state).__name__}")
-        if state.guest_cid != self.guest_cid:
-            raise TemplateError("", attribute="virtio-vsock guest-cid",
-                                expected=str(state.guest_cid), found=str(self.guest_cid))
+        cid = state.guest_cid
+        if type(cid) is not int or not MIN_GUEST_CID <= cid <= MAX_GUEST_CID:
+            raise TemplateError(f"virtio-vsock state field guest_cid out of range: {cid!r}")
         self.acked_features = self._check_acked(state.acked_features, self.avail_features)
+        self.reset_event_pending = True
