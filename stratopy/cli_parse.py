@@ -119,7 +119,8 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -device virtio-vsock-device,id=ID,guest-cid=N,uds-path=PATH   (userspace vsock over unix sockets)
   -serial stdio|pty|none|file,path=PATH|socket,path=PATH[,server][,nowait]|chardev:ID
   -qmp unix:PATH,server,nowait  |  tcp:IP:PORT,server,nowait   (repeatable)
-  -incoming file:DIR[,mapped=on|off]   start from the VM template in DIR
+  -incoming file:DIR[,mapped=on|off][,verify=lazy|full]
+                                       start from the VM template in DIR
   -S                               start with vCPUs paused (QMP 'cont' starts them)
   -name NAME                       guest name
   -uuid UUID                       the VM's UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)
@@ -381,8 +382,12 @@ def _parse_incoming(text: str) -> IncomingConfig:
     _path(o, "file", path)
     p = _Props(o, text, "-incoming", items[1:])
     mapped = p.take_bool(True, "mapped")
+    verify = p.take("verify") or "lazy"
+    if verify not in ("lazy", "full"):
+        raise ConfigError(o, f"verify={verify}: use verify=lazy (default: the guest starts "
+                             f"at once, its memory is checked beside it) or verify=full")
     p.finish()
-    return IncomingConfig(path=path, mapped=mapped)
+    return IncomingConfig(path=path, mapped=mapped, verify=verify)
 
 
 # --------------------------------------------------------------------------

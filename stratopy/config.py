@@ -263,16 +263,21 @@ class QmpConfig(_Frozen):
 
 
 class IncomingConfig(_Frozen):
-    """``-incoming file:DIR[,mapped=on|off]``: restore from the template in ``path``.
+    """``-incoming file:DIR[,mapped=on|off][,verify=lazy|full]``: restore
+    from the template in ``path``.
 
     ``mapped`` (default True): map ``DIR/memory`` copy-on-write; False: read it.
+    ``verify``: ``lazy`` (default) checks the memory file's chunk digests in
+    a background thread while the guest runs and stops the VM if one is
+    damaged; ``full`` checks them all before the guest runs.
     """
 
-    __slots__ = ("path", "mapped")
+    __slots__ = ("path", "mapped", "verify")
 
-    def __init__(self, path: str, mapped: bool = True):
+    def __init__(self, path: str, mapped: bool = True, verify: str = "lazy"):
         _set(self, "path", path)
         _set(self, "mapped", mapped)
+        _set(self, "verify", verify)
 
 
 class MachineConfig(_Frozen):

@@ -160,46 +160,35 @@ class GuestMemory:
                                   f"{e.strerror}") from None
 
     @classmethod
-    def from_file(cls, path: str, layout: list[tuple[int, int]],
-                  mapped: bool = True) -> "GuestMemory":
-        """RAM initialised from a template memory file.
+    def from_fd(cls, fd: int, layout: list[tuple[int, int]], mapped: bool = True,
+                base: int = 0) -> "GuestMemory":
+        """RAM initialised from a template memory file already opened (and
+        checked) as ``fd``, the regions concatenated from file offset
+        ``base`` (page aligned).
 
         ``mapped=True`` maps the file MAP_PRIVATE (copy-on-write: the time
-        does not grow with memory size and the template is never modified);
+        does not grow with memory size and the file is never modified);
         ``mapped=False`` reads it into anonymous memory.
         """
-        total = sum(size for _, size in layout)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise StratoError(f"cannot open memory file {path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_size != total:
-                from stratopy.errors import TemplateError
-                raise TemplateError(f"memory file {path} has {st.st_size} bytes, "
-                                    f"the guest has {total}")
-            if not mapped:
-                mem = cls.anonymous(layout)
-                for r in mem.regions:
-                    view = memoryview(r.mm)
-                    done = 0
-                    while done < r.size:
-                        n = os.preadv(fd, [view[done:]], r.file_offset + done)
-                        if n <= 0:
-                            raise StratoError(f"short read from {path}")
-                        done += n
-                    view.release()
-                return mem
-            regions, off = [], 0
-            for gpa, size in layout:
-                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
-                regions.append(Region(gpa, size, mm, off))
-                off += size
-            return cls(regions)
-        finally:
-            os.close(fd)
+        if not mapped:
+            mem = cls.anonymous(layout)
+            for r in mem.regions:
+                view = memoryview(r.mm)
+                done = 0
+                while done < r.size:
+                    n = os.preadv(fd, [view[done:]], base + r.file_offset + done)
+                    if n <= 0:
+                        raise StratoError("short read from the memory file")
+                    done += n
+                view.release()
+            return mem
+        regions, off = [], 0
+        for gpa, size in layout:
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base + off)
+            regions.append(Region(gpa, size, mm, off))
+            off += size
+        return cls(regions)
 
     def close(self) -> None:
         for r in self.regions:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(linux-source-6.1 flex bison libelf-dev libssl-dev bc make gcc
               busybox-static e2fsprogs ncat socat qemu-system-x86 iproute2
-              linux-libc-dev xz-utils iputils-ping cpio)
+              linux-libc-dev xz-utils iputils-ping cpio acpica-tools)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

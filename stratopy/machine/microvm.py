@@ -63,6 +63,7 @@ class MicroVm:
         self.vm = None
         self.mem: GuestMemory | None = None
         self.vcpus: list = []
+        self.vcpu_cpuids: list = []     # the CPUID each vCPU was given
         self.runners: list[VcpuRunner] = []
         self.slots: list[Slot] = []
         self.serial: Serial | None = None
@@ -105,16 +106,23 @@ class MicroVm:
         for slot, region in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
 
-    def _create_vcpus(self) -> None:
+    def _create_vcpus(self, cpuids: list | None = None) -> None:
+        """``cpuids``: a template's CPUID per vCPU (restore), else this host's."""
         supported = self.kvm.supported_cpuid()
         n = self.config.cpus
+        brand = cpu.host_brand_string() if cpuids is None else b""
         for i in range(n):
             vcpu = self.vm.create_vcpu(i)
             # CPUID first: KVM validates later MSR/XSAVE writes against it.
-            cpuid = type(supported).from_buffer_copy(supported)
-            cpu.filter_cpuid(cpuid.entries[:cpuid.nent], i, n)
+            if cpuids is None:
+                cpuid = type(supported).from_buffer_copy(supported)
+                cpu.filter_cpuid(cpuid.entries[:cpuid.nent], i, n)
+                cpu.fill_brand_string(cpuid.entries[:cpuid.nent], brand)
+            else:
+                cpuid = cpuids[i]
             vcpu.set_cpuid(cpuid)
             self.vcpus.append(vcpu)
+            self.vcpu_cpuids.append(cpuid)      # saved in a template
 
     def _setup_boot_vcpus(self, entry: int) -> None:
         for vcpu in self.vcpus:

@@ -106,9 +106,29 @@ def restore_vcpu(vcpu, st: VcpuState) -> None:
     vcpu._set(uapi.KVM_SET_DEBUGREGS, uapi.kvm_debugregs, st.debugregs)
     vcpu._set(uapi.KVM_SET_LAPIC, uapi.kvm_lapic_state, st.lapic)
     # MSRs after LAPIC (TSC deadline timer MSR needs the LAPIC mode restored).
-    vcpu.set_msrs(list(zip(st.msr_indices, st.msr_values)))
+    # Every saved MSR must be taken: one KVM refuses is an error, not skipped.
+    set_msrs_strict(vcpu, st)
     # Events last: pending interrupts are injected on top of the LAPIC state.
     vcpu._set(uapi.KVM_SET_VCPU_EVENTS, uapi.kvm_vcpu_events, st.vcpu_events)
+
+
+def set_msrs_strict(vcpu, st: VcpuState) -> None:
+    """KVM_SET_MSRS with all of ``st``'s MSRs; TemplateError naming the first
+    one KVM refuses (it stops at the first it cannot set)."""
+    from stratopy.kvm.ioctl import ioctl
+
+    n = len(st.msr_indices)
+    if not n:
+        return
+    msrs = uapi.kvm_msrs_n(n)()
+    msrs.nmsrs = n
+    for i, (idx, val) in enumerate(zip(st.msr_indices, st.msr_values)):
+        msrs.entries[i].index = idx
+        msrs.entries[i].data = val
+    got = ioctl(vcpu.fd, uapi.KVM_SET_MSRS, ctypes.byref(msrs))
+    if got < n:
+        raise TemplateError(f"state file field vcpus[{st.index}].msr_values: KVM refused "
+                            f"MSR {st.msr_indices[got]:#x} = {st.msr_values[got]:#x}")
 
 
 @dataclass

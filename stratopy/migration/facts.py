@@ -97,13 +97,18 @@ def _slot_name(slot) -> str:
     return f"virtio-mmio slot {slot}"
 
 
+def _same(saved: object, current: object) -> bool:
+    return type(saved) is type(current) and saved == current
+
+
 def compare(template: dict, current: dict) -> None:
     """Raise TemplateError naming the first attribute that differs."""
     if not isinstance(template, dict):
         raise TemplateError("machine facts missing from the state file")
     for key, attr in (("machine", "machine type"), ("cpus", "vCPU count (-smp)"),
                       ("mem_size", "memory size (-m)")):
-        if template.get(key) != current[key]:
+        # strict types: JSON 1.0 and true are not the integer 1
+        if not _same(template.get(key), current[key]):
             raise TemplateError("", attribute=attr, expected=template.get(key),
                                 found=current[key])
     tdevs = template.get("devices")
@@ -136,7 +141,7 @@ def compare(template: dict, current: dict) -> None:
         raise TemplateError("; ".join(hints), attribute=attr, expected=tids, found=cids)
     for i, (t, c) in enumerate(zip(tdevs, cdevs)):
         for key in ("driver", "id", "slot", "mac", "serial", "readonly", "capacity"):
-            if key in c and t.get(key) != c[key]:
+            if key in c and not _same(t.get(key), c[key]):
                 name = {"driver": "type", "capacity": "disk size"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",
                                     expected=t.get(key), found=c[key])

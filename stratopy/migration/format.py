@@ -4,8 +4,9 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"STRATOPY"
-    8       4     format version (u32), currently 1
-    12      4     header flags (u32), must be 0 in version 1
+    8       4     format version (u32), currently 2 (1: before the memory
+                  file had a header page; refused, "take the template again")
+    12      4     header flags (u32), must be 0
     16      8     payload length (u64)
     24      32    SHA-256 over bytes [0, 24) of the header + the payload
     56      ...   payload: UTF-8 JSON {"meta": {...}, "components": {...}}
@@ -23,7 +24,8 @@ adds: ``machine`` (the command-line facts a restore must match) and
 applied by ``write_state``; decode them with ``codec.from_plain``).
 
 ``read_state`` validates in this order, each failure a ``TemplateError``:
-missing/unreadable file, truncated header, wrong magic, format version newer
+missing/unreadable file, not a regular file (a FIFO, device, directory or
+symlink is refused without blocking: ``open_regular``), truncated header, wrong magic, format version newer
 (or older) than supported, unknown header flags, payload length not matching
 the file size (truncated or extended), payload larger than
 ``MAX_PAYLOAD``, checksum mismatch, invalid JSON / wrong top-level shape,
@@ -32,6 +34,7 @@ architecture differs, CPU vendor differs. Nothing else ever escapes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,7 +47,7 @@ from stratopy.errors import MigrationError, TemplateError
 from stratopy.migration import codec
 
 MAGIC = b"STRATOPY"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size            # 56
 _CHECKED_PREFIX = 24                  # magic + version + flags + length
@@ -197,28 +200,50 @@ def read_state(path: str, expect_arch: Any = _HOST,
     """
     if os.path.isdir(path) and os.path.exists(os.path.join(path, STATE_NAME)):
         path = os.path.join(path, STATE_NAME)
+    fd = open_regular(path, "template state file")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TemplateError(f"{path}: no template state file (file not found)") from None
-    except OSError as e:
-        raise TemplateError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise TemplateError(f"{path}: cannot stat: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise TemplateError(f"{path}: is a directory, not a template state file")
-        if not stat.S_ISREG(st.st_mode):
-            raise TemplateError(f"{path}: not a regular file")
-        head = _read_exact(fd, 0, min(HEADER_SIZE, st.st_size), path)
-        length = _check_header(head, st.st_size, path)
-        payload = _read_exact(fd, HEADER_SIZE, length, path)
-        if len(payload) != length:
-            raise TemplateError(f"{path}: truncated while reading")
+        return read_state_fd(fd, path, expect_arch, expect_vendor)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str, what: str) -> int:
+    """Open a template file read-only without ever blocking or following a
+    symlink (O_NOFOLLOW | O_NONBLOCK: a FIFO or device there must not hang
+    the monitor) and refuse anything but a regular file. Returns the fd:
+    the caller reads and maps *this* file, never the path again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise TemplateError(f"{path}: no {what} (file not found)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TemplateError(f"{path}: {what} is a symbolic link (refused)") from None
+        raise TemplateError(f"{path}: cannot open {what}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise TemplateError(f"{path}: cannot stat: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        from stratopy.files import kind   # only on this error path
+        os.close(fd)
+        raise TemplateError(f"{path}: {what} is {kind(st.st_mode)}, not a regular file")
+    return fd
+
+
+def read_state_fd(fd: int, path: str, expect_arch: Any = _HOST,
+                  expect_vendor: Any = _HOST) -> tuple[dict, dict]:
+    """``read_state`` on a file already opened with ``open_regular``."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise TemplateError(f"{path}: cannot stat: {e.strerror}") from None
+    head = _read_exact(fd, 0, min(HEADER_SIZE, st.st_size), path)
+    length = _check_header(head, st.st_size, path)
+    payload = _read_exact(fd, HEADER_SIZE, length, path)
+    if len(payload) != length:
+        raise TemplateError(f"{path}: truncated while reading")
     return decode_payload(head, payload, path, expect_arch, expect_vendor)
 
 
@@ -248,6 +273,9 @@ def _check_header(head: bytes, file_size: int, name: str) -> int:
                             f"stratopy supports ({FORMAT_VERSION})")
     if version < 1:
         raise TemplateError(f"{name}: unsupported format version {version}")
+    if version < FORMAT_VERSION:
+        raise TemplateError(f"{name}: the template was written by an older stratopy "
+                            f"(format version {version}); take the template again")
     if flags != 0:
         raise TemplateError(f"{name}: unknown header flags {flags:#x}")
     actual = file_size - HEADER_SIZE

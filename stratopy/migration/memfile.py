@@ -1,127 +1,152 @@
-"""Guest RAM <-> ``DIR/memory``, and the atomic commit of a template.
+"""The template's ``memory`` file: header page, guest RAM, chunk digests.
 
-The memory file
----------------
-The regions of a GuestMemory concatenated in file-offset order (so its size
-is the guest memory size and ``GuestMemory.from_file`` maps it directly).
-Zero pages are *holes*: ``write_memory`` scans each region in 2 MiB chunks
-(one C-level comparison against a zero chunk), then 64 KiB blocks and
-4 KiB pages only inside chunks/blocks that hold data, writes only the runs of
-non-zero pages with ``os.pwrite`` and finally ``ftruncate``s the file to its
-full size. A mostly zero 256 MiB guest is written in about 0.1 s and takes
-a few blocks of disk. Files are created 0600: guest RAM holds guest secrets.
+Layout
+------
+::
 
-Pairing ``state`` with ``memory``
----------------------------------
-The state file's ``meta["memory"]`` (``MemoryImage.record()``) describes the
-memory file it belongs to::
+    offset 0      header page (4096 bytes, see HEADER below)
+    offset 4096   the regions of a GuestMemory concatenated in file-offset
+                  order (RAM below 3 GiB, then RAM above 4 GiB)
 
-    {"size": N,                      # logical size in bytes
-     "data_bytes": D,                # bytes holding data (informational)
-     "template_id": "<32 hex>",      # random 128-bit id of this snapshot
-     "sample_offsets": [...],        # up to 64 page offsets, see below
-     "sample_sha256": "<64 hex>"}    # sha256 of size + those pages
+The RAM starts at a page-aligned offset, so ``map_memory`` maps each region
+``MAP_PRIVATE`` straight from the file (copy-on-write; restore time does not
+grow with guest size). Zero pages are *holes*: ``write_memory`` scans each
+region in 2 MiB chunks (one C-level comparison against a zero chunk), then
+64 KiB blocks and 4 KiB pages only inside chunks/blocks with data, writes
+only the runs of non-zero pages and ``ftruncate``s the file to full size.
 
-``sample_offsets`` are 16 pages spread evenly over the file plus up to 48
-pages spread evenly over the pages that held data, so the sample bites even
-in a mostly-zero guest. ``check_memory_file`` re-reads those (at most 256 KiB,
-independent of guest size, so restore time stays flat) and refuses a memory
-file whose size or sample differs: a ``state`` next to a foreign ``memory``
-is refused. The template id is also put in the ``user.stratopy.template_id``
-xattr of the memory file when the filesystem allows; when the xattr is
-present it must match (``cp`` without ``--preserve=xattr`` drops it: then
-the size and sample check alone decide, so copying a template still works).
+Header page (little-endian)::
 
-The atomic sequence (``save_template`` / ``commit_template``)
-------------------------------------------------------------
-Under an exclusive ``flock`` on DIR (two snapshots into one DIR cannot
-interleave; a restore may take it shared with ``template_lock``):
+    0    8   magic b"STRATMEM"
+    8    4   header version (1)
+    12   4   flags (0)
+    16   16  template id (random 128 bits; the state records the same id)
+    32   8   RAM size in bytes (file size - 4096)
+    40   8   offset of the RAM (4096)
+    48   4   chunk size (2 MiB)
+    52   4   number of regions (at most MAX_REGIONS)
+    56   16n regions: guest-physical address, size (u64 each)
+    4064 32  SHA-256 of bytes [0, 4064)
 
-  0. remove stale ``.memory.tmp-*``/``.state.tmp-*`` left by a crash;
-  1. write memory to ``DIR/.memory.tmp-RANDOM``, ftruncate, fsync;
-  2. write state (recording the memory's size/id/sample) to
-     ``DIR/.state.tmp-RANDOM``, fsync;
-  3. unlink ``DIR/state`` if present, fsync DIR -- from here on a restore
-     sees *no template* (refused: "no template state file");
-  4. rename memory temp -> ``DIR/memory`` (atomically replaces the old one;
-     a VM still mapping the old file MAP_PRIVATE keeps the old inode);
-  5. rename state temp -> ``DIR/state``: THE COMMIT POINT; fsync DIR.
-
-So at every moment a reader sees the old complete pair, no ``state`` at all,
-or the new complete pair. Any failure deletes the temp files (and a new
-``memory`` that got no ``state``) and raises MigrationError; DIR is then
-left without a ``state`` (if step 3 ran) or with the old template untouched
-(if it did not). Even if a crash or a foreign writer reordered things, the
-size/sample/xattr check refuses a state whose memory is not its own.
-
-Restore: ``load_template(DIR, guest_mem_size)`` = ``read_state`` +
-``check_memory_file(DIR/memory, size, meta["memory"])``, then map the file
-with ``GuestMemory.from_file``. To exclude a concurrent re-snapshot into the
-same DIR between the check and the mapping, hold
-``template_lock(DIR, exclusive=False)`` across both.
+Pairing: restore opens ``memory`` once and refuses it unless its header id
+is the id in the state (a ``memory`` of another template -- even of the same
+VM, copied without xattrs -- carries another id), its size and regions match
+the guest. Damage: the state stores a SHA-256 of every 2 MiB chunk of every
+region (``chunk_sha256``, covered by the state's own checksum).
+``verify_chunks`` recomputes them from the file: a chunk with no data
+(``SEEK_DATA``) is known to be zeros without being read, so verifying costs
+one read of the data the guest had written, not of the guest size. When it
+runs (before the guest, or beside it) is restore.py's business.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import os
-import re
-import stat
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from stratopy.errors import MigrationError, TemplateError
 from stratopy.memory import PAGE_SIZE, GuestMemory
-from stratopy.migration import format as state_format
 
 MEMORY_NAME = "memory"
-STATE_NAME = state_format.STATE_NAME
+MAGIC = b"STRATMEM"
+HEADER_VERSION = 1
+HEADER_SIZE = 4096
 CHUNK = 2 << 20
 BLOCK = 64 << 10
-XATTR_ID = "user.stratopy.template_id"
-SPREAD_SAMPLES = 16
-DATA_SAMPLES = 48
-MAX_SAMPLES = 256
+MAX_REGIONS = 64
+DIGEST_SIZE = 32
+_FIXED = struct.Struct("<8sII16sQQII")        # 56 bytes
+_REGION = struct.Struct("<QQ")
+_CHECKED = HEADER_SIZE - DIGEST_SIZE
 
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def zero_digest(n: int) -> bytes:
+    """SHA-256 of n zero bytes (cached: most chunks of a guest are holes)."""
+    d = _ZERO_DIGESTS.get(n)
+    if d is None:
+        d = _ZERO_DIGESTS[n] = hashlib.sha256(_ZERO_CHUNK[:n] if n <= CHUNK
+                                              else bytes(n)).digest()
+    return d
+
+
+def chunk_count(layout: list[tuple[int, int]]) -> int:
+    return sum((size + CHUNK - 1) // CHUNK for _, size in layout)
 
 
 @dataclass
 class MemoryImage:
-    """A memory file written by ``write_memory`` (still under its temp name)."""
+    """A memory file written by ``write_memory`` (still under its pending name)."""
 
-    path: str             # the temp file (``DIR/.memory.tmp-…``) until committed
-    size: int             # logical size = guest memory size
+    path: str
+    size: int             # RAM bytes (file size - HEADER_SIZE)
     data_bytes: int       # bytes actually written (non-zero pages)
-    template_id: str
-    sample_offsets: list[int]
-    sample_sha256: str
+    template_id: str      # 32 hex digits
+    layout: list[tuple[int, int]]
+    digests: bytes        # DIGEST_SIZE bytes per chunk, regions in order
 
     def record(self) -> dict:
         """What the state file stores about its memory file (meta["memory"])."""
         return {"size": self.size, "data_bytes": self.data_bytes,
-                "template_id": self.template_id,
-                "sample_offsets": list(self.sample_offsets),
-                "sample_sha256": self.sample_sha256}
+                "template_id": self.template_id, "header_size": HEADER_SIZE,
+                "chunk_size": CHUNK, "chunk_sha256": self.digests.hex()}
+
+
+def pending_name(template_id: str) -> str:
+    """The name of a memory file written but not yet renamed to ``memory``."""
+    return f".{MEMORY_NAME}-{template_id}"
+
+
+# --------------------------------------------------------------------------
+# header
+
+def pack_header(template_id: str, layout: list[tuple[int, int]]) -> bytes:
+    if len(layout) > MAX_REGIONS:
+        raise MigrationError(f"{len(layout)} memory regions (limit {MAX_REGIONS})")
+    size = sum(s for _, s in layout)
+    head = _FIXED.pack(MAGIC, HEADER_VERSION, 0, bytes.fromhex(template_id), size,
+                       HEADER_SIZE, CHUNK, len(layout))
+    head += b"".join(_REGION.pack(g, s) for g, s in layout)
+    head = head.ljust(_CHECKED, b"\0")
+    return head + hashlib.sha256(head).digest()
+
+
+def parse_header(page: bytes, name: str) -> tuple[str, int, list[tuple[int, int]]]:
+    """(template id, RAM size, regions) of a header page, or TemplateError."""
+    if len(page) < HEADER_SIZE:
+        raise TemplateError(f"{name}: truncated memory file header")
+    magic, version, flags, tid, size, data_off, chunk, n = _FIXED.unpack_from(page)
+    if magic != MAGIC:
+        raise TemplateError(f"{name}: not a stratopy memory file (bad magic; a memory "
+                            f"file of an older stratopy? take the template again)")
+    if hashlib.sha256(page[:_CHECKED]).digest() != page[_CHECKED:HEADER_SIZE]:
+        raise TemplateError(f"{name}: corrupt memory file header (checksum mismatch)")
+    if version != HEADER_VERSION or flags != 0:
+        raise TemplateError(f"{name}: unsupported memory file version {version} "
+                            f"(flags {flags:#x})")
+    if data_off != HEADER_SIZE or chunk != CHUNK or n > MAX_REGIONS:
+        raise TemplateError(f"{name}: unsupported memory file layout")
+    layout = [_REGION.unpack_from(page, _FIXED.size + i * _REGION.size) for i in range(n)]
+    return tid.hex(), size, layout
 
 
 # --------------------------------------------------------------------------
 # writing
 
-def write_memory(path_dir: str, mem: GuestMemory, template_id: str | None = None) -> MemoryImage:
-    """Write all of guest RAM, sparse, to a new fsynced temp file in ``path_dir``.
+def write_memory(path_dir: str, mem: GuestMemory, template_id: str | None = None,
+                 name: str | None = None) -> MemoryImage:
+    """Write the header page and all of guest RAM, sparse, to a new fsynced
+    file ``DIR/.memory-<id>`` (mode 0600: guest RAM holds guest secrets).
 
-    Returns a MemoryImage (temp path, logical size, bytes written, identity).
-    The temp file is removed on any failure (MigrationError). The caller
-    renames it (``commit_template``) or deletes it.
+    Returns a MemoryImage. The file is removed on any failure
+    (MigrationError). The caller commits it (template_dir) or deletes it.
     """
     import secrets  # the write path only (not needed by a warm start)
 
@@ -131,62 +156,54 @@ def write_memory(path_dir: str, mem: GuestMemory, template_id: str | None = None
         if r.file_offset != total:
             raise MigrationError("guest memory regions do not tile the memory file layout")
         total += r.size
+    layout = [(r.gpa, r.size) for r in regions]
     template_id = template_id or secrets.token_hex(16)
-    tmp = os.path.join(path_dir, f".{MEMORY_NAME}.tmp-{secrets.token_hex(8)}")
+    path = os.path.join(path_dir, name or pending_name(template_id))
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
     except OSError as e:
-        raise MigrationError(f"cannot create {tmp}: {e.strerror}") from None
-    runs: list[tuple[int, int]] = []   # (file offset, length) of data written
+        raise MigrationError(f"cannot create {path}: {e.strerror}") from None
+    written = [0]
+    digests: list[bytes] = []
     try:
         try:
+            _pwrite_all(fd, memoryview(pack_header(template_id, layout)), 0)
             for r in regions:
-                _write_region(fd, r.mm, r.size, r.file_offset, runs)
-            os.ftruncate(fd, total)
-            try:
-                os.setxattr(fd, XATTR_ID, template_id.encode("ascii"))
-            except OSError:
-                pass  # filesystem without user xattrs: the sample check still holds
+                _write_region(fd, r.mm, r.size, HEADER_SIZE + r.file_offset, written, digests)
+            os.ftruncate(fd, HEADER_SIZE + total)
             os.fsync(fd)
-            offsets = _sample_offsets(total, runs)
-            digest = _sample_digest(fd, total, offsets)
         finally:
             os.close(fd)
     except BaseException as e:
-        _unlink_quiet(tmp)
+        _unlink_quiet(path)
         if isinstance(e, OSError):
             raise MigrationError(f"cannot write guest memory to {path_dir}: "
                                  f"{e.strerror or e}") from None
         raise
-    return MemoryImage(tmp, total, sum(n for _, n in runs), template_id, offsets, digest)
+    return MemoryImage(path, total, written[0], template_id, layout, b"".join(digests))
 
 
-def _write_region(fd: int, mm, size: int, base: int, runs: list) -> None:
-    """Write the non-zero pages of one region. Three levels, each one C-level
-    compare per block: 2 MiB chunks, then 64 KiB blocks of a chunk with data,
-    then 4 KiB pages of a block with data. Adjacent data pages of a chunk go
-    out in one pwrite; ``runs`` gets the (file offset, length) of the data."""
+def _write_region(fd: int, mm, size: int, base: int, written: list, digests: list) -> None:
+    """Write the non-zero pages of one region and append one SHA-256 per
+    2 MiB chunk to ``digests``. Three levels, each one C-level compare per
+    block: 2 MiB chunks, 64 KiB blocks of a chunk with data, 4 KiB pages of
+    a block with data. Adjacent data pages of a chunk go out in one pwrite."""
     for off in range(0, size, CHUNK):
         n = min(CHUNK, size - off)
         chunk = mm[off:off + n]                     # one memcpy, then C compares
         if chunk == (_ZERO_CHUNK if n == CHUNK else bytes(n)):
+            digests.append(zero_digest(n))
             continue
+        digests.append(hashlib.sha256(chunk).digest())   # of the copy: what is written
         view = memoryview(chunk)
         rs = -1                                     # start of the current data run
-
-        def end_run(p: int) -> None:
-            _pwrite_all(fd, view[rs:p], base + off + rs)
-            fo = base + off + rs
-            if runs and runs[-1][0] + runs[-1][1] == fo:
-                runs[-1] = (runs[-1][0], runs[-1][1] + p - rs)
-            else:
-                runs.append((fo, p - rs))
-
         for b in range(0, n, BLOCK):
             bn = min(BLOCK, n - b)
             if chunk[b:b + bn] == (_ZERO_BLOCK if bn == BLOCK else bytes(bn)):
                 if rs >= 0:
-                    end_run(b)
+                    _pwrite_all(fd, view[rs:b], base + off + rs)
+                    written[0] += b - rs
                     rs = -1
                 continue
             for p in range(b, b + bn, PAGE_SIZE):
@@ -195,10 +212,12 @@ def _write_region(fd: int, mm, size: int, base: int, runs: list) -> None:
                     if rs < 0:
                         rs = p
                 elif rs >= 0:
-                    end_run(p)
+                    _pwrite_all(fd, view[rs:p], base + off + rs)
+                    written[0] += p - rs
                     rs = -1
         if rs >= 0:
-            end_run(n)
+            _pwrite_all(fd, view[rs:n], base + off + rs)
+            written[0] += n - rs
         view.release()
 
 
@@ -211,225 +230,117 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
-def _sample_offsets(size: int, runs: list[tuple[int, int]]) -> list[int]:
-    """Page offsets to fingerprint: spread over the file + spread over the data."""
-    pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-    chosen: set[int] = set()
-    if pages:
-        for i in range(SPREAD_SAMPLES):
-            chosen.add((pages - 1) * i // max(SPREAD_SAMPLES - 1, 1) * PAGE_SIZE)
-    data_pages = sum((n + PAGE_SIZE - 1) // PAGE_SIZE for _, n in runs)
-    if data_pages:
-        k = min(DATA_SAMPLES, data_pages)
-        targets = [data_pages * i // k for i in range(k)]
-        ti, seen = 0, 0
-        for off, n in runs:
-            npg = (n + PAGE_SIZE - 1) // PAGE_SIZE
-            while ti < k and targets[ti] < seen + npg:
-                chosen.add(off + (targets[ti] - seen) * PAGE_SIZE)
-                ti += 1
-            seen += npg
-    return sorted(chosen)
-
-
-def _sample_digest(fd: int, size: int, offsets: list[int]) -> str:
-    h = hashlib.sha256(struct.pack("<Q", size))
-    for off in offsets:
-        page = os.pread(fd, PAGE_SIZE, off)
-        h.update(struct.pack("<Q", off))
-        h.update(page)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------
-# committing
-
-@contextlib.contextmanager
-def template_lock(path_dir: str, exclusive: bool = True, wait: bool = False) -> Iterator[None]:
-    """flock on the template directory: exclusive while writing a template,
-    shared (optional) while restoring. Not waiting: a busy DIR raises
-    MigrationError (exclusive) / TemplateError (shared)."""
-    err = MigrationError if exclusive else TemplateError
-    try:
-        fd = os.open(path_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise err(f"cannot open {path_dir}: {e.strerror}") from None
-    try:
-        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, op)
-        except BlockingIOError:
-            raise err(f"{path_dir}: another snapshot is being written there") from None
-        except OSError:
-            pass  # filesystem without flock: go on unlocked
-        yield
-    finally:
-        os.close(fd)   # releases the lock
-
-
-def commit_template(path_dir: str, memory_tmp: str, state_tmp: str) -> None:
-    """Steps 3-5 of the sequence in the module docstring. Both temp files
-    must be complete and fsynced. On failure: temps (and a new ``memory``
-    left without a ``state``) are removed, DIR has no ``state``, and
-    MigrationError is raised."""
-    state_path = os.path.join(path_dir, STATE_NAME)
-    memory_path = os.path.join(path_dir, MEMORY_NAME)
-    memory_renamed = False
-    try:
-        try:
-            os.unlink(state_path)
-        except FileNotFoundError:
-            pass
-        _fsync_dir(path_dir)
-        os.rename(memory_tmp, memory_path)
-        memory_renamed = True
-        os.rename(state_tmp, state_path)          # the commit point
-        _fsync_dir(path_dir)
-    except BaseException as e:
-        if not os.path.exists(state_tmp):
-            # the state rename happened; only the final directory fsync failed.
-            # The template is complete (a crash may still lose it, never mix it).
-            if isinstance(e, OSError):
-                raise MigrationError(f"cannot sync {path_dir}: {e.strerror}") from None
-            raise
-        _unlink_quiet(state_tmp)
-        _unlink_quiet(memory_tmp)
-        if memory_renamed:
-            _unlink_quiet(memory_path)
-        if isinstance(e, OSError):
-            raise MigrationError(f"cannot commit the template in {path_dir}: "
-                                 f"{e.strerror or e}") from None
-        raise
-
-
-def remove_stale_temps(path_dir: str) -> None:
-    """Delete temp files a crashed snapshot left in ``path_dir``."""
-    import glob  # the write path only (not needed by a warm start)
-
-    for pattern in (f".{MEMORY_NAME}.tmp-*", f".{STATE_NAME}.tmp-*"):
-        for p in glob.glob(os.path.join(glob.escape(path_dir), pattern)):
-            _unlink_quiet(p)
-
-
-def save_template(path_dir: str, mem: GuestMemory, meta: dict, components: dict,
-                  write_state_tmp: Callable[[str, dict, dict], str] | None = None
-                  ) -> MemoryImage:
-    """Write a complete template to ``path_dir`` atomically (module docstring).
-
-    ``meta`` gets ``meta["memory"] = image.record()`` added (a copy is made).
-    Returns the committed MemoryImage (``path`` is then ``DIR/memory``).
-    Raises MigrationError; the VM's memory is only read.
-    """
-    write_state_tmp = write_state_tmp or state_format.write_state_tmp
-    try:
-        os.makedirs(path_dir, exist_ok=True)
-    except OSError as e:
-        raise MigrationError(f"cannot create {path_dir}: {e.strerror}") from None
-    if not os.path.isdir(path_dir):
-        raise MigrationError(f"{path_dir} is not a directory")
-    with template_lock(path_dir, exclusive=True):
-        remove_stale_temps(path_dir)
-        image = write_memory(path_dir, mem)
-        try:
-            full_meta = dict(meta)
-            full_meta["memory"] = image.record()
-            state_tmp = write_state_tmp(path_dir, full_meta, components)
-        except BaseException:
-            _unlink_quiet(image.path)
-            raise
-        commit_template(path_dir, image.path, state_tmp)
-    image.path = os.path.join(path_dir, MEMORY_NAME)
-    return image
-
-
 # --------------------------------------------------------------------------
 # restoring
 
-def check_memory_file(path: str, expected_size: int, record: dict | None = None) -> None:
-    """Refuse (TemplateError) a memory file that is missing, not a regular
-    file, of the wrong size, or -- given the state's ``meta["memory"]``
-    record -- not the one that state was written with. Reads at most
-    ``MAX_SAMPLES`` pages."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TemplateError(f"{path}: memory file missing") from None
-    except OSError as e:
-        raise TemplateError(f"{path}: cannot open memory file: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TemplateError(f"{path}: memory file is not a regular file")
-        if st.st_size != expected_size:
-            raise TemplateError(f"{path}: memory file has {st.st_size} bytes, "
-                                f"the guest has {expected_size}")
-        if record is None:
-            return
-        rec = _check_record(record, path)
-        if rec["size"] != expected_size:
-            raise TemplateError(f"{path}: the state records {rec['size']} bytes of "
-                                f"memory, the guest has {expected_size}")
-        try:
-            tag = os.getxattr(fd, XATTR_ID)
-        except OSError:
-            tag = None  # absent (copied without xattrs) or unsupported
-        if tag is not None and tag != rec["template_id"].encode("ascii"):
-            raise TemplateError(f"{path}: memory file belongs to another template "
-                                f"(id {tag[:32]!r}, state has {rec['template_id']})")
-        try:
-            digest = _sample_digest(fd, st.st_size, rec["sample_offsets"])
-        except OSError as e:
-            raise TemplateError(f"{path}: cannot read memory file: {e.strerror}") from None
-        if digest != rec["sample_sha256"]:
-            raise TemplateError(f"{path}: memory file does not belong to this state "
-                                f"(content sample mismatch)")
-    finally:
-        os.close(fd)
-
-
-def _check_record(record: object, path: str) -> dict:
+def check_record(record: object, name: str, layout: list[tuple[int, int]]) -> dict:
+    """The state's meta.memory, strictly: returns it with ``digests`` (bytes)."""
     def bad(what: str) -> TemplateError:
-        return TemplateError(f"{path}: state meta.memory: {what}")
+        return TemplateError(f"{name}: meta.memory.{what}")
     if type(record) is not dict:
-        raise bad("not an object")
-    for key in ("size", "template_id", "sample_offsets", "sample_sha256"):
-        if key not in record:
-            raise bad(f"missing {key}")
-    if type(record["size"]) is not int or record["size"] < 0:
-        raise bad("size is not a non-negative integer")
-    if type(record["template_id"]) is not str or not _HEX32.fullmatch(record["template_id"]):
-        raise bad("template_id is not 32 hex digits")
-    if type(record["sample_sha256"]) is not str or not _HEX64.fullmatch(record["sample_sha256"]):
-        raise bad("sample_sha256 is not 64 hex digits")
-    offs = record["sample_offsets"]
-    if type(offs) is not list or len(offs) > MAX_SAMPLES:
-        raise bad(f"sample_offsets is not a list of at most {MAX_SAMPLES}")
-    for o in offs:
-        if type(o) is not int or o < 0 or o % PAGE_SIZE or o >= max(record["size"], 1):
-            raise bad(f"bad sample offset {o!r}"[:120])
-    return record
-
-
-def load_template(path_dir: str, guest_mem_size: int, expect_arch=state_format._HOST,
-                  expect_vendor=state_format._HOST) -> tuple[dict, dict, str]:
-    """Restore side in one call: read and check ``state``, then check that
-    ``memory`` is its pair and has ``guest_mem_size`` bytes. Returns
-    ``(meta, components, memory_path)``. Raises TemplateError."""
-    state_path = os.path.join(path_dir, STATE_NAME)
-    meta, components = state_format.read_state(state_path, expect_arch, expect_vendor)
-    if "memory" not in meta:
-        raise TemplateError(f"{state_path}: meta.memory missing")
-    memory_path = os.path.join(path_dir, MEMORY_NAME)
-    check_memory_file(memory_path, guest_mem_size, meta["memory"])
-    return meta, components, memory_path
-
-
-def _fsync_dir(path_dir: str) -> None:
-    fd = os.open(path_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        raise TemplateError(f"{name}: meta.memory is not an object")
+    want = {"size": int, "data_bytes": int, "template_id": str, "header_size": int,
+            "chunk_size": int, "chunk_sha256": str}
+    for key, kind in want.items():
+        if type(record.get(key)) is not kind:
+            raise bad(f"{key}: missing or not {'an integer' if kind is int else 'a string'}")
+    if set(record) != set(want):
+        raise bad(f"{sorted(set(record) - set(want))[:3]}: unknown field")
+    tid = record["template_id"]
+    if len(tid) != 32 or any(c not in "0123456789abcdef" for c in tid):
+        raise bad("template_id: not 32 hex digits")
+    if record["header_size"] != HEADER_SIZE or record["chunk_size"] != CHUNK:
+        raise bad("header_size/chunk_size: unsupported layout")
+    if record["size"] != sum(s for _, s in layout):
+        raise TemplateError(f"{name}: the state records {record['size']} bytes of "
+                            f"memory, the guest has {sum(s for _, s in layout)}")
+    if not 0 <= record["data_bytes"] <= record["size"]:
+        raise bad("data_bytes: out of range")
+    n = chunk_count(layout)
+    hexd = record["chunk_sha256"]
+    if len(hexd) != 2 * DIGEST_SIZE * n:
+        raise bad(f"chunk_sha256: {len(hexd) // (2 * DIGEST_SIZE)} chunk digests, "
+                  f"the guest memory has {n} chunks")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        digests = bytes.fromhex(hexd)
+    except ValueError:
+        raise bad("chunk_sha256: not hex") from None
+    return {**record, "digests": digests}
+
+
+def check_memory_fd(fd: int, name: str, record: dict, layout: list[tuple[int, int]]) -> None:
+    """The opened ``memory`` is the state's pair and fits the guest: header
+    magic/checksum, template id, RAM size and region layout, file size.
+    Reads one page. ``record`` comes from ``check_record``."""
+    size = record["size"]
+    try:
+        page = os.pread(fd, HEADER_SIZE, 0)
+        st = os.fstat(fd)
+    except OSError as e:
+        raise TemplateError(f"{name}: cannot read memory file: {e.strerror}") from None
+    tid, hsize, hlayout = parse_header(page, name)
+    if tid != record["template_id"]:
+        raise TemplateError(f"{name}: memory file belongs to another template "
+                            f"(id {tid}, the state has {record['template_id']})")
+    if hsize != size or [tuple(r) for r in hlayout] != [tuple(r) for r in layout]:
+        raise TemplateError(f"{name}: memory file layout {hlayout} differs from the "
+                            f"guest's {layout}")
+    if st.st_size != HEADER_SIZE + size:
+        raise TemplateError(f"{name}: memory file has {st.st_size} bytes, expected "
+                            f"{HEADER_SIZE + size} (truncated or extended)")
+
+
+def _has_data(fd: int, start: int, end: int) -> bool:
+    """Whether [start, end) of the file holds any data extent (SEEK_DATA);
+    True when the filesystem cannot tell (then the chunk is read)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as e:
+        return e.errno != errno.ENXIO      # ENXIO: no data after start
+
+
+def verify_chunks(fd: int, name: str, record: dict, layout: list[tuple[int, int]],
+                  stop=None) -> int:
+    """Recompute every chunk digest of the memory file and compare with the
+    state's (TemplateError naming the first damaged chunk and its guest
+    address). Hole chunks are checked without reading them. ``stop`` (an
+    Event) ends the walk early. Returns the bytes read."""
+    digests = record["digests"]
+    i = read = 0
+    off = HEADER_SIZE
+    for gpa, size in layout:
+        for c in range(0, size, CHUNK):
+            if stop is not None and stop.is_set():
+                return read
+            n = min(CHUNK, size - c)
+            want = digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+            if _has_data(fd, off + c, off + c + n):
+                try:
+                    data = os.pread(fd, n, off + c)
+                except OSError as e:
+                    raise TemplateError(f"{name}: cannot read memory file: "
+                                        f"{e.strerror}") from None
+                if len(data) != n:
+                    raise TemplateError(f"{name}: memory file truncated at {off + c:#x}")
+                read += n
+                got = hashlib.sha256(data).digest()
+            else:
+                got = zero_digest(n)
+            if got != want:
+                raise TemplateError(f"{name}: memory file damaged: the 2 MiB chunk at "
+                                    f"guest address {gpa + c:#x} (file offset "
+                                    f"{off + c:#x}) does not match its digest")
+            i += 1
+        off += size
+    return read
+
+
+def map_memory(fd: int, layout: list[tuple[int, int]], mapped: bool = True) -> GuestMemory:
+    """Guest RAM from the (checked) memory file ``fd``: MAP_PRIVATE of each
+    region at its page-aligned offset after the header page (copy-on-write,
+    the file is never written), or with ``mapped=False`` read into anonymous
+    memory."""
+    return GuestMemory.from_fd(fd, layout, mapped, base=HEADER_SIZE)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -5,7 +5,7 @@ Runs on the device thread (QMP ``migrate``). Sequence:
   2. setup: pause the vCPUs if running (STOP event);
   3. active: collect vCPU, VM and device state (vCPUs parked, so the state
      is consistent), write ``memory`` then ``state`` (state last: it is the
-     commit point, see memfile.py);
+     commit point, see template_dir.py);
   4. completed: the VM stays paused. On failure: failed, temporary files
      removed, and a VM that was running is resumed (exactly as it was).
 """
@@ -20,7 +20,8 @@ from stratopy import config as cfgmod
 from stratopy.errors import MigrationError, StratoError
 from stratopy.kvm import uapi
 from stratopy.machine import vcpu_state
-from stratopy.migration import facts, format as fmt, memfile
+from stratopy.arch.x86_64 import cpu
+from stratopy.migration import facts, format as fmt, template_dir
 from stratopy.migration.codec import to_plain
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def take_template(machine, uri: str) -> None:
 
     mig = machine.migration
     directory = parse_uri(uri)
-    created = False
+    created: list[str] = []
     mig.start()                                      # -> setup
     was_running = machine.state is VmState.RUNNING
     paused_here = False
@@ -91,11 +92,7 @@ def take_template(machine, uri: str) -> None:
             raise MigrationError(reason)
         if machine.state not in (VmState.RUNNING, VmState.PAUSED):
             raise MigrationError(f"the VM is {machine.state.value}")
-        created = not os.path.exists(directory)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as e:
-            raise MigrationError(f"cannot create {directory}: {e.strerror}") from None
+        created = template_dir.make_private_dir(directory)      # 0700 whatever the umask
         if was_running:
             machine.pause()                          # STOP event
             paused_here = True
@@ -103,16 +100,17 @@ def take_template(machine, uri: str) -> None:
         machine_facts, components = collect(machine)
         meta = fmt.host_meta(kvm_api_version=machine.kvm.api_version)
         meta["machine"] = machine_facts
-        memfile.save_template(directory, machine.mem, meta, components)
+        meta["cpuid"] = [cpu.cpuid_to_plain(c) for c in machine.vcpu_cpuids]
+        template_dir.save_template(directory, machine.mem, meta, components)
     except (StratoError, OSError) as e:
         msg = str(e) if isinstance(e, StratoError) else \
             f"writing the template to {directory} failed: {e.strerror or e}"
         mig.fail(msg)
-        if created:
+        for d in reversed(created):
             try:
-                os.rmdir(directory)   # only if we made it and it stayed empty
+                os.rmdir(d)   # only what we made, and only if it stayed empty
             except OSError:
-                pass
+                break
         if paused_here:
             machine.resume()
         raise MigrationError(msg) from None

@@ -32,6 +32,10 @@ def sha256(path: str) -> str:
 def test_vmlinux_boots_to_a_shell(booted):
     vm, *_ = booted
     assert vm.run("grep -c ^processor /proc/cpuinfo").strip() == "1"
+    # The guest's model name is the host's brand string (as StratoVirt gives it).
+    host = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    guest = vm.run("grep -m1 '^model name' /proc/cpuinfo")
+    assert guest.split(":", 1)[1].strip() == host.split(":", 1)[1].strip(), guest
     assert "vda" in vm.run("cat /proc/partitions")
     assert vm.run("cat /root-file.txt").strip() == "disk-marker-5678"
 
@@ -77,7 +81,7 @@ def test_template_directory(template):
     names = sorted(os.listdir(template.path))
     assert names == ["memory", "state"], names
     st = os.stat(os.path.join(template.path, "memory"))
-    assert st.st_size == 256 << 20               # explained by -m 256M
+    assert st.st_size == 4096 + (256 << 20)      # a header page + -m 256M
     assert st.st_blocks * 512 < st.st_size // 2  # zero pages are holes
     with open(os.path.join(template.path, "state"), "rb") as f:
         assert f.read(8) == b"STRATOPY"
@@ -136,7 +140,7 @@ def test_concurrent_clones(template, workdir):
         for c in clones:
             c.kill()
     # The template's memory file is never written by clones.
-    assert os.stat(os.path.join(template.path, "memory")).st_size == 256 << 20
+    assert os.stat(os.path.join(template.path, "memory")).st_size == 4096 + (256 << 20)
 
 
 def test_restore_chain_three_times(template, workdir):
@@ -228,14 +232,14 @@ def test_corrupt_templates_are_refused(template, workdir, name, mutate, needle):
 
 def test_foreign_memory_file_is_refused(template, workdir):
     """A state next to a memory file that is not its own (same size, other
-    content, no id xattr) is refused by the content sample."""
+    content, no header page) is refused by the memory file's header."""
     dst = os.path.join(workdir, "foreign-mem")
     shutil.copytree(template.path, dst)
     mem = os.path.join(dst, "memory")
     size = os.stat(mem).st_size
     os.unlink(mem)
     with open(mem, "wb") as f:
-        f.truncate(size)                        # all zeros: every sampled data page differs
+        f.truncate(size)                        # all zeros: no header page, no id
     disk = clone_disk(template, workdir, "foreign.img")
     args = clone_args(template, disk)
     args[-1] = f"file:{dst}"

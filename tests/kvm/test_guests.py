@@ -246,10 +246,10 @@ def take_template(vm, path: str) -> None:
 
 
 def read_guest_u64(template_dir: str, gpa: int) -> int:
-    """Read guest RAM from a template's memory file (RAM below 3 GiB is at
-    file offset = guest-physical address)."""
+    """Read guest RAM from a template's memory file (after the 4 KiB header
+    page, RAM below 3 GiB is at file offset 4096 + guest-physical address)."""
     with open(os.path.join(template_dir, "memory"), "rb") as f:
-        f.seek(gpa)
+        f.seek(4096 + gpa)
         return struct.unpack("<Q", f.read(8))[0]
 
 
@@ -265,7 +265,7 @@ def test_memcheck_survives_template_restore(guests, start_vm, tmp_path):
     ok, s1, passes1 = check_line(vm)
     assert ok == 1 and s1 == expected_sum(pattern, pages)
     take_template(vm, tpl)
-    assert os.path.getsize(os.path.join(tpl, "memory")) == 64 * MiB
+    assert os.path.getsize(os.path.join(tpl, "memory")) == 4096 + 64 * MiB
     assert read_guest_u64(tpl, 0x1000000) == pattern           # page 0
     assert read_guest_u64(tpl, 0x1000000 + 4096 * 5 + 8) == ((5 * GOLDEN) & M64) ^ pattern
     vm.kill()
@@ -307,8 +307,8 @@ def test_memcheck_ram_above_4g_and_its_template(guests, start_vm, tmp_path):
     assert ok == 1 and s1 == expected_sum(pattern, pages)
     tpl = str(tmp_path / "tpl")
     take_template(vm, tpl)
-    assert os.path.getsize(os.path.join(tpl, "memory")) == mem_mib * MiB
-    high = 3 * 1024 * MiB                     # file offset of guest-physical 4 GiB
+    assert os.path.getsize(os.path.join(tpl, "memory")) == 4096 + mem_mib * MiB
+    high = 3 * 1024 * MiB                     # RAM offset of guest-physical 4 GiB
     assert read_guest_u64(tpl, high) == pattern
     assert read_guest_u64(tpl, high + 4096 * 7 + 16) == ((7 * GOLDEN) & M64) ^ pattern
     vm.kill()

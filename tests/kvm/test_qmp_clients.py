@@ -118,7 +118,7 @@ def wait_migrated(poll) -> None:
 
 def check_template(path: str, mem_mib: int = 64) -> None:
     assert sorted(os.listdir(path)) == ["memory", "state"], os.listdir(path)
-    assert os.path.getsize(os.path.join(path, "memory")) == mem_mib * MiB
+    assert os.path.getsize(os.path.join(path, "memory")) == 4096 + mem_mib * MiB  # header page
     assert os.path.getsize(os.path.join(path, "state")) > 0
 
 

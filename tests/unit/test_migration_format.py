@@ -320,9 +320,14 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version(tmp_path):
     path = _write(tmp_path)
-    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 2) + d[12:])
+    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 3) + d[12:])
     with pytest.raises(TemplateError,
-                       match=r"format version 2 is newer than this stratopy supports \(1\)"):
+                       match=r"format version 3 is newer than this stratopy supports \(2\)"):
+        _read(path)
+    # version 1 (memory file without a header page) is refused as older
+    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 1) + d[12:])
+    with pytest.raises(TemplateError, match=r"written by an older stratopy \(format "
+                                            r"version 1\); take the template again"):
         _read(path)
     _corrupt(path, lambda d: d[:8] + struct.pack("<I", 0) + d[12:])
     with pytest.raises(TemplateError, match="unsupported format version 0"):
@@ -394,6 +399,41 @@ def test_missing_file_and_directory(tmp_path):
     d.mkdir()
     with pytest.raises(TemplateError, match="is a directory"):
         _read(str(d))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo", "device", "symlink"])
+def test_state_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """A FIFO (or device, or symlink) as DIR/state must not block the reader:
+    opened O_NONBLOCK|O_NOFOLLOW, refused in one line naming what it is."""
+    import threading
+    path = tmp_path / "state"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink-to-fifo":
+        os.mkfifo(tmp_path / "fifo")
+        os.symlink(tmp_path / "fifo", path)
+    elif kind == "device":
+        os.symlink("/dev/null", path)
+    else:
+        (tmp_path / "real").mkdir()
+        real = _write(tmp_path / "real")
+        os.symlink(real, path)
+    result = []
+    t = threading.Thread(target=lambda: result.append(_catch(str(path))), daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "reading the state blocked"
+    msg = result[0]
+    assert msg and "\n" not in msg
+    assert ("FIFO" in msg) if kind == "fifo" else ("symbolic link" in msg)
+
+
+def _catch(path):
+    try:
+        _read(path)
+    except TemplateError as e:
+        return str(e)
+    return None
 
 
 def test_unreadable_file(tmp_path):

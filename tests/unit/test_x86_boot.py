@@ -640,3 +640,49 @@ def test_filter_cpuid_modifies_a_kvm_cpuid2_buffer_in_place():
     assert e1.function == 1 and e1.ebx >> 24 == 2 and e1.ecx & (1 << 31)
     eb = uapi.kvm_cpuid_entry2.from_buffer_copy(raw, 8 + 2 * ctypes.sizeof(uapi.kvm_cpuid_entry2))
     assert eb.function == 0xB and eb.edx == 2
+
+
+# --- CPUID brand string (issue 12: the guest's model name is the host's) -------
+
+def _brand_entries(values=None):
+    from stratopy.kvm import uapi
+
+    entries = []
+    for leaf in (0x80000000, 0x80000002, 0x80000003, 0x80000004):
+        e = uapi.kvm_cpuid_entry2()
+        e.function = leaf
+        entries.append(e)
+    entries[0].eax = 0x80000008
+    if values:
+        entries[1].eax = values
+    return entries
+
+
+def test_brand_string_from_cpuinfo_fills_zero_leaves(tmp_path):
+    from stratopy.arch.x86_64 import cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_bytes(b"processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n")
+    brand = cpu.host_brand_string(str(info))
+    assert brand == b"Intel(R) Xeon(R) Processor".ljust(48, b"\0")
+    entries = _brand_entries()
+    assert cpu.fill_brand_string(entries, brand)
+    raw = b"".join(struct.pack("<4I", e.eax, e.ebx, e.ecx, e.edx) for e in entries[1:])
+    assert raw == brand
+    # Linux reads it as the guest's model name: the bytes up to the first NUL.
+    assert raw.split(b"\0")[0].decode() == "Intel(R) Xeon(R) Processor"
+
+
+def test_brand_string_kept_when_kvm_reports_one_and_absent_host_name(tmp_path):
+    from stratopy.arch.x86_64 import cpu
+
+    entries = _brand_entries(values=0x65746e49)          # KVM passed a brand through
+    assert not cpu.fill_brand_string(entries, b"x" * 48)
+    assert entries[1].eax == 0x65746e49 and entries[1].ebx == 0
+    info = tmp_path / "cpuinfo"
+    info.write_bytes(b"processor\t: 0\n")
+    assert cpu.host_brand_string(str(info)) == b""
+    assert not cpu.fill_brand_string(_brand_entries(), b"")
+    long = tmp_path / "long"
+    long.write_bytes(b"model name\t: " + b"A" * 60 + b"\n")
+    assert cpu.host_brand_string(str(long)) == b"A" * 47 + b"\0"

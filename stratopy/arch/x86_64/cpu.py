@@ -169,3 +169,155 @@ def filter_cpuid(entries: list, cpu_index: int, num_cpus: int) -> None:
                 e.eax, e.ebx, e.ecx = shift, num_cpus, (2 << 8) | 1
             else:
                 e.eax, e.ebx, e.ecx = 0, 0, e.index
+
+
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+
+
+def host_brand_string(cpuinfo: str = "/proc/cpuinfo") -> bytes:
+    """The host CPU's brand string (CPUID 0x80000002-4) as 48 bytes, NUL
+    padded, or b"" if the host does not say. Linux's ``model name`` is that
+    string with its padding stripped; reading it avoids executing CPUID from
+    Python."""
+    try:
+        with open(cpuinfo, "rb") as f:
+            for line in f:
+                if line.startswith(b"model name"):
+                    name = line.partition(b":")[2].strip()
+                    return name[:47].ljust(48, b"\0") if name else b""
+    except OSError:
+        pass
+    return b""
+
+
+def fill_brand_string(entries: list, brand: bytes) -> bool:
+    """StratoVirt gives the guest the host's brand string; KVM_GET_SUPPORTED_CPUID
+    reports zeros there on some hosts (the guest's ``model name`` is then
+    "19/11"). Fill leaves 0x80000002-4 from ``brand`` (48 bytes) where all
+    three are present and zero; True if they were filled."""
+    if len(brand) != 48:
+        return False
+    leaves = {e.function: e for e in entries if e.function in BRAND_LEAVES and e.index == 0}
+    if len(leaves) != 3 or any(e.eax | e.ebx | e.ecx | e.edx for e in leaves.values()):
+        return False
+    for n, leaf in enumerate(BRAND_LEAVES):
+        e = leaves[leaf]
+        e.eax, e.ebx, e.ecx, e.edx = struct.unpack_from("<4I", brand, 16 * n)
+    return True
+
+
+# --------------------------------------------------------------------------
+# CPUID in a template (SPEC §4): the entries each vCPU was given are saved;
+# a restore gives them back and refuses a host lacking a feature they show.
+
+MAX_CPUID_ENTRIES = 256
+_U32 = 0xFFFFFFFF
+
+# (leaf, subleaf) -> {register: mask of feature bits}; the bits filter_cpuid
+# sets itself (hypervisor, HTT) are not host features and are left out.
+FEATURE_REGS = {
+    (0x1, 0): {"ecx": _U32 & ~(1 << 31), "edx": _U32 & ~(1 << 28)},
+    (0x7, 0): {"ebx": _U32, "ecx": _U32, "edx": _U32},
+    (0x7, 1): {"eax": _U32, "edx": _U32},
+    (0xD, 0): {"eax": _U32, "edx": _U32},           # XCR0 state components
+    (0xD, 1): {"eax": _U32},                        # XSAVEOPT/XSAVEC/XGETBV1/XSAVES
+    (0x80000001, 0): {"ecx": _U32, "edx": _U32},
+    (0x80000007, 0): {"edx": _U32},
+    (0x80000008, 0): {"ebx": _U32},
+}
+
+FEATURE_NAMES = {
+    (0x1, "ecx"): {0: "sse3", 1: "pclmulqdq", 9: "ssse3", 12: "fma", 13: "cx16",
+                   19: "sse4_1", 20: "sse4_2", 21: "x2apic", 22: "movbe", 23: "popcnt",
+                   24: "tsc_deadline_timer", 25: "aes", 26: "xsave", 28: "avx",
+                   29: "f16c", 30: "rdrand"},
+    (0x1, "edx"): {0: "fpu", 4: "tsc", 5: "msr", 6: "pae", 8: "cx8", 9: "apic",
+                   11: "sep", 13: "pge", 15: "cmov", 19: "clflush", 23: "mmx",
+                   24: "fxsr", 25: "sse", 26: "sse2"},
+    (0x7, "ebx"): {0: "fsgsbase", 3: "bmi1", 5: "avx2", 7: "smep", 8: "bmi2",
+                   9: "erms", 10: "invpcid", 16: "avx512f", 18: "rdseed", 19: "adx",
+                   20: "smap", 23: "clflushopt", 24: "clwb", 29: "sha_ni"},
+    (0x7, "ecx"): {1: "avx512vbmi", 2: "umip", 3: "pku", 5: "waitpkg", 8: "gfni",
+                   9: "vaes", 10: "vpclmulqdq", 22: "rdpid", 27: "movdiri"},
+    (0x7, "edx"): {4: "fsrm", 8: "avx512_vp2intersect", 10: "md_clear",
+                   14: "serialize", 26: "ibrs", 27: "stibp", 29: "arch_capabilities",
+                   31: "ssbd"},
+    (0xD, "eax"): {0: "x87 state", 1: "sse state", 2: "avx state", 5: "avx512 opmask",
+                   6: "avx512 zmm_hi256", 7: "avx512 hi16_zmm", 9: "pkru state"},
+    (0x80000001, "ecx"): {0: "lahf_lm", 5: "abm", 6: "sse4a", 8: "3dnowprefetch"},
+    (0x80000001, "edx"): {11: "syscall", 20: "nx", 26: "pdpe1gb", 27: "rdtscp",
+                          29: "lm"},
+    (0x80000007, "edx"): {8: "invariant tsc"},
+}
+
+
+def cpuid_to_plain(cpuid) -> list[list[int]]:
+    """A kvm_cpuid2 as [[function, index, flags, eax, ebx, ecx, edx], ...]."""
+    return [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
+            for e in cpuid.entries[:cpuid.nent]]
+
+
+def cpuid_from_plain(entries: object, path: str):
+    """A kvm_cpuid2 from saved entries (untrusted: TemplateError naming the path)."""
+    from stratopy.errors import TemplateError
+    if type(entries) is not list or not 0 < len(entries) <= MAX_CPUID_ENTRIES:
+        raise TemplateError(f"{path}: expected a list of 1-{MAX_CPUID_ENTRIES} CPUID entries")
+    cpuid = uapi.kvm_cpuid2_n(len(entries))()
+    cpuid.nent = len(entries)
+    seen = set()
+    for i, e in enumerate(entries):
+        if (type(e) is not list or len(e) != 7
+                or any(type(v) is not int or not 0 <= v <= _U32 for v in e)):
+            raise TemplateError(f"{path}[{i}]: expected 7 unsigned 32-bit integers")
+        if (e[0], e[1]) in seen:
+            raise TemplateError(f"{path}[{i}]: leaf {e[0]:#x} subleaf {e[1]} given twice")
+        seen.add((e[0], e[1]))
+        c = cpuid.entries[i]
+        c.function, c.index, c.flags, c.eax, c.ebx, c.ecx, c.edx = e
+    return cpuid
+
+
+def cpuids_from_plain(saved: object, num_cpus: int) -> list:
+    from stratopy.errors import TemplateError
+    if type(saved) is not list or len(saved) != num_cpus:
+        raise TemplateError(f"meta.cpuid: expected the CPUID of {num_cpus} vCPU(s)")
+    return [cpuid_from_plain(e, f"meta.cpuid[{i}]") for i, e in enumerate(saved)]
+
+
+def _entry_map(cpuid) -> dict:
+    out = {}
+    for e in cpuid.entries[:cpuid.nent]:
+        out.setdefault((e.function, e.index), e)
+        out.setdefault((e.function, None), e)      # for leaves without subleaves
+    return out
+
+
+def missing_features(saved, host) -> list[str]:
+    """Feature bits the ``saved`` CPUID shows and ``host`` (this host's
+    KVM_GET_SUPPORTED_CPUID) lacks, named ("avx2 (leaf 0x7.0 ebx bit 5)")."""
+    have = _entry_map(host)
+    out = []
+    for e in saved.entries[:saved.nent]:
+        regs = FEATURE_REGS.get((e.function, e.index))
+        if regs is None:
+            continue
+        h = have.get((e.function, e.index)) or (have.get((e.function, None))
+                                                 if e.index == 0 else None)
+        for reg, mask in regs.items():
+            lacking = getattr(e, reg) & mask & ~(getattr(h, reg) if h is not None else 0)
+            for bit in range(32):
+                if lacking >> bit & 1:
+                    name = FEATURE_NAMES.get((e.function, reg), {}).get(bit, "feature")
+                    out.append(f"{name} (CPUID leaf {e.function:#x}.{e.index} "
+                               f"{reg} bit {bit})")
+    return out
+
+
+def check_cpuid_supported(saved_list: list, host) -> None:
+    from stratopy.errors import TemplateError
+    for i, saved in enumerate(saved_list):
+        lacking = missing_features(saved, host)
+        if lacking:
+            more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+            raise TemplateError(f"this host lacks a CPU feature the template's guest saw "
+                                f"(vCPU {i}): {', '.join(lacking[:3])}{more}")
