@@ -11,6 +11,7 @@ and talks both ways with its new cid."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -184,7 +185,10 @@ def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
     with harness.Vm(vsock_args(images, clone_disk, clone_uds, GUEST_CID + 1)
                     + ["-incoming", f"file:{tpl}"]) as clone:
         out = clone.run("sleep 1; cat /tmp/held.out", timeout=120)
-        assert "read: Connection reset by peer" in out, out
+        # the sleeping read wakes with ECONNRESET, or finds the socket
+        # already closed (ENOTCONN), depending on when it runs: never EOF
+        assert re.search(r"read: (Connection reset by peer|Transport endpoint is not "
+                         r"connected)", out), out
         echo_through_guest(clone_uds, 5000, b"clone-echo")      # the listener survived
         lst = HostListener(f"{clone_uds}_6000", b"reply:")
         out = clone.run("vsockecho connect 2 6000 from-clone", timeout=120)
