@@ -498,6 +498,11 @@ def test_uds_path_that_cannot_listen_is_one_config_error(tmp_path):
     d = DeviceConfig(driver=VSOCK, id="vs", guest_cid=3, uds_path=str(tmp_path / "no" / "v.sock"))
     with pytest.raises(ConfigError, match="cannot listen on uds-path .*No such file"):
         make_vsock(Loop(), d)
+    live = unix_listen(str(tmp_path / "live.sock"))   # another VM's: never stolen
+    with pytest.raises(ConfigError, match="cannot listen .*already there"):
+        make_vsock(Loop(), d.replace(uds_path=str(tmp_path / "live.sock")))
+    live.close()                                 # now stale: replaced
+    make_vsock(Loop(), d.replace(uds_path=str(tmp_path / "live.sock")))[1].close()
     (tmp_path / "file").write_text("x")          # not a socket: never replaced
     d = d.replace(uds_path=str(tmp_path / "file"))
     with pytest.raises(ConfigError, match="cannot listen"):

@@ -490,14 +490,22 @@ def unix_connect(path: str):
 
 
 def unix_listen(path: str):
-    """A non-blocking unix listener bound at ``path`` (a stale socket file
-    there is replaced; anything else there is an OSError)."""
+    """A non-blocking unix listener bound at ``path``. A stale socket file
+    there (nobody accepts on it) is replaced; a live one (another VM's) or
+    any other file is an OSError."""
     import os
     import stat
 
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+            try:
+                unix_connect(path).close()
+            except ConnectionRefusedError:
+                os.unlink(path)
+            except OSError:
+                pass                      # bind() below names the problem
+            else:
+                raise OSError(errno.EADDRINUSE, "a listener is already there")
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
