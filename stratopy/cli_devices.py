@@ -35,6 +35,7 @@ from stratopy.config import (
     RNG,
     RngObjectConfig,
     SERIAL,
+    VSOCK,
 )
 from stratopy.errors import ConfigError
 
@@ -235,20 +236,26 @@ def _rng_limit(who: str, max_raw: str | None, period_raw: str | None) -> tuple[i
     return max_bytes, period
 
 
+def _guest_cid(p: _Props) -> int:
+    return _int("-device", "guest-cid", p.need("guest-cid"), 3, (1 << 32) - 2)   # 0-2 are reserved
+
+
 def _refuse_vsock(p: _Props) -> None:
     """``vhost-vsock-device,id=ID,guest-cid=N[,vhostfd=FD]`` (what Kata
-    starts) is understood, checked, then refused: stratopy has no vsock
-    device yet, and the VM must not start without the one channel Kata's
-    agent talks over."""
+    starts) is understood, checked, then refused: the kernel's vhost-vsock
+    data path is not implemented, and the VM must not start without the one
+    channel Kata's agent talks over. The userspace back-end is
+    ``virtio-vsock-device`` (_build_devices)."""
     o = "-device"
     dev_id = _id(o, "vhost-vsock-device", p.need("id"))
-    cid = _int(o, "guest-cid", p.need("guest-cid"), 3, (1 << 32) - 2)   # 0-2 are reserved
+    cid = _guest_cid(p)
     vhostfd = p.take("vhostfd")
     if vhostfd is not None:
         _tap_fd(o, "vhostfd", vhostfd)
     p.finish()
-    raise ConfigError(o, f"vhost-vsock-device '{dev_id}' (guest-cid={cid}): vsock is not implemented "
-                         "yet; the VM would start without its host channel")
+    raise ConfigError(o, f"vhost-vsock-device '{dev_id}' (guest-cid={cid}): the kernel vhost-vsock "
+                         "back-end is not implemented; use virtio-vsock-device,id=,guest-cid=,"
+                         "uds-path=PATH (userspace, over unix sockets)")
 
 
 def _mac(value: str) -> str:
@@ -333,6 +340,13 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
             claim("chardev", ref, who, o)
             serial_port = DeviceConfig(driver=CONSOLE, id=dev_id, chardev=chardev, bus=serial_bus)
             devices.append(serial_port)
+        elif driver == VSOCK:
+            cid = _guest_cid(p)
+            uds = _sock_path(o, "uds-path", p.need("uds-path"))
+            p.finish()
+            if any(d.driver == VSOCK for d in devices):
+                raise ConfigError(o, f"{who}: only one vsock device is supported")
+            devices.append(DeviceConfig(driver=VSOCK, id=dev_id, guest_cid=cid, uds_path=uds))
         elif driver == BALLOON:
             # StratoVirt: deflate-on-oom / free-page-reporting, default off;
             # one balloon per VM

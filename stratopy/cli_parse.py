@@ -116,6 +116,7 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -device virtio-serial-device[,id=ID]
   -device virtconsole,id=ID,chardev=CHARDEV_ID
   -device virtio-rng-device,rng=OBJECT_ID[,id=ID][,max-bytes=N,period=MS]
+  -device virtio-vsock-device,id=ID,guest-cid=N,uds-path=PATH   (userspace vsock over unix sockets)
   -serial stdio|pty|none|file,path=PATH|socket,path=PATH[,server][,nowait]|chardev:ID
   -qmp unix:PATH,server,nowait  |  tcp:IP:PORT,server,nowait   (repeatable)
   -incoming file:DIR[,mapped=on|off][,verify=lazy|full]
@@ -561,6 +562,12 @@ def _parse(argv: list[str]) -> MachineConfig:
                               f"socket path '{c.path}' is also used by {sock_paths[c.path]}")
         if c.server:
             sock_paths[c.path] = f"chardev '{c.id}'"
+    for d in devices:
+        if d.uds_path is not None:
+            if d.uds_path in sock_paths:
+                raise ConfigError("-device", f"uds-path '{d.uds_path}' is also used by "
+                                             f"{sock_paths[d.uds_path]}")
+            sock_paths[d.uds_path] = f"device '{d.id}'"
 
     return MachineConfig(
         drives=tuple(drives.values()),

@@ -30,7 +30,10 @@ SERIAL = "virtio-serial-device"
 CONSOLE = "virtconsole"
 RNG = "virtio-rng-device"
 BALLOON = "virtio-balloon-device"
-DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, BALLOON)
+#: userspace virtio-vsock over unix sockets (StratoVirt's naming: virtio-X-device
+#: is emulated by the monitor, vhost-X the kernel's; see cli_devices._parse_vsock)
+VSOCK = "virtio-vsock-device"
+DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, VSOCK, BALLOON)
 
 
 class _Frozen(Record):
@@ -197,6 +200,8 @@ class DeviceConfig(_Frozen):
                               the virtio-serial-device it belongs to
     ``virtio-rng-device``     ``rng`` (RngObjectConfig), ``max_bytes`` and
                               ``period`` (ms): the rate limit, both or neither
+    ``virtio-vsock-device``   ``guest_cid`` (3..2^32-2), ``uds_path`` (the
+                              host-side unix socket, Firecracker's uds_path)
     ``virtio-balloon-device`` ``deflate_on_oom``, ``free_page_reporting``
                               (bools: the features offered)
     ========================  ===============================================
@@ -209,7 +214,8 @@ class DeviceConfig(_Frozen):
     """
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
-                 "max_bytes", "period", "deflate_on_oom", "free_page_reporting")
+                 "max_bytes", "period", "guest_cid", "uds_path", "deflate_on_oom",
+                 "free_page_reporting")
 
     def __init__(
             self,
@@ -224,6 +230,8 @@ class DeviceConfig(_Frozen):
             rng: RngObjectConfig | None = None,
             max_bytes: int | None = None,
             period: int | None = None,
+            guest_cid: int | None = None,
+            uds_path: str | None = None,
             deflate_on_oom: bool = False,
             free_page_reporting: bool = False,
     ):
@@ -238,6 +246,8 @@ class DeviceConfig(_Frozen):
         _set(self, "rng", rng)
         _set(self, "max_bytes", max_bytes)
         _set(self, "period", period)
+        _set(self, "guest_cid", guest_cid)
+        _set(self, "uds_path", uds_path)
         _set(self, "deflate_on_oom", deflate_on_oom)
         _set(self, "free_page_reporting", free_page_reporting)
 

@@ -14,7 +14,8 @@ packages that are installed on the machine:
   ``/usr/bin/vecstate`` (``tools/guest/vecstate.c``, a freestanding static
   program that checks its own registers across task switches, built with
   gcc), turned into a 32 MiB ext4 image by ``mkfs.ext4 -d`` (no mounting,
-  no root needed). Both init scripts run every process with
+  no root needed). Also ``/usr/bin/vsockecho`` (``tools/guest/vsockecho.c``,
+  static, glibc): AF_VSOCK listen/connect for the vsock tests. Both init scripts run every process with
   :data:`GLIBC_TUNABLES_VECTOR_SAFE` (why: docs/architecture.md, PVM).
   Beside it, ``initrd.cpio``: an uncompressed initramfs (cpio "newc") with
   busybox and ``tools/guest/initrd-init`` as /init, which mounts the
@@ -82,6 +83,9 @@ GLIBC_TUNABLES_VECTOR_SAFE = (
     "-AVX_Fast_Unaligned_Load")
 #: Where the register check program lands in the rootfs.
 VECSTATE_GUEST_PATH = "usr/bin/vecstate"
+#: Where the AF_VSOCK test tool lands in the rootfs (busybox has none).
+VSOCKECHO_GUEST_PATH = "usr/bin/vsockecho"
+VSOCKECHO_CFLAGS = ("-static", "-O2", "-Wall", "-Werror")
 VECSTATE_CFLAGS = ("-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie", "-O2",
                    "-mgeneral-regs-only", "-fno-stack-protector",
                    "-fno-asynchronous-unwind-tables", "-Wall", "-Werror")
@@ -126,6 +130,10 @@ def initrd_init_path() -> Path:
 
 def vecstate_source_path() -> Path:
     return tools_dir() / "vecstate.c"
+
+
+def vsockecho_source_path() -> Path:
+    return tools_dir() / "vsockecho.c"
 
 
 def patch_paths() -> list[Path]:
@@ -202,12 +210,14 @@ def kernel_cache_key(source_version: str, patches: Sequence[tuple[str, bytes]],
 
 def rootfs_cache_key(busybox_id: str, init_script: bytes, initrd_init: bytes = b"",
                      builder_version: str = BUILDER_VERSION, vecstate: bytes = b"",
-                     compiler_id: str = "") -> str:
+                     compiler_id: str = "", vsockecho: bytes = b"") -> str:
     """Key of a rootfs (+ initramfs) build: busybox (version + binary hash)
-    + both init scripts + the vecstate source and the compiler that builds it."""
+    + both init scripts + the vecstate and vsockecho sources and the compiler
+    that builds them."""
     return _hash_parts("rootfs", builder_version, ROOTFS_SIZE, busybox_id, init_script,
                        "initrd", initrd_init, "vecstate", vecstate,
-                       " ".join(VECSTATE_CFLAGS), compiler_id)
+                       " ".join(VECSTATE_CFLAGS), compiler_id,
+                       "vsockecho", vsockecho, " ".join(VSOCKECHO_CFLAGS))
 
 
 def _compiler_id() -> str:
@@ -223,7 +233,8 @@ def _rootfs_key() -> str:
     return rootfs_cache_key(_busybox_id(), init_script_path().read_bytes(),
                             initrd_init_path().read_bytes(),
                             vecstate=vecstate_source_path().read_bytes(),
-                            compiler_id=_compiler_id())
+                            compiler_id=_compiler_id(),
+                            vsockecho=vsockecho_source_path().read_bytes())
 
 
 def _read_patches() -> list[tuple[str, bytes]]:
@@ -677,6 +688,9 @@ def build_rootfs(force: bool = False) -> Path:
             log.run("gcc vecstate.c",
                     ["gcc", *VECSTATE_CFLAGS, "-o", staging / VECSTATE_GUEST_PATH,
                      vecstate_source_path()])
+            log.run("gcc vsockecho.c",
+                    ["gcc", *VSOCKECHO_CFLAGS, "-o", staging / VSOCKECHO_GUEST_PATH,
+                     vsockecho_source_path()])
             log.run(f"mkfs.ext4 -d ({ROOTFS_SIZE})",
                     [mkfs, "-q", "-F", "-L", "stratopy-root", "-E", "root_owner=0:0",
                      "-d", staging, tmp, ROOTFS_SIZE])

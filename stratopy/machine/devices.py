@@ -43,6 +43,16 @@ def open_tap(nd: cfgmod.NetdevConfig):
     return tap
 
 
+def device_thread_timer(loop):
+    """``call_later(delay, fn)`` for a device: ``fn`` runs on the device
+    thread after ``delay`` s. Devices call it from a vCPU thread too (an MMIO
+    queue notify or config write): the timer heap belongs to the device
+    thread, so the timer is armed there."""
+    def call_later(delay: float, fn) -> None:
+        loop.call_soon(lambda: loop.call_later(delay, fn))
+    return call_later
+
+
 def mac_bytes(mac: str | None) -> bytes | None:
     return bytes(int(x, 16) for x in mac.split(":")) if mac else None
 
@@ -85,13 +95,8 @@ def make_device(machine, slot):
             return RngDevice(src), src
         from stratopy.devices.virtio.rng import RateLimiter
 
-        loop = machine.loop
-
-        def call_later(delay: float, fn) -> None:
-            # process_queue may run on a vCPU thread (MMIO notify): the
-            # timer heap belongs to the device thread
-            loop.call_soon(lambda: loop.call_later(delay, fn))
-        return RngDevice(src, limiter=RateLimiter(d.max_bytes, d.period), call_later=call_later), src
+        return RngDevice(src, limiter=RateLimiter(d.max_bytes, d.period),
+                         call_later=device_thread_timer(machine.loop)), src
     if d.driver == cfgmod.SERIAL:
         from stratopy.chardev import Chardev
         from stratopy.devices.virtio.console import ConsoleDevice
@@ -109,20 +114,31 @@ def make_device(machine, slot):
 
         tap = open_tap(d.netdev)
         return NetDevice(tap, mac=mac_bytes(d.mac)), tap
+    if d.driver == cfgmod.VSOCK:
+        return make_vsock(machine.loop, d)
     if d.driver == cfgmod.BALLOON:
         from stratopy.devices.virtio.balloon import BalloonDevice
-
-        loop = machine.loop
-
-        def call_later(delay: float, fn) -> None:
-            # write_config runs on a vCPU thread: the timer heap belongs to
-            # the device thread
-            loop.call_soon(lambda: loop.call_later(delay, fn))
 
         def actual_changed(guest_bytes: int) -> None:
             machine.event_sink("BALLOON_CHANGED", {"actual": guest_bytes})
         mem = machine.mem
         return BalloonDevice(mem.size, mem.discard, deflate_on_oom=d.deflate_on_oom,
                              free_page_reporting=d.free_page_reporting,
-                             actual_changed=actual_changed, call_later=call_later), None
+                             actual_changed=actual_changed,
+                             call_later=device_thread_timer(machine.loop)), None
     raise StratoError(f"device {d.driver} is not supported")
+
+
+def make_vsock(loop, d: cfgmod.DeviceConfig):
+    """The userspace virtio-vsock device and its muxer (the backend: closing
+    it closes every connection and the listener at ``uds-path``)."""
+    from stratopy.devices.virtio.vsock import VsockDevice
+    from stratopy.devices.virtio.vsock_muxer import VsockMuxer, unix_connect, unix_listen
+
+    try:
+        listener = unix_listen(d.uds_path)
+    except OSError as e:
+        raise ConfigError("-device", f"{cfgmod.VSOCK} '{d.id}': cannot listen on uds-path "
+                                     f"{d.uds_path}: {e.strerror}") from None
+    muxer = VsockMuxer(d.uds_path, listener, loop.watch, unix_connect, device_thread_timer(loop))
+    return VsockDevice(d.guest_cid, muxer), muxer

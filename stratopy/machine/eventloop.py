@@ -49,6 +49,20 @@ class EventLoop:
             # callback reads EOF and removes itself.
             self._always_ready[fd] = callback
 
+    def watch(self, fd: int, callback: Callable[[], None] | None, read: bool,
+              write: bool) -> None:
+        """Poll ``fd`` for reading and/or writing (both False or no callback:
+        stop). The callback is not told which: it tries what it waits for
+        (a non-blocking socket answers EAGAIN for the other)."""
+        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
+        if callback is None or not events:
+            self.remove_reader(fd)
+            return
+        try:
+            self.sel.register(fd, events, callback)
+        except KeyError:
+            self.sel.modify(fd, events, callback)
+
     def remove_reader(self, fd: int) -> None:
         self._always_ready.pop(fd, None)
         try:

@@ -251,6 +251,13 @@ def test_vhost_and_mem_path_accepted_by_parser():
     assert cfg.netdevs[0].vhost and cfg.mem_path == "/x"
 
 
+def test_userspace_vsock_device():
+    cfg = parse_args(K + ["-device", "virtio-vsock-device,id=vs,guest-cid=3,uds-path=/run/v.sock"])
+    [d] = cfg.devices
+    assert (d.driver, d.id, d.guest_cid, d.uds_path) == ("virtio-vsock-device", "vs", 3,
+                                                          "/run/v.sock")
+
+
 def test_many_block_devices_allowed():
     argv = list(K)
     for i in range(8):
@@ -363,7 +370,21 @@ ERRORS = [
     (K + ["-mem-prealloc", "-incoming", "file:/t"], "-incoming", "-mem-prealloc"),
     (K + ["-uuid", "6f03e56e-efa1-4f0f-9b8f-492cf1824c8"], "-uuid", "is not a UUID"),
     (K + ["-device", "vhost-vsock-device,id=v,guest-cid=3,vhostfd=5"], "-device",
-     "vsock is not implemented yet"),
+     "kernel vhost-vsock back-end is not implemented", "uds-path="),
+    (K + ["-device", "virtio-vsock-device,id=v,guest-cid=3"], "-device", "requires uds-path="),
+    (K + ["-device", "virtio-vsock-device,id=v,uds-path=/tmp/v"], "-device", "requires guest-cid="),
+    (K + ["-device", "virtio-vsock-device,id=v,guest-cid=1,uds-path=/tmp/v"], "-device",
+     "guest-cid: 1 is out of range"),
+    (K + ["-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/v,vhostfd=5"], "-device",
+     "unknown property 'vhostfd'"),
+    (K + ["-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/" + "p" * 200], "-device",
+     "longer than"),
+    (K + ["-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/v",
+          "-device", "virtio-vsock-device,id=w,guest-cid=4,uds-path=/tmp/w"], "-device",
+     "only one vsock device"),
+    (K + ["-qmp", "unix:/tmp/v,server,nowait",
+          "-device", "virtio-vsock-device,id=v,guest-cid=3,uds-path=/tmp/v"], "-device",
+     "also used by -qmp"),
     (K + ["-device", "vhost-vsock-device,id=v,guest-cid=2"], "-device", "guest-cid: 2 is out of range"),
     (K + ["-device", "vhost-vsock-device,id=v"], "-device", "requires guest-cid="),
     (K + ["-device", "vhost-vsock-device,id=v,guest-cid=3,cid=4"], "-device", "unknown property 'cid'"),
