@@ -14,22 +14,12 @@ import subprocess
 import pytest
 
 from tests.conftest import clone_disk, start_clone
+from tests.harness import generation_id
 
 pytestmark = pytest.mark.linux
 
-GUID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$")
 # 16 bytes from the guest's RNG, as 32 hex digits on one line
 READ_URANDOM = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
-
-
-def _generation_id(vm) -> str:
-    q = vm.qmp()
-    try:
-        guid = q.cmd("query-vm-generation-id")["return"]["guid"]
-    finally:
-        q.close()
-    assert GUID_RE.match(guid), guid
-    return guid
 
 
 def _urandom(vm) -> str:
@@ -39,14 +29,14 @@ def _urandom(vm) -> str:
 
 
 def test_clones_reseed_their_rng_and_get_their_own_generation_id(template, workdir):
-    template_id = _generation_id(template.vm)
+    template_id = generation_id(template.vm)
     clones = []
     try:
         for i in range(2):
             clones.append(start_clone(template, clone_disk(template, workdir, f"vmgenid{i}.img")))
         # right after the restore: before the fix both clones read the same bytes
         reads = [_urandom(c) for c in clones]
-        ids = [_generation_id(c) for c in clones]
+        ids = [generation_id(c) for c in clones]
         # the guest's vmgenid driver is bound and the GED interrupt arrived
         c = clones[0]
         assert c.run("ls /sys/bus/acpi/drivers/vmgenid/").split() == ["QEMUVGID:00"]

@@ -8,7 +8,6 @@ Linux side (the guest reseeding, the power button) is tests/e2e/test_6_acpi.py.
 
 from __future__ import annotations
 
-import re
 import struct
 
 import pytest
@@ -16,25 +15,15 @@ import pytest
 from stratopy.acpi import ged
 from stratopy.arch.x86_64 import layout
 from stratopy.migration import memfile
-from tests.kvm.test_lifecycle import TIMEOUT, wait_until
+from tests.harness import generation_id
+from tests.kvm.test_guests import take_template
+from tests.kvm.test_lifecycle import TIMEOUT
 
 pytestmark = pytest.mark.kvm
-
-GUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _args(guests) -> list[str]:
     return ["-kernel", guests["counter"], "-m", "64", "-serial", "stdio", "-append", "poll=12"]
-
-
-def _generation_id(vm) -> str:
-    q = vm.qmp(TIMEOUT)
-    try:
-        guid = q.cmd("query-vm-generation-id")["return"]["guid"]
-    finally:
-        q.close()
-    assert GUID_RE.match(guid), guid
-    return guid
 
 
 def _guest_ram(tpl, gpa: int, size: int) -> bytes:
@@ -49,14 +38,8 @@ def test_tables_in_template_and_a_new_generation_id_per_warm_start(guests, start
     tpl = tmp_path / "tpl"
     vm = start_vm(_args(guests), qmp=True)
     vm.wait_for(r"COUNTER AT 0x300000 READY", TIMEOUT)
-    g0 = _generation_id(vm)
-    q = vm.qmp(TIMEOUT)
-    try:
-        assert q.cmd("migrate", uri=f"file:{tpl}") == {"return": {}}
-        wait_until(lambda: q.cmd("query-migrate")["return"]["status"] == "completed",
-                   what="migrate completed")
-    finally:
-        q.close()
+    g0 = generation_id(vm)
+    take_template(vm, str(tpl))
     vm.kill()
 
     # the RSDP where Linux scans for it, checksummed, pointing at an XSDT in
@@ -77,7 +60,7 @@ def test_tables_in_template_and_a_new_generation_id_per_warm_start(guests, start
     assert ged.generation_id_string(guid) == g0
 
     clones = [start_vm(_args(guests) + ["-incoming", f"file:{tpl}"], qmp=True) for _ in range(2)]
-    ids = [_generation_id(c) for c in clones]
+    ids = [generation_id(c) for c in clones]
     assert len({g0, *ids}) == 3, (g0, ids)
 
     # the counter never unmasks the GED pin: system_powerdown ends it at once
