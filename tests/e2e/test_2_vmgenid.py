@@ -39,7 +39,7 @@ def test_clones_reseed_their_rng_and_get_their_own_generation_id(template, workd
         ids = [generation_id(c) for c in clones]
         # the guest's vmgenid driver is bound and the GED interrupt arrived
         c = clones[0]
-        assert c.run("ls /sys/bus/acpi/drivers/vmgenid/").split() == ["QEMUVGID:00"]
+        assert "QEMUVGID:00" in c.run("ls /sys/bus/acpi/drivers/vmgenid/").split()
         assert re.search(r"\b23-edge\s+ACPI:Ged", c.run("cat /proc/interrupts"))
     finally:
         for c in clones:
