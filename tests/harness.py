@@ -235,6 +235,20 @@ class Qmp:
         self.sock.close()
 
 
+GUID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$")
+
+
+def generation_id(vm: "Vm", timeout: float = 30.0) -> str:
+    """The VM's VMGenID (QMP query-vm-generation-id), checked for its form."""
+    q = vm.qmp(timeout)
+    try:
+        guid = q.cmd("query-vm-generation-id")["return"]["guid"]
+    finally:
+        q.close()
+    assert GUID_RE.match(guid), guid
+    return guid
+
+
 def refused(args: list, *needles: str, timeout: float = 60.0, preexec_fn=None) -> str:
     """Run ``python -m stratopy ARGS`` expecting a refusal before any guest
     code runs: non-zero exit, nothing on the serial console (stdout), one

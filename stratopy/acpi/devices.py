@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 from stratopy.acpi import aml
 from stratopy.acpi import aml_resources as res
 from stratopy.acpi import ged, tables
+from stratopy.arch.x86_64 import layout
 
 # Where the microvm puts things (docs/acpi.md). 0xE0000-0xFFFFF is where
 # Linux scans for the RSDP and is reserved in the microvm's e820 (0xd0000-
 # 0x100000), so the guest never reuses it as RAM; tables follow the RSDP.
 # The VMGenID GUID gets the window's last page to itself (Linux memremaps
 # those 16 bytes; a whole page keeps them away from anything else).
-RSDP_ADDR = 0xE0000
-TABLES_WINDOW = (0xE0000, 0xFF000)
-VMGENID_GUID_ADDR = 0xFF000
+# The addresses themselves are the microvm layout's (one source for the
+# machine's warm-start path, which does not import this module).
+RSDP_ADDR = layout.ACPI_RSDP_ADDR
+TABLES_WINDOW = (layout.ACPI_RSDP_ADDR, layout.ACPI_TABLES_END)
+VMGENID_GUID_ADDR = layout.VMGENID_GUID_ADDR
 # QEMU's microvm puts its GED at the same place; it is free in ours (the
 # virtio-mmio slots are at 0xf0100000+, the IOAPIC at 0xfec00000).
-GED_MMIO_ADDR = 0xFEA00000
+GED_MMIO_ADDR = layout.GED_MMIO_ADDR
 
 GED_PATH = "\\_SB.GED"
 VGEN_PATH = "\\_SB.VGEN"

@@ -72,7 +72,12 @@ class MachineControl:
         self.m.request_shutdown(qmpev.HOST_QMP_SYSTEM_RESET, guest=False, code=0)
 
     def system_powerdown(self) -> None:
-        self.m.request_shutdown("host-qmp-system-powerdown", guest=False, code=0)
+        # ACPI power button when the guest listens to the GED, else the end
+        # of the VM at once (StratoVirt's microvm): MicroVm.request_powerdown
+        self.m.request_powerdown()
+
+    def query_vm_generation_id(self) -> dict:
+        return {"guid": self.m.generation_id()}
 
     def query_cpus(self) -> list:
         from stratopy.machine.microvm import VmState

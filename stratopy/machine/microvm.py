@@ -67,6 +67,7 @@ class MicroVm:
         self.runners: list[VcpuRunner] = []
         self.slots: list[Slot] = []
         self.serial: Serial | None = None
+        self.ged = None                 # acpi.ged.GedDevice (VMGenID, power button)
         self.serial_chardev = None
         self.chardevs: list = []
         self.backend = kvm_backend.detect()
@@ -220,8 +221,11 @@ class MicroVm:
         extra = kvm_backend.extra_cmdline(self.backend)
         if extra:
             parts.append(extra)
-        for slot in self.slots:
-            parts.append(f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE}@{slot.base:#x}:{slot.irq}")
+        # The DSDT describes the slots; a guest using ACPI must not also get
+        # them here (docs/acpi.md, "The tables"). Only acpi=off keeps them.
+        if self.guest_acpi_off():
+            for slot in self.slots:
+                parts.append(f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE}@{slot.base:#x}:{slot.irq}")
         return " ".join(p for p in parts if p)
 
     def _load_guest(self) -> int:
@@ -239,6 +243,7 @@ class MicroVm:
         mem.write(layout.ZERO_PAGE_ADDR, boot.build_zero_page(kernel, self.config.mem_size, initrd))
         addr, table = mptable.build(self.config.cpus)
         mem.write(addr, table)
+        self._write_acpi_tables()
         mem.write(layout.GDT_ADDR, cpu.gdt_bytes())
         mem.write(layout.IDT_ADDR, bytes(8))
         for gpa, data in cpu.page_tables():
@@ -255,6 +260,7 @@ class MicroVm:
         self._map_memory()
         self._create_vcpus()
         self._setup_legacy_devices()
+        self._setup_ged()
         self._setup_virtio()
         entry = self._load_guest()
         self._setup_boot_vcpus(entry)
@@ -265,11 +271,83 @@ class MicroVm:
 
         t0 = time.monotonic()
         restore.restore_machine(self, self.config.incoming)
+        # Every warm start (a template server's clones too) is a new machine:
+        # a new generation ID before its first KVM_RUN, irqchip restored.
+        self.renew_generation_id()
         if not self.config.dump_guest_core:
             # the template's RAM is guest memory too (StratoVirt marks every
             # host mapping of guest RAM, whatever backs it)
             self.mem.exclude_from_core_dump()
         self.timings["build"] = time.monotonic() - t0
+
+    # ------------------------------------------------------------------
+    # ACPI: GED, VMGenID, power button (docs/acpi.md)
+    # ------------------------------------------------------------------
+    def guest_acpi_off(self) -> bool:
+        """The kernel command line turns ACPI off (Kata, StratoVirt): the
+        guest then finds its devices on the command line, as before ACPI."""
+        return "acpi=off" in self.config.kernel_cmdline.split()
+
+    def _write_acpi_tables(self) -> None:
+        """Cold boot: RSDP/XSDT/FADT/MADT/DSDT and a fresh VMGenID GUID in
+        the reserved BIOS area (invisible to a guest booted with acpi=off)."""
+        from stratopy.arch.x86_64 import acpi
+
+        for gpa, data in acpi.boot_blobs(self.config.cpus, self.slots):
+            self.mem.write(gpa, data)
+
+    def _setup_ged(self) -> None:
+        """The GED page on the MMIO bus, its interrupt on the reserved pin
+        ``layout.GED_IRQ``; a guest poweroff through its sleep register ends
+        the VM (exit 0). Cold boot and warm start alike."""
+        from stratopy.acpi import ged
+
+        self.ged = ged.GedDevice(irq=self._irq_callable(layout.GED_IRQ),
+                                 poweroff=self._guest_poweroff)
+        self.mmio.insert(layout.GED_MMIO_ADDR, ged.MMIO_SIZE, self.ged)
+
+    def _guest_poweroff(self) -> None:
+        self.request_shutdown("guest-shutdown", guest=True, code=0)
+
+    def renew_generation_id(self) -> str:
+        """Warm start: write a new random VMGenID GUID into guest memory and
+        raise the GED's VMGenID event, so that the guest's vmgenid driver
+        reseeds its RNG as soon as it runs. Call after the irqchip state is
+        restored and before the first KVM_RUN (the edge waits in the IOAPIC/
+        LAPIC). Returns the new ID as text."""
+        from stratopy.acpi import ged
+
+        guid = ged.new_generation_id()
+        with self.loop.device_lock:
+            self.mem.write(layout.VMGENID_GUID_ADDR, guid)
+            self.ged.raise_event(ged.EVENT_VMGENID)
+        return ged.generation_id_string(guid)
+
+    def generation_id(self) -> str:
+        """The VMGenID GUID the guest sees now (QMP query-vm-generation-id)."""
+        from stratopy.acpi import ged
+
+        return ged.generation_id_string(self.mem.read(layout.VMGENID_GUID_ADDR, ged.GUID_SIZE))
+
+    def guest_uses_acpi_events(self) -> bool:
+        """The guest's GED driver took the GED interrupt: Linux's evged
+        unmasks the pin when it binds, a guest with acpi=off (or without
+        ACPI) leaves it masked."""
+        chip = uapi.kvm_irqchip.from_buffer_copy(self.vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC))
+        return not chip.chip.ioapic.redirtbl[layout.GED_IRQ].fields.mask
+
+    def request_powerdown(self) -> None:
+        """QMP system_powerdown: press the ACPI power button when the guest
+        listens to the GED (it then shuts itself down and powers off through
+        the sleep register); otherwise end the VM at once, as StratoVirt's
+        microvm does."""
+        from stratopy.acpi import ged
+
+        if self.state in (VmState.RUNNING, VmState.PAUSED) and self.guest_uses_acpi_events():
+            with self.loop.device_lock:
+                self.ged.raise_event(ged.EVENT_POWER_BUTTON)
+            return
+        self.request_shutdown("host-qmp-system-powerdown", guest=False, code=0)
 
     # ------------------------------------------------------------------
     # running

@@ -103,7 +103,7 @@ def plan_slots(config: cfgmod.MachineConfig,
     idx = RESERVED_COUNT
     for d in extra + other:
         base, irq = layout.virtio_slot(idx)
-        if irq > layout.IRQ_MAX:
+        if irq > layout.VIRTIO_IRQ_MAX:     # the last pin is the ACPI GED's
             raise ConfigError("-device", f"too many devices: no IRQ left for {d.id}")
         slots.append(Slot(idx, base, irq, OTHER, d))
         idx += 1

@@ -4,8 +4,9 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"STRATOPY"
-    8       4     format version (u32), currently 2 (1: before the memory
-                  file had a header page; refused, "take the template again")
+    8       4     format version (u32), currently 3 (1: before the memory
+                  file had a header page; 2: before the ACPI GED state;
+                  both refused, "take the template again")
     12      4     header flags (u32), must be 0
     16      8     payload length (u64)
     24      32    SHA-256 over bytes [0, 24) of the header + the payload
@@ -47,7 +48,7 @@ from stratopy.errors import MigrationError, TemplateError
 from stratopy.migration import codec
 
 MAGIC = b"STRATOPY"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size            # 56
 _CHECKED_PREFIX = 24                  # magic + version + flags + length

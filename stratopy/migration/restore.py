@@ -40,6 +40,7 @@ def _get(tree: dict, key: str, kind: type):
 
 
 def restore_machine(machine, incoming) -> None:
+    from stratopy.acpi.ged import GedState
     from stratopy.devices.serial import SerialState
     from stratopy.devices.virtio.mmio import MmioState
 
@@ -59,7 +60,7 @@ def restore_machine(machine, incoming) -> None:
 
     opened = template_dir.open_template(directory, ram, check_facts)
     try:
-        _restore(machine, incoming, opened, plan_box[-1], ram, SerialState, MmioState)
+        _restore(machine, incoming, opened, plan_box[-1], ram, SerialState, MmioState, GedState)
     except BaseException:
         opened.close()
         raise
@@ -67,7 +68,7 @@ def restore_machine(machine, incoming) -> None:
     log.info("restored from %s in %.3f s", directory, machine.timings["restore"])
 
 
-def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState) -> None:
+def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState, GedState) -> None:
     meta, components = opened.meta, opened.components
     # --- parse and validate every component before creating anything -------
     ncpu = machine.config.cpus
@@ -86,6 +87,7 @@ def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState) -> No
     vm_state.validate()
     sanity.check_vm(vm_state)
     serial_state = from_plain(SerialState, _get(components, "serial", dict), "serial")
+    ged_state = from_plain(GedState, _get(components, "ged", dict), "ged")
     slot_list = _get(components, "slots", list)
     if len(slot_list) != len(plan):
         raise TemplateError(f"state file has {len(slot_list)} virtio-mmio slots, "
@@ -130,6 +132,8 @@ def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState) -> No
         vcpu_state.restore_vcpu(vcpu, st)
     machine._setup_legacy_devices()
     machine.serial.restore(serial_state)
+    machine._setup_ged()
+    machine.ged.restore(ged_state)        # validates the event bits
     machine.slots = plan
     for slot, (mmio_state, dev_plain) in zip(plan, parsed_slots):
         machine._plug(slot)

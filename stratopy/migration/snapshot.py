@@ -74,6 +74,7 @@ def collect(machine) -> tuple[dict, dict]:
         "vcpus": vcpus,
         "vm": to_plain(vcpu_state.save_vm(machine.vm)),
         "serial": to_plain(machine.serial.state()),
+        "ged": to_plain(machine.ged.state()),
         "slots": slots,
     }
     # what the slots hold now: hot-replaced devices in, deleted ones out

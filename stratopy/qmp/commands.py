@@ -89,7 +89,14 @@ class VmControl(Protocol):
         """microvm: ends the VM like StratoVirt does (SHUTDOWN, then exit)."""
 
     def system_powerdown(self) -> None:
-        """microvm: ends the VM like StratoVirt does (SHUTDOWN, then exit)."""
+        """microvm: presses the ACPI power button when the guest's GED driver
+        listens (the guest shuts down, then powers off: SHUTDOWN
+        guest-shutdown, exit 0); otherwise ends the VM like StratoVirt does
+        (SHUTDOWN, then exit)."""
+
+    def query_vm_generation_id(self) -> dict:
+        """``{"guid": "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"}``: the VMGenID
+        the guest sees (QEMU's command); new on every warm start."""
 
     def query_cpus(self) -> list:
         """One :func:`cpu_info` dict per present vCPU."""
@@ -363,6 +370,8 @@ def _table() -> dict:
         Command("query-hotpluggable-cpus", _vm("query_hotpluggable_cpus")),
         Command("query-cpus", _vm("query_cpus")),
         Command("query-status", _vm("query_status")),
+        Command("query-vm-generation-id", _vm("query_vm_generation_id"),
+                doc="The VM generation ID (VMGenID) the guest sees."),
         Command("getfd", _getfd, (P("fdname", required=True, valid=fdname_problem),),
                 static=True, takes_fd=True),
         Command("blockdev-add", _blockdev_add, _BLOCKDEV_PARAMS),

@@ -236,7 +236,9 @@ def test_log_file_and_name(guests, start_vm, tmp_path):
     start-up summary, the kernel command line, the start and the shutdown
     reason. -name sets the process name (/proc/PID/comm)."""
     logf = tmp_path / "vm.log"
+    # acpi=off: the monitor then lists the virtio slots on the command line
     vm = start_vm(["-kernel", guests["serial_hello"], "-m", "64", "-serial", "stdio",
+                   "-append", "acpi=off",
                    "-D", str(logf), "-name", "lifecycle-test-vm-long", "-S"], qmp=True)
     q = vm.qmp(TIMEOUT)
     try:
@@ -258,7 +260,7 @@ def test_log_file_and_name(guests, start_vm, tmp_path):
     text = "\n".join(m.group(6) for m in parsed)
     assert "starting VM 'lifecycle-test-vm-long'" in text
     assert re.search(r"config: machine=microvm cpus=1 mem=64M kernel=\S+serial_hello", text)
-    assert re.search(r"kernel command line: .*virtio_mmio\.device=512@0xf0100000:5", text)
+    assert re.search(r"kernel command line: acpi=off .*virtio_mmio\.device=512@0xf0100000:5", text)
     assert "paused (-S)" in text
     assert re.search(r"VM ended: guest-reset, exit code 0", text)
 

@@ -62,6 +62,9 @@ class FakeVm:
     def system_powerdown(self):
         self._rec("system_powerdown")
 
+    def query_vm_generation_id(self):
+        return {"guid": "00112233-4455-6677-8899-aabbccddeeff"}
+
     def query_cpus(self):
         return [C.cpu_info(0, 100), C.cpu_info(1, 101, props=C.cpu_props(core_id=1))]
 
@@ -448,9 +451,18 @@ def test_static_commands():
                  "query-hotpluggable-cpus", "query-version", "query-commands", "query-target",
                  "query-kvm", "query-machines", "query-events", "system_reset",
                  "system_powerdown", "migrate", "query-migrate", "migrate_cancel",
-                 "blockdev-add", "netdev_add", "device_add", "device_del", "getfd"]:
+                 "blockdev-add", "netdev_add", "device_add", "device_del", "getfd",
+                 "query-vm-generation-id"]:
         assert name in cmds
     assert vm.calls == []
+
+
+def test_query_vm_generation_id_returns_the_vm_guid():
+    vm = FakeVm()
+    reply = run(vm, '{"execute":"query-vm-generation-id"}')
+    assert reply == {"return": {"guid": "00112233-4455-6677-8899-aabbccddeeff"}}
+    err = run(vm, '{"execute":"query-vm-generation-id","arguments":{"x":1}}')
+    assert "error" in err
 
 
 def test_cpu_reply_shapes():

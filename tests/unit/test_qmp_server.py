@@ -67,6 +67,9 @@ class FakeVm:
     def system_powerdown(self):
         self.quit_requested = True
 
+    def query_vm_generation_id(self):
+        return {"guid": "00000000-0000-0000-0000-000000000000"}
+
     def query_cpus(self):
         return [C.cpu_info(0, threading.get_native_id())]
 

@@ -40,6 +40,9 @@ NOT_AT_START = {
     "stratopy.migration.snapshot": "writing a template (QMP migrate)",
     "stratopy.arch.x86_64.boot": "loading a kernel: cold boot only",
     "stratopy.arch.x86_64.mptable": "cold boot only",
+    "stratopy.arch.x86_64.acpi": "ACPI tables: cold boot only",
+    "stratopy.acpi.tables": "ACPI tables: cold boot only",
+    "stratopy.acpi.aml": "AML: cold boot only",
     "stratopy.daemon": "-daemonize and -name only",
     "ctypes.util": "find_library('c') runs ldconfig in a subprocess",
     "platform": "os.uname() gives the architecture",
@@ -104,6 +107,7 @@ DATACLASSES_AT_START = {
     "stratopy.machine.vcpu_state.VmArchState", "stratopy.migration.memfile.MemoryImage",
     "stratopy.qmp.protocol.Request", "stratopy.qmp.protocol.ProtocolError",
     "stratopy.qmp.listen.UnixListener", "stratopy.qmp.listen.TcpListener",
+    "stratopy.acpi.ged.GedState",
 }
 
 _DATACLASS_PROBE = """

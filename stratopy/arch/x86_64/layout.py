@@ -20,6 +20,12 @@ CMDLINE_MAX = 0x10000        # bytes reserved for the kernel command line
 EBDA_START = 0x9FC00         # MP table lives here (reserved in e820)
 EBDA_END = 0xA0000
 BIOS_ROM_START = 0xD0000     # reserved in e820
+# ACPI tables (cold boot, stratopy/acpi): the RSDP at 0xE0000 (where Linux
+# scans for it), the other tables after it below 0xFF000, and the 16-byte
+# VMGenID GUID alone on the page at 0xFF000 (rewritten on every warm start).
+ACPI_RSDP_ADDR = 0xE0000
+ACPI_TABLES_END = 0xFF000
+VMGENID_GUID_ADDR = 0xFF000
 BIOS_ROM_END = 0x100000
 HIMEM_START = 0x100000       # 1 MiB: bzImage protected-mode code, ELF vmlinux loads above
 
@@ -36,7 +42,15 @@ IRQ_BASE = 5                 # first virtio-mmio IRQ
 BLK_SLOTS = 4                # reserved hot-replaceable virtio-blk slots (IRQ 5-8)
 NET_SLOTS = 2                # reserved hot-replaceable virtio-net slots (IRQ 9-10)
 IRQ_MAX = 23                 # last IOAPIC pin
+# The ACPI GED (docs/acpi.md: VMGenID and power-button events) owns the last
+# IOAPIC pin, so virtio slots get IRQ 5-22 (18 transports) and can never
+# take it; a guest booted with acpi=off never unmasks it.
+GED_IRQ = IRQ_MAX
+VIRTIO_IRQ_MAX = GED_IRQ - 1
 
+# ACPI GED MMIO page (event selector, sleep control/status; QEMU's microvm
+# uses the same address), free between the virtio slots and the IOAPIC.
+GED_MMIO_ADDR = 0xFEA00000
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
 TSS_ADDR = 0xFEF0C000        # KVM_SET_TSS_ADDR (3 pages), StratoVirt's value
