@@ -27,15 +27,14 @@ class CloneError(StratoError):
     """The server refused the request (its one-line reason)."""
 
 
-def request_clone(server: str, arguments: dict, fds: list[int] = (),
-                  timeout: float = 30.0) -> int:
-    """Send one clone request; the clone's pid, or CloneError."""
+def call(server: str, msg: dict, fds: list[int] = (), timeout: float = 30.0) -> dict:
+    """Send one message to the server at ``server``; its reply, or CloneError."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:
             s.connect(server)
-            wire.send(s, {"execute": "clone", "arguments": arguments}, list(fds))
+            wire.send(s, msg, list(fds))
             reader = wire.Reader(s)
             got = None
             while got is None and not reader.eof:
@@ -49,12 +48,19 @@ def request_clone(server: str, arguments: dict, fds: list[int] = (),
         wire.close_fds(extra)
         if "error" in reply:
             raise CloneError(str(reply["error"].get("desc", reply["error"])))
-        pid = reply.get("return", {}).get("pid")
-        if type(pid) is not int:
-            raise CloneError(f"template server {server}: unexpected reply {reply!r}")
-        return pid
+        return reply
     finally:
         s.close()
+
+
+def request_clone(server: str, arguments: dict, fds: list[int] = (),
+                  timeout: float = 30.0) -> int:
+    """Send one clone request; the clone's pid, or CloneError."""
+    reply = call(server, {"execute": "clone", "arguments": arguments}, fds, timeout)
+    pid = reply.get("return", {}).get("pid") if isinstance(reply.get("return"), dict) else None
+    if type(pid) is not int:
+        raise CloneError(f"template server {server}: unexpected reply {reply!r}")
+    return pid
 
 
 def build_request(argv: list[str]) -> tuple[str, dict, list[int]]:

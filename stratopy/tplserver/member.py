@@ -66,8 +66,12 @@ def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
         _reply(chan, wire.error(f"restore failed: {e}"))
         machine.teardown()
         return 1
-    wire.send(chan, {"ready": os.getpid(),
-                     "restore_ms": round((time.monotonic() - t0) * 1000, 3)})
+    try:
+        wire.send(chan, {"ready": os.getpid(),
+                         "restore_ms": round((time.monotonic() - t0) * 1000, 3)})
+    except OSError:
+        machine.teardown()              # the server is gone already
+        return 0
     reader = wire.Reader(chan)
     got = None
     while got is None:

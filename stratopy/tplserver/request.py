@@ -57,7 +57,7 @@ def _only(where: str, obj: dict, keys: set) -> None:
 
 def parse(msg: dict, nfds: int, template: cfgmod.MachineConfig) -> CloneParts:
     if msg.get("execute") != "clone":
-        raise RequestError(f"unknown command {msg.get('execute')!r} (only 'clone')")
+        raise RequestError(f"unknown command {msg.get('execute')!r} (clone or query-pool)")
     _only("request", msg, {"execute", "arguments", "id"})
     args = msg.get("arguments", {})
     if not isinstance(args, dict):

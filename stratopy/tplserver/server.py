@@ -46,6 +46,7 @@ class Member:
         self.reader = wire.Reader(chan)
         self.ready = False
         self.client: Client | None = None       # whose request it is serving
+        self.request_id = None                   # that request's "id", echoed
 
 
 class Client:
@@ -58,6 +59,14 @@ class Pending:
     def __init__(self, client: Client, msg: dict, fds: list[int]):
         self.client, self.msg, self.fds = client, msg, fds
         self.since = time.monotonic()
+
+
+def _with_id(reply: dict, request_id) -> dict:
+    """Replies may come out of order (a clone answers when it is attached):
+    a request's "id" is echoed, as in QMP."""
+    if request_id is not None:
+        reply = dict(reply, id=request_id)
+    return reply
 
 
 def parse_server_args(argv: list[str]):
@@ -198,7 +207,7 @@ class Server:
                 m.ready = True
                 self.failed_starts = 0
             elif m.client is not None and ("return" in msg or "error" in msg):
-                self._reply(m.client, msg)
+                self._reply(m.client, _with_id(msg, m.request_id))
                 m.client = None
                 self._drop_member(m)     # handed out (or failed): no longer ours
                 return
@@ -237,11 +246,15 @@ class Server:
                 if got is None:
                     break
                 msg, fds = got
+                if msg.get("execute") == "query-pool":
+                    wire.close_fds(fds)
+                    self._reply(c, _with_id({"return": self.query_pool()}, msg.get("id")))
+                    continue
                 try:
                     request.parse(msg, len(fds), self.template)
                 except request.RequestError as e:
                     wire.close_fds(fds)
-                    self._reply(c, wire.error(str(e)))
+                    self._reply(c, _with_id(wire.error(str(e)), msg.get("id")))
                     continue
                 self.pending.append(Pending(c, msg, fds))
         except wire.WireError as e:
@@ -293,7 +306,7 @@ class Server:
                 finally:
                     if p not in self.pending:
                         wire.close_fds(p.fds)      # the member has its own copies
-                ready.client = p.client
+                ready.client, ready.request_id = p.client, p.msg.get("id")
                 continue
             starting = [m for m in self.members if not m.ready]
             why = None
@@ -306,7 +319,13 @@ class Server:
             if why is not None:
                 self.pending.remove(p)
                 wire.close_fds(p.fds)
-                self._reply(p.client, wire.error(why))
+                self._reply(p.client, _with_id(wire.error(why), p.msg.get("id")))
+
+    def query_pool(self) -> dict:
+        """``query-pool``: the pids of ready and still restoring members."""
+        return {"ready": [m.pid for m in self.members if m.ready and m.client is None],
+                "restoring": [m.pid for m in self.members if not m.ready],
+                "size": self.pool_size}
 
     # --- loop ------------------------------------------------------------------
     def _signalled(self) -> None:
