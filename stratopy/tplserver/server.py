@@ -112,6 +112,19 @@ def parse_server_args(argv: list[str]):
     return listen, pool, wait_ms / 1000.0, config
 
 
+def preload() -> None:
+    """Import, once and before forking, what a clone runs between the request
+    and its first KVM_RUN (the CLI's run path, QMP, seccomp, chardevs, the
+    block backend): a clone then imports nothing on its way to running."""
+    import importlib
+
+    for name in ("stratopy.cli", "stratopy.machine.control", "stratopy.qmp.server",
+                 "stratopy.qmp.commands", "stratopy.seccomp", "stratopy.chardev",
+                 "stratopy.machine.devices", "stratopy.devices.virtio.block",
+                 "stratopy.tplserver.member", "stratopy.files", "stratopy.daemon"):
+        importlib.import_module(name)
+
+
 class Server:
     def __init__(self, listen: str, pool: int, wait: float, config):
         from stratopy.migration import restore
@@ -351,6 +364,7 @@ class Server:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(s, lambda *_: None)
+        preload()
         gc.freeze()            # what the members inherit stays shared (no gc writes)
         print(f"stratopy-server: template {self.template.incoming.path} checked in "
               f"{self.prepare_s * 1000:.1f} ms; pool of {self.pool_size} on {self.path}",
