@@ -38,7 +38,30 @@ from stratopy.tplserver import client
 TIMEOUT = 60
 
 
-def start_server(tmpl: str, counter: str, work: str, shim: str, pool: int, tag: str):
+# Two guests: ``counter`` (as bench/warmstart.py: its vCPU spins, answers
+# "COUNT=..."), and ``memcheck`` idling in `hlt` (answers "CHECK ok=1 ...")
+# for the concurrent requests, where 20 spinning clones on 2 host cores would
+# measure the host's scheduler rather than the server.
+IDLE_APPEND = "mib=1 every=100000"
+ANSWER = {"counter": rb"COUNT=0x[0-9a-f]+\n", "memcheck": rb"CHECK ok=1 sum=0x[0-9a-f]+ passes=\d+\n"}
+
+
+def idle_template(memcheck: str, work: str) -> tuple[str, list[str]]:
+    out = os.path.join(work, "idle.template")
+    args = ["-kernel", memcheck, "-m", warmstart.MEM, "-append", IDLE_APPEND]
+    with harness.Vm(args) as vm:
+        vm.wait_for(r"CHECK ok=1", TIMEOUT)
+        q = vm.qmp()
+        q.cmd("stop")
+        r = q.cmd("migrate", uri=f"file:{out}")
+        assert r == {"return": {}}, r
+        warmstart.wait_migrated(q)
+        q.close()
+    return out, args
+
+
+def start_server(tmpl: str, guest_args: list[str], work: str, shim: str, pool: int,
+                 tag: str):
     path = os.path.join(work, f"server-{tag}.sock")
     env = dict(os.environ)
     env["PYTHONPATH"] = common.REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -46,7 +69,7 @@ def start_server(tmpl: str, counter: str, work: str, shim: str, pool: int, tag: 
     env["FIRST_KVM_RUN_FILE"] = os.path.join(work, "stamp.%d")
     p = subprocess.Popen([sys.executable, "-m", "stratopy.tplserver.server", "-listen",
                           f"unix:{path}", "-pool", str(pool), "-wait", "10000"]
-                         + warmstart.guest_args(counter) + ["-incoming", f"file:{tmpl}"],
+                         + guest_args + ["-incoming", f"file:{tmpl}"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     wait_pool(path, pool, p)
@@ -67,7 +90,7 @@ def wait_pool(path: str, n: int, proc) -> list[int]:
         time.sleep(0.01)
 
 
-def one_clone(path: str, work: str, answer: bool = True):
+def one_clone(path: str, work: str, answer: bytes | None = ANSWER["counter"]):
     """(request -> first KVM_RUN, request -> answer) in s, and the pid."""
     mine, theirs = socket.socketpair()
     t0 = time.monotonic_ns()
@@ -82,7 +105,7 @@ def one_clone(path: str, work: str, answer: bool = True):
             mine.sendall(b"c")
             mine.settimeout(TIMEOUT)
             buf = b""
-            while not re.search(rb"COUNT=0x[0-9a-f]+\n", buf):
+            while not re.search(answer, buf):
                 chunk = mine.recv(4096)
                 if not chunk:
                     raise RuntimeError(f"clone {pid}: serial closed: {buf!r}")
@@ -136,22 +159,26 @@ def main() -> None:
     ap.add_argument("--cli-runs", type=int, default=5)
     ap.add_argument("--concurrent", type=int, default=20)
     ap.add_argument("--burst", type=int, default=100)
+    ap.add_argument("--bursts", type=int, default=3, help="rounds of concurrent requests")
     a = ap.parse_args()
     common.compile_bytecode()
     from tests.guests.build import build_guests
 
-    counter = build_guests()["counter"]
+    guests = build_guests()
+    counter = guests["counter"]
     work = common.workdir()
     servers = []
     try:
         shim = warmstart.build_shim(work)
         tmpl = warmstart.stratopy_template(counter, work)
+        counter_args = warmstart.guest_args(counter)
+        idle_tmpl, idle_args = idle_template(guests["memcheck"], work)
         qstate = warmstart.qemu_template(counter, work)
         load = os.getloadavg()
         print(f"counter guest, {warmstart.MEM} MiB; load average {load[0]:.2f} (2 cores)")
 
         # --- alone ------------------------------------------------------------
-        p, path = start_server(tmpl, counter, work, shim, 4, "alone")
+        p, path = start_server(tmpl, counter_args, work, shim, 4, "alone")
         servers.append(p)
         first, ans = [], []
         for _ in range(a.runs):
@@ -173,10 +200,10 @@ def main() -> None:
         wait_pool(path, 4, p)
         p.send_signal(signal.SIGTERM)
         p.wait(TIMEOUT)
-        p, path = start_server(tmpl, counter, work, shim, n, "concurrent")
+        p, path = start_server(idle_tmpl, idle_args, work, shim, n, "concurrent")
         servers.append(p)
         cfirst, cans = [], []
-        for _ in range(max(1, a.runs // n * 2) if a.runs >= n else 1):
+        for _ in range(a.bursts):
             wait_pool(path, n, p)
             results: list = []
             errors: list = []
@@ -185,7 +212,7 @@ def main() -> None:
             def worker() -> None:
                 try:
                     barrier.wait(TIMEOUT)
-                    results.append(one_clone(path, work))
+                    results.append(one_clone(path, work, ANSWER["memcheck"]))
                 except Exception as e:     # noqa: BLE001 - reported below
                     errors.append(e)
             threads = [threading.Thread(target=worker) for _ in range(n)]
@@ -199,7 +226,8 @@ def main() -> None:
                 kill(pid)
             if errors:
                 raise RuntimeError(f"{len(errors)} concurrent requests failed: {errors[0]}")
-        print(f"template server, {n} concurrent requests (pool of {n}, filled before each burst):")
+        print(f"template server, {n} concurrent requests, idle memcheck guest (pool of {n}, "
+              f"filled before each burst):")
         show("request -> first KVM_RUN", cfirst)
         show("request -> the clone answers on serial", cans)
         p.send_signal(signal.SIGTERM)
@@ -207,12 +235,12 @@ def main() -> None:
 
         # --- burst --------------------------------------------------------------
         for pool in (a.burst, 8):
-            p, path = start_server(tmpl, counter, work, shim, pool, f"burst{pool}")
+            p, path = start_server(tmpl, counter_args, work, shim, pool, f"burst{pool}")
             servers.append(p)
             pids = []
             t0 = time.monotonic()
             for _ in range(a.burst):
-                _, _, pid = one_clone(path, work, answer=False)
+                _, _, pid = one_clone(path, work, answer=None)
                 pids.append(pid)
                 kill(pid)
             took = time.monotonic() - t0

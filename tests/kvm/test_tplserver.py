@@ -20,8 +20,7 @@ from tests import harness
 from tests.kvm.test_guests import (COUNTER_ADDR, COUNTER_APPEND, SECTOR, TIMEOUT,
                                    WRITE_PATTERN, base_args, blk_args, make_image,
                                    read_guest_u64, take_template)
-from tests.kvm.tplserver_util import (Server, alive, read_serial_until, serial_count,
-                                      wait_gone)
+from tests.kvm.tplserver_util import Server, alive, read_all, serial_count, wait_gone
 
 pytestmark = pytest.mark.kvm
 
@@ -236,8 +235,8 @@ def test_clone_serves_its_own_disk(guests, start_vm, server, tmp_path):
         pb, sb = s.clone(drives=[{"id": "d0", "fd": 0}], fds=[fd])
     finally:
         os.close(fd)
-    for n, ser in enumerate((sa, sb)):
-        out = read_serial_until(ser, b"DONE")
+    for n, out in enumerate(read_all([sa, sb])):
+        assert b"DONE" in out, out
         assert f"SECTOR0={bytes([0x10 + n]).hex() * 16}".encode() in out, out
         assert b"READBACK MATCH=1" in out, out
     for pid in (pa, pb):

@@ -40,7 +40,11 @@ class Server:
                 raise AssertionError(f"server exited {self.proc.returncode}: "
                                      f"{self.proc.stderr.read().decode()}")
             if os.path.exists(self.path):
-                q = self.query()
+                try:
+                    q = self.query()
+                except client.CloneError:     # a stale socket file, not replaced yet
+                    time.sleep(0.02)
+                    continue
                 self.seen_members.update(q["ready"] + q["restoring"])
                 if len(q["ready"]) >= n:
                     return q["ready"]
@@ -116,14 +120,23 @@ def serial_count(sock: socket.socket) -> int:
     return int(buf.split(b"COUNT=0x", 1)[1].split(b"\n", 1)[0], 16)
 
 
-def read_serial_until(sock: socket.socket, needle: bytes) -> bytes:
-    buf = b""
+def read_all(socks: list) -> list[bytes]:
+    """Everything each socket carries until EOF, read side by side: a clone
+    whose serial is not read stalls on a full socket, and its last output
+    is dropped when it exits (the chardev's pending bytes at close)."""
+    import selectors
+
+    out = {s: b"" for s in socks}
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
     deadline = time.monotonic() + TIMEOUT
-    while needle not in buf:
-        assert time.monotonic() < deadline, f"{needle!r} not seen: {buf!r}"
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    assert needle in buf, f"{needle!r} not seen before EOF: {buf!r}"
-    return buf
+    while sel.get_map():
+        assert time.monotonic() < deadline, f"no EOF: {list(out.values())!r}"
+        for key, _ in sel.select(timeout=0.5):
+            chunk = key.fileobj.recv(65536)
+            if chunk:
+                out[key.fileobj] += chunk
+            else:
+                sel.unregister(key.fileobj)
+    return [out[s] for s in socks]
