@@ -18,6 +18,7 @@ import sys
 
 from stratopy.errors import ConfigError, StratoError
 from stratopy.tplserver import wire
+from stratopy.tplserver.request import unix_path_option
 
 USAGE = ("usage: stratopy-clone -server unix:PATH [-drive id=ID,file=PATH]... "
          "[-serial SPEC] [-qmp unix:PATH,server,nowait] [-name NAME]")
@@ -73,12 +74,10 @@ def build_request(argv: list[str]) -> tuple[str, dict, list[int]]:
         if opt not in ("-server", "-drive", "-serial", "-qmp", "-name"):
             raise ConfigError(opt, "unknown option (" + USAGE[7:] + ")")
         value = next(it, None)
-        if value is None:
-            raise ConfigError(opt, "needs a value")
         if opt == "-server":
-            if not value.startswith("unix:") or len(value) == 5:
-                raise ConfigError(opt, f"'{value}': use unix:PATH")
-            server = value[5:]
+            server = unix_path_option(opt, value)
+        elif value is None:
+            raise ConfigError(opt, "needs a value")
         elif opt == "-drive":
             d = _parse_drive(value)
             args.setdefault("drives", []).append({"id": d.id, "file": d.file})

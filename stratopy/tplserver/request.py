@@ -23,6 +23,17 @@ from stratopy import config as cfgmod
 SERIAL_ID = "serial_chardev"          # the chardev -serial creates (StratoVirt's id)
 
 
+def unix_path_option(option: str, value: str | None) -> str:
+    """PATH of a ``unix:PATH`` option value (-listen, -server); ConfigError."""
+    from stratopy.errors import ConfigError
+
+    if value is None:
+        raise ConfigError(option, "needs a value")
+    if not value.startswith("unix:") or len(value) == 5:
+        raise ConfigError(option, f"'{value}': use unix:PATH")
+    return value[5:]
+
+
 class RequestError(Exception):
     """The request cannot be served; the message is the one-line reply."""
 

@@ -80,15 +80,11 @@ def parse_server_args(argv: list[str]):
     for a in it:
         if a in ("-listen", "-pool", "-wait"):
             v = next(it, None)
-            if v is None:
-                raise ConfigError(a, "needs a value")
             if a == "-listen":
-                if not v.startswith("unix:") or len(v) == 5:
-                    raise ConfigError(a, f"'{v}': use unix:PATH")
-                listen = v[5:]
+                listen = request.unix_path_option(a, v)
             else:
                 try:
-                    n = int(v)
+                    n = int(v or "")
                 except ValueError:
                     n = -1
                 lo, hi = (1, 256) if a == "-pool" else (0, 600000)
@@ -347,18 +343,20 @@ class Server:
                 ready.client, ready.request_id = p.client, p.msg.get("id")
                 self.last_handout = time.monotonic()
                 continue
-            starting = [m for m in self.members if not m.ready]
             why = None
-            if not starting or self.wait == 0:
-                why = ("the pool is empty and cannot grow"
-                       + (f": pool members fail to restore ({self.last_failure})"
-                          if self.last_failure else ""))
+            if self.wait == 0:
+                why = "the pool is empty (-wait 0: no waiting for a member to restore)"
+            elif self.failed_starts >= MAX_FAILED_STARTS:
+                why = ("the pool is empty and cannot grow: pool members fail to restore"
+                       + (f" ({self.last_failure})" if self.last_failure else ""))
             elif now - p.since > self.wait:
                 why = f"no pool member was ready within {self.wait * 1000:.0f} ms"
             if why is not None:
                 self.pending.remove(p)
                 wire.close_fds(p.fds)
                 self._reply(p.client, _with_id(wire.error(why), p.msg.get("id")))
+        if self.pending:
+            self.refill()        # requests wait: a member must be restoring for them
 
     def query_pool(self) -> dict:
         """``query-pool``: the pids of ready and still restoring members."""

@@ -56,6 +56,20 @@ def counter_template(guests, start_vm, tmp_path):
     return args, tpl, read_guest_u64(tpl, COUNTER_ADDR)
 
 
+@pytest.fixture
+def blk_template(guests, start_vm, tmp_path):
+    """The virtio_blk guest saved before its first instruction (-S): (its
+    command line, DIR, the template's drive, that drive's bytes)."""
+    tdisk = str(tmp_path / "tdisk.img")
+    tdata = make_image(tdisk)
+    args = blk_args(guests["virtio_blk"], tdisk, readonly=False)
+    vm = start_vm(args + ["-S"], qmp=True)
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    vm.kill()
+    return args, tpl, tdisk, tdata
+
+
 def test_lifecycle_pool_request_clone_outlives_server(counter_template, server, tmp_path):
     """The pool fills with restored members; a request hands one out (its
     pid), it runs the template's guest on its own serial (the counter goes
@@ -209,18 +223,12 @@ def test_two_clones_isolated_and_template_untouched(counter_template, server, tm
     assert vb > v0
 
 
-def test_clone_serves_its_own_disk(guests, start_vm, server, tmp_path):
+def test_clone_serves_its_own_disk(blk_template, server, tmp_path):
     """A template of the virtio_blk guest taken before its first instruction
     (-S): each clone reads sector 0 of the disk its request gave (one by
     path, one by fd), writes sector 1 of that disk only; the template's disk
     is untouched."""
-    tdisk = str(tmp_path / "tdisk.img")
-    tdata = make_image(tdisk)
-    args = blk_args(guests["virtio_blk"], tdisk, readonly=False)
-    vm = start_vm(args + ["-S"], qmp=True)
-    tpl = str(tmp_path / "tpl")
-    take_template(vm, tpl)
-    vm.kill()
+    args, tpl, tdisk, tdata = blk_template
     s = server(args + ["-incoming", f"file:{tpl}"], pool=2)
     s.wait_ready(2)
     disks = []
@@ -250,21 +258,14 @@ def test_clone_serves_its_own_disk(guests, start_vm, server, tmp_path):
         assert f.read() == tdata
 
 
-def test_clone_cli_prints_pid_and_refuses_mismatched_drive(guests, start_vm, server,
-                                                           tmp_path):
+def test_clone_cli_prints_pid_and_refuses_mismatched_drive(blk_template, server, tmp_path):
     """stratopy-clone: StratoVirt-shaped options, the clone's pid on stdout;
     a drive of another size is refused with one line (exit 1) and the pool
     member that tried it is replaced."""
     import subprocess
     import sys
 
-    tdisk = str(tmp_path / "tdisk.img")
-    make_image(tdisk)
-    args = blk_args(guests["virtio_blk"], tdisk, readonly=False)
-    vm = start_vm(args + ["-S"], qmp=True)
-    tpl = str(tmp_path / "tpl")
-    take_template(vm, tpl)
-    vm.kill()
+    args, tpl, _, _ = blk_template
     s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
     s.wait_ready(1)
     small = str(tmp_path / "small.img")
@@ -287,3 +288,25 @@ def test_clone_cli_prints_pid_and_refuses_mismatched_drive(guests, start_vm, ser
     wait_gone(pid)
     with open(out) as f:
         assert "READBACK MATCH=1" in f.read()
+
+
+def test_members_that_cannot_restore_leave_the_server_answering(blk_template, server,
+                                                                tmp_path):
+    """Pool members that fail to restore (the template's drive, which each
+    member opens, was removed after the server started) are not retried
+    forever: after three in a row the pool stops growing and a request gets
+    one line saying why; the server itself runs on and answers query-pool."""
+    args, tpl, tdisk, tdata = blk_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1, extra=["-wait", "20000"])
+    s.wait_ready(1)
+    os.unlink(tdisk)
+    disk = str(tmp_path / "c.img")
+    with open(disk, "wb") as f:
+        f.write(tdata)
+    pid, ser = s.clone(drives=[{"id": "d0", "file": disk}])   # the member restored before
+    assert b"DONE" in read_all([ser])[0]
+    with pytest.raises(client.CloneError, match=r"cannot grow: pool members fail to restore "
+                                                r"\(restore failed: .*cannot open"):
+        s.clone(drives=[{"id": "d0", "file": disk}])
+    assert s.proc.poll() is None
+    assert s.query()["ready"] == []
