@@ -5,7 +5,9 @@
  *
  * FIRST_KVM_RUN_FILE=PATH  write "<CLOCK_MONOTONIC ns> <CLOCK_REALTIME ns>\n"
  *                          to PATH at the first KVM_RUN (before it enters
- *                          the kernel), once per process.
+ *                          the kernel), once per process. A "%d" in
+ *                          PATH becomes the pid: every clone forked by
+ *                          the template server stamps its own file.
  * FIRST_KVM_RUN_EXIT=1     _exit(0) right there instead of running the
  *                          guest: for counting instructions exec -> first
  *                          KVM_RUN under callgrind.
@@ -38,6 +40,11 @@ static void stamp(void)
         int n = snprintf(line, sizeof line, "%lld %lld\n",
                          (long long)mono.tv_sec * 1000000000LL + mono.tv_nsec,
                          (long long)real.tv_sec * 1000000000LL + real.tv_nsec);
+        char own[4096];
+        if (strstr(path, "%d")) {
+            snprintf(own, sizeof own, path, (int)getpid());
+            path = own;
+        }
         int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd >= 0) {
             if (write(fd, line, (size_t)n) != n) { /* the bench reports a missing stamp */ }

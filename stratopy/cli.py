@@ -245,7 +245,10 @@ def run(argv: list[str]) -> int:
             daemon.remove_pidfile()
 
 
-def _run_vm(config, daemon) -> int:
+def _run_vm(config, daemon, prebuilt=None) -> int:
+    """``prebuilt``: a machine already restored (a template server's clone,
+    run_clone): it takes the same path from here to the first KVM_RUN as
+    ``-incoming``."""
     from stratopy import __version__
 
     signals = _Signals()
@@ -266,10 +269,12 @@ def _run_vm(config, daemon) -> int:
         from stratopy.machine.control import attach_control
         from stratopy.machine.microvm import MicroVm
 
-        machine = MicroVm(config)
+        machine = MicroVm(config) if prebuilt is None else prebuilt
         control = None
         try:
-            if config.incoming is not None:
+            if prebuilt is not None:
+                log.info("VM restored by the template server from %s", config.incoming.path)
+            elif config.incoming is not None:
                 machine.build_from_template()
                 log.info("VM built from template %s in %.1f ms", config.incoming.path,
                          machine.timings.get("build", 0.0) * 1000)
@@ -324,6 +329,20 @@ def _run_vm(config, daemon) -> int:
         return 0
     finally:
         signals.close()
+
+
+def run_clone(machine) -> int:
+    """A template server's clone (stratopy.tplserver.member): ``machine`` is
+    restored and has its per-VM parts; from here on it is an ordinary VM,
+    run exactly as ``main`` runs a ``-incoming`` one (exit code returned)."""
+    gc.disable()
+    try:
+        return _run_vm(machine.config, None, prebuilt=machine)
+    except StratoError as e:
+        print(f"stratopy: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        gc.enable()
 
 
 def _jail() -> None:

@@ -124,6 +124,11 @@ class Serial:
         self._fifo = bytearray()
 
     # --- derived registers ----------------------------------------------------
+
+    def set_output(self, out: Callable[[bytes], None]) -> None:
+        """Where transmitted bytes go from now on (a template server's clone
+        gets its serial chardev after its restore)."""
+        self._out = out
     def _lsr(self) -> int:
         return LSR_THRE | LSR_TEMT | (LSR_DR if self._fifo else 0)
 

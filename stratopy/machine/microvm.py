@@ -266,11 +266,17 @@ class MicroVm:
         self._setup_boot_vcpus(entry)
         self.timings["build"] = time.monotonic() - t0
 
-    def build_from_template(self) -> None:
+    def build_from_template(self, prepared=None) -> None:
+        """``prepared``: a template already opened and validated
+        (restore.prepare_template; the template server's pool members),
+        else the one ``-incoming`` names."""
         from stratopy.migration import restore
 
         t0 = time.monotonic()
-        restore.restore_machine(self, self.config.incoming)
+        if prepared is None:
+            restore.restore_machine(self, self.config.incoming)
+        else:
+            restore.apply_template(self, prepared, "done")
         # Every warm start (a template server's clones too) is a new machine:
         # a new generation ID before its first KVM_RUN, irqchip restored.
         self.renew_generation_id()
@@ -279,6 +285,26 @@ class MicroVm:
             # host mapping of guest RAM, whatever backs it)
             self.mem.exclude_from_core_dump()
         self.timings["build"] = time.monotonic() - t0
+
+    # --- a template server's clone (stratopy.tplserver.member) -----------------
+    def attach_clone_parts(self, serial_chardev, drives: dict) -> None:
+        """Give a pool member, restored without per-VM parts, its own: the
+        serial chardev (opened; None: no serial output) and, per drive id,
+        an opened FileBackend of the template's size (the guest's view of
+        the disk does not change: no config interrupt). Before start()."""
+        if serial_chardev is not None:
+            self.serial_chardev = serial_chardev
+            self.chardevs.append(serial_chardev)
+            self.serial.set_output(serial_chardev.write)
+        for slot in self.slots:
+            cfg = slot.config
+            if cfg is None or cfg.drive is None or cfg.drive.id not in drives:
+                continue
+            old = slot.backend
+            slot.device.adopt_backend(drives[cfg.drive.id])
+            slot.backend = drives[cfg.drive.id]
+            if old is not None:
+                old.close()
 
     # ------------------------------------------------------------------
     # ACPI: GED, VMGenID, power button (docs/acpi.md)

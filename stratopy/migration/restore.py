@@ -39,14 +39,40 @@ def _get(tree: dict, key: str, kind: type):
     return tree[key]
 
 
+class PreparedTemplate:
+    """A template opened, parsed and validated against a command line, with
+    no KVM object yet: what ``apply_template`` restores into a VM. The
+    template server (stratopy.tplserver) prepares it once and every pool
+    member forked from it applies it; ``opened`` keeps the template's fds."""
+
+    def __init__(self, opened, plan, ram, cpuids, vcpus, vm_state, serial_state, ged_state,
+                 slots):
+        self.opened, self.plan, self.ram = opened, plan, ram
+        self.cpuids, self.vcpus, self.vm_state = cpuids, vcpus, vm_state
+        self.serial_state, self.ged_state, self.slots = serial_state, ged_state, slots
+
+
 def restore_machine(machine, incoming) -> None:
+    t0 = time.monotonic()
+    prepared = prepare_template(machine.config, incoming)
+    try:
+        apply_template(machine, prepared, incoming.verify)
+    except BaseException:
+        prepared.opened.close()
+        raise
+    machine.timings["restore"] = time.monotonic() - t0
+    log.info("restored from %s in %.3f s", incoming.path, machine.timings["restore"])
+
+
+def prepare_template(config, incoming) -> PreparedTemplate:
+    """Open ``incoming.path`` and parse and validate every component against
+    ``config`` (TemplateError naming what is wrong); nothing is created."""
     from stratopy.acpi.ged import GedState
     from stratopy.devices.serial import SerialState
     from stratopy.devices.virtio.mmio import MmioState
+    from stratopy.machine import slots as slotmod
 
-    t0 = time.monotonic()
-    directory = incoming.path
-    ram = layout.ram_layout(machine.config.mem_size)
+    ram = layout.ram_layout(config.mem_size)
     plan_box: list = []
 
     def check_facts(meta: dict) -> None:
@@ -54,24 +80,21 @@ def restore_machine(machine, incoming) -> None:
         # it in (a device hot-replaced before the snapshot is on this command
         # line, anywhere); then the command line must match the template.
         template_facts = meta.get("machine")
-        plan = machine._slot_plan(facts.placement(template_facts))
-        facts.compare(template_facts, facts.slot_facts(machine.config, plan))
+        plan = slotmod.plan_slots(config, facts.placement(template_facts))
+        facts.compare(template_facts, facts.slot_facts(config, plan))
         plan_box.append(plan)
 
-    opened = template_dir.open_template(directory, ram, check_facts)
+    opened = template_dir.open_template(incoming.path, ram, check_facts)
     try:
-        _restore(machine, incoming, opened, plan_box[-1], ram, SerialState, MmioState, GedState)
+        return _parse(config, opened, plan_box[-1], ram, SerialState, MmioState, GedState)
     except BaseException:
         opened.close()
         raise
-    machine.timings["restore"] = time.monotonic() - t0
-    log.info("restored from %s in %.3f s", directory, machine.timings["restore"])
 
 
-def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState, GedState) -> None:
+def _parse(config, opened, plan, ram, SerialState, MmioState, GedState) -> PreparedTemplate:
     meta, components = opened.meta, opened.components
-    # --- parse and validate every component before creating anything -------
-    ncpu = machine.config.cpus
+    ncpu = config.cpus
     cpuids = cpu.cpuids_from_plain(meta.get("cpuid"), ncpu)
     vcpu_list = _get(components, "vcpus", list)
     if len(vcpu_list) != ncpu:
@@ -108,34 +131,44 @@ def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState, GedSt
                                 f"slots[{slot.index}].transport")
         sanity.check_queues(mmio_state, f"slots[{slot.index}].transport")
         parsed_slots.append((mmio_state, saved.get("device")))
+    return PreparedTemplate(opened, plan, ram, cpuids, vcpus, vm_state, serial_state,
+                            ged_state, parsed_slots)
 
-    # --- build -------------------------------------------------------------------
+
+def apply_template(machine, prepared: PreparedTemplate, verify: str) -> None:
+    """Create ``machine``'s VM and vCPUs and apply ``prepared``. ``verify``:
+    ``full`` (check the memory digests first), ``lazy`` (a thread checks them
+    while the guest runs; it then owns the template's fds) or ``done`` (the
+    caller checked them: the template server, once for all its clones)."""
+    opened, ram = prepared.opened, prepared.ram
+    vcpus = prepared.vcpus
     machine._create_vm()
     # This host must offer every CPU feature the template's guest saw, and
     # every MSR it holds must be one this KVM knows.
-    cpu.check_cpuid_supported(cpuids, machine.kvm.supported_cpuid())
+    cpu.check_cpuid_supported(prepared.cpuids, machine.kvm.supported_cpuid())
     host_msrs = set(machine.kvm.msr_index_list())
     for v in vcpus:
         sanity.check_msr_indices(v, host_msrs)
-    if incoming.verify == "full":
+    if verify == "full":
         t_v = time.monotonic()
         memfile.verify_chunks(opened.memory_fd, opened.memory_path, opened.record, ram)
         machine.timings["verify_memory"] = time.monotonic() - t_v
     t_mem = time.monotonic()
-    machine.mem = memfile.map_memory(opened.memory_fd, ram, mapped=incoming.mapped)
+    machine.mem = memfile.map_memory(opened.memory_fd, ram, mapped=machine.config.incoming.mapped)
     machine.timings["map_memory"] = time.monotonic() - t_mem
     machine._map_memory()
-    machine._create_vcpus(cpuids)      # the template's CPUID, before any vCPU state
+    machine._create_vcpus(prepared.cpuids)    # the template's CPUID, before any vCPU state
     # VM-wide state (irqchips, PIT, clock) before the vCPUs, as Firecracker does.
-    vcpu_state.restore_vm(machine.vm, vm_state)
+    vcpu_state.restore_vm(machine.vm, prepared.vm_state)
     for vcpu, st in zip(machine.vcpus, vcpus):
         vcpu_state.restore_vcpu(vcpu, st)
     machine._setup_legacy_devices()
-    machine.serial.restore(serial_state)
+    machine.serial.restore(prepared.serial_state)
     machine._setup_ged()
-    machine.ged.restore(ged_state)        # validates the event bits
+    machine.ged.restore(prepared.ged_state)        # validates the event bits
+    plan = prepared.plan
     machine.slots = plan
-    for slot, (mmio_state, dev_plain) in zip(plan, parsed_slots):
+    for slot, (mmio_state, dev_plain) in zip(plan, prepared.slots):
         machine._plug(slot)
         dev = slot.device
         dev_state_cls = type(dev.state())
@@ -146,9 +179,9 @@ def _restore(machine, incoming, opened, plan, ram, SerialState, MmioState, GedSt
         # not saved: look at every queue once, as if the guest had kicked.
         slot.transport.notify_all()
         machine.mmio.insert(slot.base, layout.VIRTIO_MMIO_SIZE, slot.transport)
-    if incoming.verify == "full":
+    if verify == "full":
         opened.close()
-    else:
+    elif verify == "lazy":
         start_lazy_verify(machine, opened, ram)
     # The incoming migration is complete once the state is applied.
     machine.migration.start()

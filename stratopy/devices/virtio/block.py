@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from stratopy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
-from stratopy.errors import DeviceError, TemplateError
+from stratopy.errors import DeviceError, StratoError, TemplateError
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT
@@ -303,6 +303,17 @@ class BlockDevice(VirtioDevice):
         struct.pack_into("<QII", cfg, 0, self.capacity, 0, SEG_MAX)
         struct.pack_into("<I", cfg, 20, SECTOR_SIZE)
         self._config = bytes(cfg)
+
+    def adopt_backend(self, backend) -> None:
+        """Serve ``backend`` instead, for a template server's clone: the same
+        size and read-only flag as the restored drive, so nothing the guest
+        sees changes (no config interrupt). StratoError if it differs."""
+        size = int(backend.size) >> SECTOR_SHIFT
+        if size != self.capacity or bool(backend.readonly) != self.readonly:
+            raise StratoError(f"drive is {size} sectors{' read-only' if backend.readonly else ''}, "
+                              f"the template's is {self.capacity}"
+                              f"{' read-only' if self.readonly else ''}")
+        self.backend = backend
 
     def replace_backend(self, backend, serial: str = ""):
         """Hot-replace: serve ``backend`` (None: no drive, capacity 0) from now

@@ -1,0 +1,146 @@
+"""A pool member: the child the server forks, which becomes one clone.
+
+Life of a member (its own process, its own session):
+
+1. restore: a MicroVm of the template's command line without per-VM parts
+   (no serial chardev, no QMP) is built from the template the server
+   already opened and validated (restore.apply_template, ``verify=done``):
+   KVM VM, memory mapped copy-on-write, vCPUs created and their state set,
+   devices restored. Then one line to the server: ``{"ready": PID}``.
+2. wait: blocked in recvmsg on its channel to the server, vCPUs not
+   running. EOF (the server stopped or died) ends it.
+3. the request (forwarded by the server with its fds): its drives, serial
+   and QMP are opened and attached (MicroVm.attach_clone_parts); one line
+   back, ``{"return": {"pid": PID}}`` or an error, then the channel closes.
+4. run: stratopy.cli.run_clone, the CLI's own path after a restore (QMP
+   listeners, seccomp filter, vCPU start, device loop): from there on it
+   is an ordinary stratopy VM; its exit code is the process's.
+
+Errors never reach the server except as the one reply line: every path
+ends in os._exit (a forked child must not run the server's cleanup).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from stratopy.tplserver import request, wire
+
+
+def run(chan: socket.socket, prepared, pool_config, inherited_fds, template_config) -> None:
+    """The child's whole life (never returns)."""
+    code = 1
+    try:
+        code = _member(chan, prepared, pool_config, inherited_fds, template_config)
+    except BaseException as e:                   # noqa: BLE001 - the last resort of a child
+        try:
+            print(f"stratopy-server: pool member {os.getpid()}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        except BaseException:                    # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
+    from stratopy.errors import StratoError
+    from stratopy.machine.microvm import MicroVm
+
+    # Its own session: a signal to the server's terminal or process group
+    # does not reach the clones, which outlive the server.
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(s, signal.SIG_DFL)
+    wire.close_fds(inherited_fds)
+    chan.setblocking(True)
+    t0 = time.monotonic()
+    machine = MicroVm(pool_config)
+    try:
+        machine.build_from_template(prepared)
+    except StratoError as e:
+        _reply(chan, wire.error(f"restore failed: {e}"))
+        machine.teardown()
+        return 1
+    try:
+        wire.send(chan, {"ready": os.getpid(),
+                         "restore_ms": round((time.monotonic() - t0) * 1000, 3)})
+    except OSError:
+        machine.teardown()              # the server is gone already
+        return 0
+    reader = wire.Reader(chan)
+    got = None
+    while got is None:
+        reader.feed()
+        got = reader.line()
+        if got is None and reader.eof:
+            machine.teardown()          # the server stopped: an idle member goes
+            return 0
+    msg, fds = got
+    try:
+        parts = request.parse(msg, len(fds), template_config)
+        _attach(machine, parts, fds, msg)
+    except (StratoError, request.RequestError) as e:
+        _reply(chan, wire.error(str(e)))
+        machine.teardown()
+        return 1
+    _reply(chan, {"return": {"pid": os.getpid()}})
+    chan.close()
+    from stratopy import cli
+
+    return cli.run_clone(machine)
+
+
+def _reply(chan, obj: dict) -> None:
+    try:
+        wire.send(chan, obj)
+    except OSError:
+        pass
+
+
+def _attach(machine, parts, fds: list[int], msg: dict) -> None:
+    """Open the request's parts and give them to the restored machine; the
+    machine's config then says what this clone is (its QMP, its serial,
+    its drives), as a command line would have."""
+    from stratopy.chardev import Chardev
+    from stratopy.machine import devices as devfactory
+
+    def fd_path(file: str) -> str:
+        # a drive sent as an fd is reopened with the template drive's flags
+        return f"/proc/self/fd/{fds[int(file[3:])]}" if file.startswith("fd:") else file
+
+    drives = {i: d.replace(file=fd_path(d.file)) for i, d in parts.drives.items()}
+    backends: dict = {}
+    chardev = None
+    try:
+        for drive_id, d in drives.items():
+            backends[drive_id] = devfactory.open_drive(d, option=f"drive '{drive_id}'")
+        if parts.serial is not None:
+            i, o = parts.serial_fds
+            if i is not None:
+                chardev = Chardev(parts.serial, stdin_fd=fds[i], stdout_fd=fds[o])
+            else:
+                chardev = Chardev(parts.serial)
+            chardev.open()
+        machine.attach_clone_parts(chardev, backends)
+    except BaseException:
+        for b in backends.values():
+            if machine.slots and any(s.backend is b for s in machine.slots):
+                continue
+            b.close()
+        if chardev is not None and chardev not in machine.chardevs:
+            chardev.close()
+        raise
+    # the fds that became drives were reopened: the received ones go
+    used = {parts.serial_fds[0], parts.serial_fds[1]}
+    wire.close_fds(fd for n, fd in enumerate(fds) if n not in used)
+    c = machine.config
+    kw = {"serial": parts.serial, "qmp": parts.qmp,
+          "drives": tuple(drives.get(d.id, d) for d in c.drives)}
+    if parts.name is not None:
+        kw["name"] = parts.name
+    machine.config = c.replace(**kw)
