@@ -576,16 +576,10 @@ def test_a_batch_that_empties_the_queue_does_not_ask_for_another_turn(rig):
 def test_file_backend_refuses_a_fifo_without_blocking(tmp_path):
     # A FIFO swapped in after the command line was checked must neither block
     # the open (no writer) nor become a disk.
-    import errno as _errno
-    import signal as _signal
+    from tests.unit.bounded import deadline
 
     fifo = tmp_path / "disk"
     os.mkfifo(fifo)
-    _signal.signal(_signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("open blocked")))
-    _signal.alarm(5)
-    try:
-        with pytest.raises(OSError) as e:
-            FileBackend(str(fifo), readonly=True)
-    finally:
-        _signal.alarm(0)
-    assert e.value.errno == _errno.EINVAL
+    with deadline(5), pytest.raises(OSError) as e:
+        FileBackend(str(fifo), readonly=True)
+    assert e.value.errno == errno.EINVAL

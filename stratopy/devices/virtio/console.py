@@ -84,39 +84,30 @@ class ConsoleDevice(VirtioDevice):
 
     # --- guest -> host -------------------------------------------------------
     def _process_tx(self) -> None:
-        q = self._ready_queue(TX_QUEUE)
-        if q is None:
-            return
+        self._serve_queue(TX_QUEUE, self._write_out)
+
+    def _write_out(self, chain) -> int:
+        """One tx chain to the backend (at most MAX_TX_CHAIN bytes of it,
+        in TX_PIECE pieces); the guest gets nothing back."""
         mem = self.mem
-        used = 0
-        try:
-            for _ in range(q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                budget = MAX_TX_CHAIN
-                for addr, length, is_write in chain.buffers:
-                    if is_write:
-                        continue
-                    length = min(length, budget)
-                    off = 0
-                    while off < length:
-                        n = min(TX_PIECE, length - off)
-                        data = mem.read(addr + off, n)
-                        off += n
-                        try:
-                            self.out(data)
-                        except Exception:  # noqa: BLE001 - backend trouble drops output
-                            pass
-                    budget -= length
-                    if budget <= 0:
-                        break
-                q.add_used(mem, chain.head, 0)
-                used += 1
-        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
-            self._broke(e)
-        if used:
-            self.signal_used(TX_QUEUE)
+        budget = MAX_TX_CHAIN
+        for addr, length, is_write in chain.buffers:
+            if is_write:
+                continue
+            length = min(length, budget)
+            off = 0
+            while off < length:
+                n = min(TX_PIECE, length - off)
+                data = mem.read(addr + off, n)
+                off += n
+                try:
+                    self.out(data)
+                except Exception:  # noqa: BLE001 - backend trouble drops output
+                    pass
+            budget -= length
+            if budget <= 0:
+                break
+        return 0
 
     # --- host -> guest -------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:

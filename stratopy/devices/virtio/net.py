@@ -231,32 +231,21 @@ class NetDevice(VirtioDevice):
 
     # --- guest -> backend ----------------------------------------------------
     def _process_tx(self) -> None:
-        q = self._ready_queue(TX_QUEUE)
-        if q is None:
-            return
-        mem = self.mem
-        used = 0
-        try:
-            for _ in range(q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                total = sum(n for _, n, w in chain.buffers if not w)
-                if total < VNET_HDR_LEN or total > MAX_TX_FRAME:
-                    self.tx_dropped += 1
-                else:
-                    parts = [mem.read(a, n) for a, n, w in chain.buffers if not w and n]
-                    frame = b"".join(parts)
-                    if self.link_up:
-                        self._send(TX_HDR + frame[VNET_HDR_LEN:])
-                    else:
-                        self.tx_dropped += 1
-                q.add_used(mem, chain.head, 0)
-                used += 1
-        except Exception as e:  # noqa: BLE001
-            self._broke(e)
-        if used:
-            self.signal_used(TX_QUEUE)
+        self._serve_queue(TX_QUEUE, self._transmit)
+
+    def _transmit(self, chain) -> int:
+        """One tx chain (virtio-net header + frame) to the tap, or dropped."""
+        total = sum(n for _, n, w in chain.buffers if not w)
+        if total < VNET_HDR_LEN or total > MAX_TX_FRAME:
+            self.tx_dropped += 1
+        else:
+            mem = self.mem
+            frame = b"".join(mem.read(a, n) for a, n, w in chain.buffers if not w and n)
+            if self.link_up:
+                self._send(TX_HDR + frame[VNET_HDR_LEN:])
+            else:
+                self.tx_dropped += 1
+        return 0
 
     def _send(self, frame: bytes) -> None:
         if self.backend is None:       # a hot-replace slot with no tap

@@ -175,30 +175,19 @@ class VsockDevice(VirtioDevice):
 
     # --- guest -> host -------------------------------------------------------
     def _process_tx(self) -> None:
-        q = self._ready_queue(TX_QUEUE)
-        if q is None:
-            return
-        mem = self.mem
-        used = 0
-        try:
-            for _ in range(q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                packet = self._gather(chain)
-                q.add_used(mem, chain.head, 0)
-                used += 1
-                if packet is None or packet[0].src_cid != self.guest_cid:
-                    # malformed, or not from this guest: nothing to answer
-                    self.tx_dropped += 1
-                    continue
-                self.muxer.on_guest_packet(*packet)
-        except Exception as e:  # noqa: BLE001 - DeviceError and anything else
-            self._broke(e)
-        if used:
-            self.signal_used(TX_QUEUE)
+        self._serve_queue(TX_QUEUE, self._take_packet)
         # the muxer may have answers (RESPONSE, RST, CREDIT_UPDATE) to send
         self.flush_rx()
+
+    def _take_packet(self, chain) -> int:
+        """One tx chain to the muxer; the guest gets nothing back."""
+        packet = self._gather(chain)
+        if packet is None or packet[0].src_cid != self.guest_cid:
+            # malformed, or not from this guest: nothing to answer
+            self.tx_dropped += 1
+        else:
+            self.muxer.on_guest_packet(*packet)
+        return 0
 
     def _gather(self, chain) -> tuple[Header, bytes] | None:
         """(header, payload) of a tx chain, or None when the chain cannot
