@@ -18,6 +18,9 @@ the path is never opened a second time, so what was checked is what is used.
   file`` output: appended to an existing regular file, or created 0600
   whatever the umask (guest console output and the kernel command line are
   nobody else's business). ``/dev/null`` is accepted as the one device.
+- :func:`free_socket_path`: where a unix listener is about to bind (the
+  vsock ``uds-path``, the template server's ``-listen``): a stale socket is
+  removed; a live listener or a file of another kind is never replaced.
 - :func:`sharing_conflict`: two users of one file (same device and inode,
   whatever the path, hard link or symlink) where one may write: only
   read-only users may share. Used for ``-drive`` (:func:`check_drives`) and
@@ -151,6 +154,34 @@ def create_private(path: str, option: str, what: str = "") -> int:
 
 # ---------------------------------------------------------------------------
 # files shared between users (drives)
+
+def free_socket_path(path: str) -> None:
+    """Make ``path`` free for a new unix listener: nothing there, or a stale
+    socket (nobody accepts on it), which is removed. A live listener there
+    (another VM's or server's) or a file of another kind is an OSError that
+    says so: a listener never takes over what is not its own."""
+    import socket
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        # bind() would say only "Address already in use"
+        raise OSError(errno.EEXIST, f"it is {kind(mode)}, not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                          | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)                   # stale: its listener is gone
+        return
+    except BlockingIOError:
+        pass                              # alive, its backlog is full
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a listener is already there")
+
 
 def identity(st: os.stat_result) -> tuple[int, int]:
     """What makes two paths the same file: (device, inode)."""

@@ -153,19 +153,23 @@ class Server:
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
-        import stat
+        from stratopy import files
 
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)              # a stale socket of an earlier server
-        except FileNotFoundError:
-            pass
+            # a stale socket of an earlier server goes; a live server or a
+            # file of another kind stays (the rename below would replace it)
+            files.free_socket_path(path)
+        except OSError as e:
+            raise ConfigError("-listen", f"cannot listen on {path}: {e.strerror}") from None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # bound and listening under another name, then renamed: the path
         # never names a socket that refuses connections
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             s.bind(tmp)
+            # whoever can connect can ask for clones (and name files the
+            # server opens for them): the owner only, whatever the umask
+            os.chmod(tmp, 0o600)
             s.listen(128)
             os.rename(tmp, path)
         except OSError as e:

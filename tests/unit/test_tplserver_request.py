@@ -125,3 +125,28 @@ def test_server_command_line_refusals(argv, why):
     with pytest.raises(ConfigError) as e:
         parse_server_args(argv)
     assert why in str(e.value)
+
+
+def test_listen_socket_is_private_and_never_takes_over_a_path(tmp_path):
+    # Whoever can connect can ask for clones: the socket is the owner's only,
+    # whatever the umask; a live server's socket or another kind of file at
+    # the path is refused, not replaced; a stale socket is.
+    from stratopy.errors import ConfigError
+    from stratopy.tplserver.server import Server
+    from tests.unit.bounded import umask
+
+    path = str(tmp_path / "tpl.sock")
+    with umask(0):
+        live = Server._listen(path)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with pytest.raises(ConfigError, match="a listener is already there"):
+            Server._listen(path)
+    finally:
+        live.close()
+    Server._listen(path).close()                   # stale now: replaced
+    other = tmp_path / "notes.txt"
+    other.write_text("keep")
+    with pytest.raises(ConfigError, match="it is a regular file, not a socket"):
+        Server._listen(str(other))
+    assert other.read_text() == "keep"

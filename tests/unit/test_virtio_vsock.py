@@ -4,6 +4,7 @@ tiny poll loop standing in for the machine's event loop (no KVM)."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -502,9 +503,19 @@ def test_uds_path_that_cannot_listen_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot listen .*already there"):
         make_vsock(Loop(), d.replace(uds_path=str(tmp_path / "live.sock")))
     live.close()                                 # now stale: replaced
-    make_vsock(Loop(), d.replace(uds_path=str(tmp_path / "live.sock")))[1].close()
+    from tests.unit.bounded import umask
+
+    with umask(0):
+        _, muxer = make_vsock(Loop(), d.replace(uds_path=str(tmp_path / "live.sock")))
+    assert os.stat(tmp_path / "live.sock").st_mode & 0o777 == 0o600   # private whatever the umask
+    muxer.close()
     (tmp_path / "file").write_text("x")          # not a socket: never replaced
     d = d.replace(uds_path=str(tmp_path / "file"))
-    with pytest.raises(ConfigError, match="cannot listen"):
+    with pytest.raises(ConfigError, match="cannot listen .*it is a regular file, not a socket"):
         make_vsock(Loop(), d)
     assert (tmp_path / "file").read_text() == "x"
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, what in (("fifo", "a FIFO"), ("dir", "a directory")):
+        with pytest.raises(ConfigError, match=f"cannot listen .*it is {what}, not a socket"):
+            make_vsock(Loop(), d.replace(uds_path=str(tmp_path / name)))

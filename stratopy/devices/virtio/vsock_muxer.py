@@ -494,23 +494,16 @@ def unix_listen(path: str):
     there (nobody accepts on it) is replaced; a live one (another VM's) or
     any other file is an OSError."""
     import os
-    import stat
 
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            try:
-                unix_connect(path).close()
-            except ConnectionRefusedError:
-                os.unlink(path)
-            except OSError:
-                pass                      # bind() below names the problem
-            else:
-                raise OSError(errno.EADDRINUSE, "a listener is already there")
-    except FileNotFoundError:
-        pass
+    from stratopy import files
+
+    files.free_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
+        # private whatever the umask, before anyone can connect (as the QMP
+        # and chardev sockets: stratopy.qmp.listen)
+        os.chmod(path, 0o600)
         sock.listen(64)
     except OSError:
         sock.close()
