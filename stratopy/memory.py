@@ -58,6 +58,20 @@ class Region(Record):
         return addr
 
 
+def _close_all(regions: list) -> None:
+    for r in regions:
+        r.mm.close()
+
+
+def _map_failed(what: str, layout: list[tuple[int, int]], e: OSError) -> StratoError:
+    """One line for a guest RAM mapping the host refuses: the size asked is
+    below the host's RAM (checked earlier) but the address-space limit
+    (ulimit -v), overcommit policy or a memory cgroup says no."""
+    total = sum(size for _, size in layout)
+    hint = " (address-space limit, ulimit -v, or overcommit policy?)" if e.errno == 12 else ""
+    return StratoError(f"{what}: cannot map {total >> 20} MiB of guest memory: {e.strerror}{hint}")
+
+
 class GuestMemory:
     """Guest RAM as a list of non-overlapping regions, sorted by address.
 
@@ -83,8 +97,12 @@ class GuestMemory:
         regions, off = [], 0
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
         for gpa, size in layout:
-            mm = mmap.mmap(-1, size, flags=flags,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                mm = mmap.mmap(-1, size, flags=flags,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                _close_all(regions)
+                raise _map_failed("-m", layout, e) from None
             regions.append(Region(gpa, size, mm, off))
             off += size
         return cls(regions)
@@ -189,8 +207,12 @@ class GuestMemory:
             return mem
         regions, off = [], 0
         for gpa, size in layout:
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base + off)
+            try:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base + off)
+            except OSError as e:
+                _close_all(regions)
+                raise _map_failed("the template's memory", layout, e) from None
             regions.append(Region(gpa, size, mm, off))
             off += size
         return cls(regions)

@@ -134,6 +134,14 @@ def test_memory_above_host_ram_is_one_line(guests):
              "-m", "more than this host's RAM")
 
 
+def test_memory_the_address_space_limit_refuses_is_one_line(guests):
+    # 8 GiB is below this host's RAM (so the early check passes) but above
+    # the child's 4 GiB RLIMIT_AS: mmap fails with ENOMEM, which used to be a
+    # traceback out of GuestMemory.anonymous.
+    _refused(["-kernel", guests["serial_hello"], "-m", "8G", "-serial", "stdio"],
+             "-m", "cannot map 8192 MiB of guest memory", "ulimit -v")
+
+
 def test_non_utf8_arguments_and_newlines_are_one_line(guests):
     hello = guests["serial_hello"]
     base = ["-kernel", hello, "-m", "64", "-serial", "stdio"]
