@@ -32,7 +32,7 @@ TIMEOUT = 30.0
 SANDBOX = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 UUID = "6f03e56e-efa1-4f0f-9b8f-492cf1824c83"
 MAC = "02:42:ac:11:00:02"
-TAP = "ktap0"
+TAP = f"ktap{os.getpid() % 100000}"  # per run: two suites at once must not share a tap
 KATA_APPEND = ("poll=16 root=/dev/vda rootflags=data=ordered,errors=remount-ro ro "
                "rootfstype=ext4 reboot=k panic=1 net.ifnames=0 ramdom.trust_cpu=on "
                "pci=off iommu=off acpi=off quiet 8250.nr_uarts=0 agent.log_vport=1025")
