@@ -190,21 +190,40 @@ class MicroVm:
         slot.device, slot.backend = device, backend
         slot.transport = VirtioMmioTransport(device, self.mem, self._irq_callable(slot.irq))
         fds = []
+        # a kernel data path (vhost): those queues' kicks are the kernel's
+        kernel_queues = getattr(device, "kernel_queues", ())
         # One ioeventfd per queue on QueueNotify (datamatch = queue index): the
-        # guest's notify write is absorbed by KVM and wakes the device thread.
+        # guest's notify write is absorbed by KVM and wakes the device thread
+        # (or, for a kernel queue, the vhost worker: we must not read it).
         for q in range(len(device.queue_sizes)):
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._eventfds.append(efd)
             self.vm.register_ioeventfd(efd, slot.base + 0x50, 4, datamatch=q)
-            self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
+            if q in kernel_queues:
+                device.kick_fds[q] = efd
+            else:
+                self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
+        for q, call_fd in zip(kernel_queues, getattr(backend, "call_fds", ())):
+            # the kernel used buffers of queue q: the interrupt, with its status
+            self.loop.add_reader(call_fd, self._kernel_call_cb(call_fd, slot, q))
         if hasattr(device, "requeue"):
             # A device that served a bounded batch runs again through its
             # queue's ioeventfd: behind the other fds already ready.
             device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
         if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
+
+    @staticmethod
+    def _kernel_call_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:
+        def cb() -> None:
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:
+                return
+            slot.transport.signal_used(q)
+        return cb
 
     @staticmethod
     def _notify_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:
@@ -544,13 +563,25 @@ class MicroVm:
 
     def pause(self) -> None:
         self.pause_vcpus()
+        self._kernel_devices("pause")
         self.state = VmState.PAUSED
         self.event_sink("STOP", {})
 
     def resume(self) -> None:
+        self._kernel_devices("resume")
         self.resume_vcpus()
         self.state = VmState.RUNNING
         self.event_sink("RESUME", {})
+
+    def _kernel_devices(self, what: str) -> None:
+        """Pause/resume the devices whose data path is the kernel's (vhost):
+        a paused VM's memory must not change behind it."""
+        for slot in self.slots:
+            if getattr(slot.device, "kernel_queues", ()):
+                try:
+                    getattr(slot.device, what)()
+                except StratoError as e:
+                    slot.transport.mark_broken(f"{slot.device.label}: {e}")
 
     def teardown(self) -> None:
         """Stop vCPUs, close every fd and mapping. Idempotent."""
