@@ -432,3 +432,16 @@ def test_kata_vhost_vsock_line_is_parsed():
 def test_bad_vhost_vsock_options_are_refused(args, text):
     with pytest.raises(ConfigError, match=text):
         parse_args(K + args)
+
+
+def test_vhostfd_is_checked_before_the_monitor_opens_its_own_fds(tmp_path):
+    """fd 5 not passed by the parent: the one line says so (by the time
+    devices are built, 5 would be one of the monitor's own fds)."""
+    from tests import harness
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\0" * 4096)
+    harness.refused(["-kernel", str(kernel), "-device",
+                     "vhost-vsock-device,id=vsock-id,guest-cid=3,vhostfd=5"],
+                    "stratopy: -device: vhost-vsock-device 'vsock-id': "
+                    "vhostfd=5 is not an open file descriptor")
