@@ -445,3 +445,68 @@ def test_vhostfd_is_checked_before_the_monitor_opens_its_own_fds(tmp_path):
                      "vhost-vsock-device,id=vsock-id,guest-cid=3,vhostfd=5"],
                     "stratopy: -device: vhost-vsock-device 'vsock-id': "
                     "vhostfd=5 is not an open file descriptor")
+
+
+def test_machine_wires_the_kernel_queues_to_the_device(monkeypatch):
+    """The slot's QueueNotify ioeventfds of rx and tx are the kernel's kicks
+    (the device thread must not read them), the event queue's stays ours,
+    the call eventfds are read by the device thread; pause/resume reach
+    the device; teardown closes the backend."""
+    from stratopy.machine import slots as slotmod
+    from stratopy.machine.microvm import MicroVm
+
+    fake = FakeVhost()
+    monkeypatch.setattr(VhostVsock, "open", classmethod(
+        lambda cls, vhostfd: VhostVsock(fake.fd, owned=False, ioctl=fake)))
+
+    class FakeVm:
+        def __init__(self):
+            self.ioeventfds = []
+
+        def register_ioeventfd(self, efd, addr, length, datamatch=None):
+            self.ioeventfds.append((efd, addr, length, datamatch))
+
+        def irq_pulse(self, gsi):
+            return lambda: None
+
+        def close(self):
+            pass
+
+    config = parse_args(["-kernel", "/k", "-device", "vhost-vsock-device,id=v,guest-cid=3"])
+    vm = MicroVm(config)
+    vm.vm, vm.mem = FakeVm(), GuestMemory.anonymous([(0, 1 << 20)])
+    vm.slots = slotmod.plan_slots(config)
+    slot = next(s for s in vm.slots if s.config is not None and s.config.driver == VHOST_VSOCK)
+    try:
+        vm._plug(slot)
+        dev, backend = slot.device, slot.backend
+        assert isinstance(dev, VhostVsockDevice) and backend.call_fds
+        n0, n1, n2 = slot.notify_fds
+        assert vm.vm.ioeventfds == [(n0, slot.base + 0x50, 4, 0), (n1, slot.base + 0x50, 4, 1),
+                                    (n2, slot.base + 0x50, 4, 2)]
+        assert dev.kick_fds == {0: n0, 1: n1}
+        watched = set(vm.loop.sel.get_map())
+        assert n2 in watched and set(backend.call_fds) <= watched
+        assert n0 not in watched and n1 not in watched
+        vm._kernel_devices("pause")
+        assert dev.paused
+        vm._kernel_devices("resume")
+        assert not dev.paused
+    finally:
+        vm.teardown()
+    assert backend.call_fds == () and backend.fd == -1
+
+
+def test_a_clone_whose_kernel_offers_less_than_the_guest_acked_is_refused(kicks):
+    """The template's guest acked SEQPACKET; this host's vhost-vsock lacks it."""
+    class OldKernel(FakeVhost):
+        def __call__(self, fd, request, arg):
+            ret = super().__call__(fd, request, arg)
+            if NAMES[request] == "VHOST_GET_FEATURES":
+                arg._obj.value = 1 << VIRTIO_F_VERSION_1
+            return ret
+    dev, backend, _ = make(kicks, fake=OldKernel())
+    st = VhostVsockState(guest_cid=3, acked_features=(1 << VIRTIO_F_VERSION_1) | (1 << 1))
+    with pytest.raises(TemplateError, match="acked_features"):
+        dev.restore(st)
+    backend.close()
