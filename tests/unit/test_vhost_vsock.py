@@ -488,10 +488,12 @@ def test_machine_wires_the_kernel_queues_to_the_device(monkeypatch):
         watched = set(vm.loop.sel.get_map())
         assert n2 in watched and set(backend.call_fds) <= watched
         assert n0 not in watched and n1 not in watched
-        vm._kernel_devices("pause")
+        events = []
+        vm.event_sink = lambda name, data: events.append(name)
+        vm.pause()                     # QMP stop, and migrate's own pause
         assert dev.paused
-        vm._kernel_devices("resume")
-        assert not dev.paused
+        vm.resume()
+        assert not dev.paused and events == ["STOP", "RESUME"]
     finally:
         vm.teardown()
     assert backend.call_fds == () and backend.fd == -1
