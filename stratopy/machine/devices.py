@@ -158,3 +158,21 @@ def make_vhost_vsock(d: cfgmod.DeviceConfig):
     except VhostError as e:
         raise ConfigError("-device", f"{cfgmod.VHOST_VSOCK} '{d.id}': {e}") from None
     return VhostVsockDevice(d.guest_cid, backend), backend
+
+
+def kernel_call_cb(efd: int, slot, q: int):
+    """The reader of a kernel queue's call eventfd: the kernel used buffers
+    of queue ``q``; the slot's interrupt, with InterruptStatus set."""
+    def cb() -> None:
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        slot.transport.signal_used(q)
+    return cb
+
+
+def watch_kernel_calls(loop, slot) -> None:
+    """The device thread reads the call eventfds of a vhost device's queues."""
+    for q, call_fd in zip(slot.device.kernel_queues, slot.backend.call_fds):
+        loop.add_reader(call_fd, kernel_call_cb(call_fd, slot, q))

@@ -205,25 +205,15 @@ class MicroVm:
                 self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
-        for q, call_fd in zip(kernel_queues, getattr(backend, "call_fds", ())):
-            # the kernel used buffers of queue q: the interrupt, with its status
-            self.loop.add_reader(call_fd, self._kernel_call_cb(call_fd, slot, q))
+        if kernel_queues:
+            from stratopy.machine.devices import watch_kernel_calls
+            watch_kernel_calls(self.loop, slot)
         if hasattr(device, "requeue"):
             # A device that served a bounded batch runs again through its
             # queue's ioeventfd: behind the other fds already ready.
             device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
         if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
-
-    @staticmethod
-    def _kernel_call_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:
-        def cb() -> None:
-            try:
-                os.eventfd_read(efd)
-            except BlockingIOError:
-                return
-            slot.transport.signal_used(q)
-        return cb
 
     @staticmethod
     def _notify_cb(efd: int, slot: Slot, q: int) -> Callable[[], None]:

@@ -224,7 +224,7 @@ def test_the_call_eventfd_raises_the_slot_interrupt_with_its_status(kicks):
     """The kernel writes a queue's call eventfd; the machine's reader sets
     InterruptStatus and raises the interrupt (an irqfd alone would leave
     the status 0 and Linux's virtio_mmio would ignore it)."""
-    from stratopy.machine.microvm import MicroVm
+    from stratopy.machine.devices import kernel_call_cb
 
     dev, backend, fake = make(kicks)
     drv = Driver(dev)
@@ -233,7 +233,7 @@ def test_the_call_eventfd_raises_the_slot_interrupt_with_its_status(kicks):
     class Slot:
         transport = drv.t
     irqs = drv.irqs
-    cb = MicroVm._kernel_call_cb(backend.call_fds[0], Slot, 0)
+    cb = kernel_call_cb(backend.call_fds[0], Slot, 0)
     cb()                                          # nothing written: nothing raised
     assert drv.irqs == irqs
     os.eventfd_write(backend.call_fds[0], 1)      # what the kernel's vhost worker does
