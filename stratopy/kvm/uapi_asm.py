@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ctypes import (
     Structure, Union,
-    c_char, c_int32, c_int64, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p,
+    c_char, c_int32, c_int64, c_uint8, c_uint16, c_uint32, c_uint64,
 )
 
 u8, u16, u32, u64 = c_uint8, c_uint16, c_uint32, c_uint64

@@ -29,7 +29,7 @@ from stratopy.devices.virtio.vhost import VhostError, VhostVsock
 from stratopy.devices.virtio.vhost_vsock import VhostVsockDevice, VhostVsockState
 from stratopy.errors import ConfigError, TemplateError
 from stratopy.memory import GuestMemory
-from tests.unit.virtio_driver import DATA_BASE, Driver
+from tests.unit.virtio_driver import Driver
 
 ABI_C = Path(__file__).with_name("vhost_abi.c")
 
