@@ -142,6 +142,21 @@ def _check_host(config) -> None:
         files.check_drives(config.drives)
 
 
+def _check_inherited_fds(config) -> None:
+    """A ``vhostfd=N`` is checked before the monitor opens a file of its own:
+    a number the parent did not pass would otherwise name one of ours (the
+    signal pipe, a KVM fd) by the time the device is built."""
+    for d in config.devices:
+        if getattr(d, "vhostfd", None) is not None:
+            from stratopy.devices.virtio.vhost import VhostError, check_vhost_vsock_fd
+            from stratopy.errors import ConfigError
+
+            try:
+                check_vhost_vsock_fd(d.vhostfd, f"vhostfd={d.vhostfd}")
+            except VhostError as e:
+                raise ConfigError("-device", f"{d.driver} '{d.id}': {e}") from None
+
+
 def _config_summary(config) -> str:
     mib = config.mem_size // (1024 * 1024)
     devs = ",".join(f"{d.driver}:{d.id}" for d in config.devices) or "none"
@@ -219,6 +234,7 @@ def run(argv: list[str]) -> int:
         print(h.text)
         return 0
 
+    _check_inherited_fds(config)
     daemon = None
     if config.daemonize:
         from stratopy.daemon import Daemonizer

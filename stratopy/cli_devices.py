@@ -36,6 +36,7 @@ from stratopy.config import (
     RngObjectConfig,
     SERIAL,
     VSOCK,
+    VHOST_VSOCK,
 )
 from stratopy.errors import ConfigError
 
@@ -202,8 +203,6 @@ _UNSUPPORTED_DEVICE_HINT = {
 def _parse_device(text: str) -> tuple[str, _Props]:
     o = "-device"
     driver, p = _typed(o, text, "device driver")
-    if driver == "vhost-vsock-device":
-        _refuse_vsock(p)
     if driver not in DEVICE_DRIVERS:
         if driver in _UNSUPPORTED_DEVICE_HINT:
             reason = _UNSUPPORTED_DEVICE_HINT[driver]
@@ -240,24 +239,6 @@ def _guest_cid(p: _Props) -> int:
     return _int("-device", "guest-cid", p.need("guest-cid"), 3, (1 << 32) - 2)   # 0-2 are reserved
 
 
-def _refuse_vsock(p: _Props) -> None:
-    """``vhost-vsock-device,id=ID,guest-cid=N[,vhostfd=FD]`` (what Kata
-    starts) is understood, checked, then refused: the kernel's vhost-vsock
-    data path is not implemented, and the VM must not start without the one
-    channel Kata's agent talks over. The userspace back-end is
-    ``virtio-vsock-device`` (_build_devices)."""
-    o = "-device"
-    dev_id = _id(o, "vhost-vsock-device", p.need("id"))
-    cid = _guest_cid(p)
-    vhostfd = p.take("vhostfd")
-    if vhostfd is not None:
-        _tap_fd(o, "vhostfd", vhostfd)
-    p.finish()
-    raise ConfigError(o, f"vhost-vsock-device '{dev_id}' (guest-cid={cid}): the kernel vhost-vsock "
-                         "back-end is not implemented; use virtio-vsock-device,id=,guest-cid=,"
-                         "uds-path=PATH (userspace, over unix sockets)")
-
-
 def _mac(value: str) -> str:
     if not _MAC.fullmatch(value):
         raise ConfigError("-device", f"{NET}: mac '{value}' is malformed (use xx:xx:xx:xx:xx:xx)")
@@ -276,6 +257,8 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
     ids: set[str] = set()
     serial_bus: str | None = None  # id of the virtio-serial-device
     serial_port: DeviceConfig | None = None  # its virtconsole
+    # inherited fds the netdevs already take (a vhostfd must be another one)
+    fds_in_use = {fd for nd in netdevs.values() for fd in (nd.fd, *nd.extra_fds) if fd is not None}
 
     for index, text in enumerate(texts):
         driver, p = _parse_device(text)
@@ -344,9 +327,23 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
             cid = _guest_cid(p)
             uds = _sock_path(o, "uds-path", p.need("uds-path"))
             p.finish()
-            if any(d.driver == VSOCK for d in devices):
+            if any(d.driver in (VSOCK, VHOST_VSOCK) for d in devices):
                 raise ConfigError(o, f"{who}: only one vsock device is supported")
             devices.append(DeviceConfig(driver=VSOCK, id=dev_id, guest_cid=cid, uds_path=uds))
+        elif driver == VHOST_VSOCK:
+            # StratoVirt's vhost-vsock-device,id=,guest-cid=[,vhostfd=]: the
+            # kernel's data path on /dev/vhost-vsock or the inherited fd
+            # (Kata's); opened and checked when the machine is built
+            cid = _guest_cid(p)
+            raw_fd = p.take("vhostfd")
+            vhostfd = None if raw_fd is None else _tap_fd(o, "vhostfd", raw_fd)
+            p.finish()
+            if any(d.driver in (VSOCK, VHOST_VSOCK) for d in devices):
+                raise ConfigError(o, f"{who}: only one vsock device is supported")
+            if vhostfd is not None and vhostfd in fds_in_use:
+                raise ConfigError(o, f"{who}: vhostfd={vhostfd} is also a -netdev tap fd")
+            devices.append(DeviceConfig(driver=VHOST_VSOCK, id=dev_id, guest_cid=cid,
+                                        vhostfd=vhostfd))
         elif driver == BALLOON:
             # StratoVirt: deflate-on-oom / free-page-reporting, default off;
             # one balloon per VM

@@ -33,7 +33,9 @@ BALLOON = "virtio-balloon-device"
 #: userspace virtio-vsock over unix sockets (StratoVirt's naming: virtio-X-device
 #: is emulated by the monitor, vhost-X the kernel's; see cli_devices._parse_vsock)
 VSOCK = "virtio-vsock-device"
-DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, VSOCK, BALLOON)
+#: virtio-vsock whose data path is the kernel's vhost-vsock (what Kata starts)
+VHOST_VSOCK = "vhost-vsock-device"
+DEVICE_DRIVERS = (BLK, NET, SERIAL, CONSOLE, RNG, VSOCK, VHOST_VSOCK, BALLOON)
 
 
 class _Frozen(Record):
@@ -202,6 +204,8 @@ class DeviceConfig(_Frozen):
                               ``period`` (ms): the rate limit, both or neither
     ``virtio-vsock-device``   ``guest_cid`` (3..2^32-2), ``uds_path`` (the
                               host-side unix socket, Firecracker's uds_path)
+    ``vhost-vsock-device``    ``guest_cid``, ``vhostfd`` (an inherited fd of
+                              /dev/vhost-vsock, or None: open it)
     ``virtio-balloon-device`` ``deflate_on_oom``, ``free_page_reporting``
                               (bools: the features offered)
     ========================  ===============================================
@@ -215,7 +219,7 @@ class DeviceConfig(_Frozen):
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
                  "max_bytes", "period", "guest_cid", "uds_path", "deflate_on_oom",
-                 "free_page_reporting")
+                 "free_page_reporting", "vhostfd")
 
     def __init__(
             self,
@@ -234,6 +238,7 @@ class DeviceConfig(_Frozen):
             uds_path: str | None = None,
             deflate_on_oom: bool = False,
             free_page_reporting: bool = False,
+            vhostfd: int | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -250,6 +255,7 @@ class DeviceConfig(_Frozen):
         _set(self, "uds_path", uds_path)
         _set(self, "deflate_on_oom", deflate_on_oom)
         _set(self, "free_page_reporting", free_page_reporting)
+        _set(self, "vhostfd", vhostfd)
 
 
 class QmpConfig(_Frozen):

@@ -19,7 +19,9 @@ Policy (``ALLOWED`` and ``_arg_rules()`` below: the one place to extend):
 - the calls the monitor and the Python runtime make after start-up (I/O,
   memory, threads, signals, polling, sockets the QMP server accepts, the
   file-system calls a template write makes) are allowed;
-- ``ioctl`` only for KVM (type 0xAE), tty/tun/FIO* (type 'T'), file-system
+- ``ioctl`` only for KVM (type 0xAE), vhost (0xAF: vhost-vsock's data path
+  is handed to the kernel when the guest driver starts the device, after
+  start-up), tty/tun/FIO* (type 'T'), file-system
   (type 'f', e.g. fs-verity) and FICLONE (0x94) requests, never TIOCSTI or
   TIOCLINUX (they inject input into a terminal);
 - ``clone`` only for threads (CLONE_THREAD); ``clone3`` gets ENOSYS (its
@@ -84,7 +86,7 @@ def _arg_lo(i: int) -> int:
 CLONE_THREAD = 0x00010000
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-IOCTL_TYPES = (0xAE, 0x54, 0x66, 0x94)      # KVM, 'T' (tty, tun, FIO*), 'f', FICLONE
+IOCTL_TYPES = (0xAE, 0xAF, 0x54, 0x66, 0x94)  # KVM, vhost, 'T' (tty, tun, FIO*), 'f', FICLONE
 # thread names (PR_SET_NAME, PR_GET_NAME) and glibc's names of anonymous
 # mappings (PR_SET_VMA); not PR_SET_PTRACER, PR_SET_DUMPABLE, ...
 PRCTL_OPTIONS = (15, 16, 0x53564D41)

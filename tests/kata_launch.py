@@ -32,8 +32,13 @@ def open_queues(name: str, n: int) -> list[int]:
 
 def main() -> None:
     name, n, sep, *argv = sys.argv[1:]
+    vhost_path = None
+    if sep == "--vhostfd":
+        vhost_path, sep, *argv = argv
     assert sep == "--" and argv, __doc__
     fds = open_queues(name, int(n))
+    if vhost_path is not None:
+        fds.append(os.open(vhost_path, os.O_RDWR))
     # move them out of the way first, then to 3, 4, ... inheritable
     high = [os.dup(fd) for fd in fds]
     for fd in fds:

@@ -1,14 +1,9 @@
-"""ioctl(2) for KVM: request-number encoding and the single ioctl entry point.
+"""ioctl(2) for KVM: KVMIO and the KVM ioctl entry point.
 
-The encoding mirrors ``include/uapi/asm-generic/ioctl.h`` (which x86 uses):
-
-    bits  0..7   nr
-    bits  8..15  type   (KVMIO = 0xAE for every KVM ioctl)
-    bits 16..29  size   (14 bits: sizeof the argument struct)
-    bits 30..31  dir    (_IOC_WRITE = 1: user -> kernel, _IOC_READ = 2)
-
-``ioctl(fd, request, arg=0, *, op=None)`` is the only function in stratopy
-that issues an ioctl.  ``arg`` is an int (passed as-is, e.g. a vCPU id or a
+The request-number encoding (``_IO``/``_IOR``/``_IOW``/``_IOWR``) is shared
+with tap and vhost and lives in :mod:`stratopy.ioctl_codes`; it is
+re-exported here. Every KVM ioctl goes through
+``ioctl(fd, request, arg=0, *, op=None)``.  ``arg`` is an int (passed as-is, e.g. a vCPU id or a
 capability number), ``None``, or a pointer-like ctypes object such as
 ``ctypes.byref(struct)``, ``ctypes.addressof(...)`` or a ctypes array.  A raw
 Structure instance is *not* accepted: wrap it in ``ctypes.byref``.
@@ -22,9 +17,18 @@ way a signal / ``immediate_exit`` kicks a vCPU out, so the caller decides.
 
 from __future__ import annotations
 
-import ctypes
-
 from stratopy.errors import KvmError
+
+# The encoding is not KVM's alone: it lives in stratopy.ioctl_codes (tap and
+# vhost use it too); re-exported here for the KVM modules and their tests.
+from stratopy.ioctl_codes import (  # noqa: F401
+    _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS, _IOC_DIRBITS,
+    _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT,
+    _IOC_NONE, _IOC_WRITE, _IOC_READ,
+    _IOC, _IO, _IOR, _IOW, _IOWR,
+    _IOC_DIR, _IOC_TYPE, _IOC_NR, _IOC_SIZE,
+    get_errno as _get_errno, libc_ioctl as _libc_ioctl,
+)
 
 __all__ = [
     "_IOC_NRBITS", "_IOC_TYPEBITS", "_IOC_SIZEBITS", "_IOC_DIRBITS",
@@ -35,82 +39,7 @@ __all__ = [
     "KVMIO", "ioctl", "ioctl_name",
 ]
 
-_IOC_NRBITS = 8
-_IOC_TYPEBITS = 8
-_IOC_SIZEBITS = 14
-_IOC_DIRBITS = 2
-
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS        # 8
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS    # 16
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS     # 30
-
-_IOC_NONE = 0
-_IOC_WRITE = 1
-_IOC_READ = 2
-
 KVMIO = 0xAE
-
-
-def _IOC(dir: int, type: int, nr: int, size: int) -> int:
-    if not 0 <= size < (1 << _IOC_SIZEBITS):
-        raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
-    if not 0 <= nr < (1 << _IOC_NRBITS) or not 0 <= type < (1 << _IOC_TYPEBITS):
-        raise ValueError(f"ioctl type/nr out of range: {type:#x}/{nr:#x}")
-    return ((dir << _IOC_DIRSHIFT) | (type << _IOC_TYPESHIFT)
-            | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT))
-
-
-def _sizeof(t) -> int:
-    """``t`` is a ctypes type (like the kernel's struct argument) or a byte count."""
-    return t if isinstance(t, int) else ctypes.sizeof(t)
-
-
-def _IO(type: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, type, nr, 0)
-
-
-def _IOR(type: int, nr: int, argtype) -> int:
-    return _IOC(_IOC_READ, type, nr, _sizeof(argtype))
-
-
-def _IOW(type: int, nr: int, argtype) -> int:
-    return _IOC(_IOC_WRITE, type, nr, _sizeof(argtype))
-
-
-def _IOWR(type: int, nr: int, argtype) -> int:
-    return _IOC(_IOC_READ | _IOC_WRITE, type, nr, _sizeof(argtype))
-
-
-def _IOC_DIR(nr: int) -> int:
-    return (nr >> _IOC_DIRSHIFT) & ((1 << _IOC_DIRBITS) - 1)
-
-
-def _IOC_TYPE(nr: int) -> int:
-    return (nr >> _IOC_TYPESHIFT) & ((1 << _IOC_TYPEBITS) - 1)
-
-
-def _IOC_NR(nr: int) -> int:
-    return (nr >> _IOC_NRSHIFT) & ((1 << _IOC_NRBITS) - 1)
-
-
-def _IOC_SIZE(nr: int) -> int:
-    return (nr >> _IOC_SIZESHIFT) & ((1 << _IOC_SIZEBITS) - 1)
-
-
-# --- the one ioctl -----------------------------------------------------------
-
-# The C library's ioctl, from the symbols already loaded into this process
-# (dlopen(NULL), as daemon.py does): ctypes.util.find_library("c") would run
-# ldconfig in a subprocess at every start.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc_ioctl = _libc.ioctl
-# int ioctl(int fd, unsigned long request, ...): on x86_64 a pointer or an
-# integer argument travels in the same register, so c_void_p covers both
-# (ints up to 2**64-1, None, byref(), arrays, pointers).
-_libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_libc_ioctl.restype = ctypes.c_int
-_get_errno = ctypes.get_errno
 
 _names: dict[int, str] | None = None
 

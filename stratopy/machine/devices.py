@@ -116,6 +116,8 @@ def make_device(machine, slot):
         return NetDevice(tap, mac=mac_bytes(d.mac)), tap
     if d.driver == cfgmod.VSOCK:
         return make_vsock(machine.loop, d)
+    if d.driver == cfgmod.VHOST_VSOCK:
+        return make_vhost_vsock(d)
     if d.driver == cfgmod.BALLOON:
         from stratopy.devices.virtio.balloon import BalloonDevice
 
@@ -142,3 +144,35 @@ def make_vsock(loop, d: cfgmod.DeviceConfig):
                                      f"{d.uds_path}: {e.strerror}") from None
     muxer = VsockMuxer(d.uds_path, listener, loop.watch, unix_connect, device_thread_timer(loop))
     return VsockDevice(d.guest_cid, muxer), muxer
+
+
+def make_vhost_vsock(d: cfgmod.DeviceConfig):
+    """The kernel vhost-vsock device on /dev/vhost-vsock or the inherited
+    ``vhostfd`` (the backend: closing it closes the fd and the call
+    eventfds); ConfigError in one line when neither is a usable device."""
+    from stratopy.devices.virtio.vhost import VhostError, VhostVsock
+    from stratopy.devices.virtio.vhost_vsock import VhostVsockDevice
+
+    try:
+        backend = VhostVsock.open(d.vhostfd)
+    except VhostError as e:
+        raise ConfigError("-device", f"{cfgmod.VHOST_VSOCK} '{d.id}': {e}") from None
+    return VhostVsockDevice(d.guest_cid, backend), backend
+
+
+def kernel_call_cb(efd: int, slot, q: int):
+    """The reader of a kernel queue's call eventfd: the kernel used buffers
+    of queue ``q``; the slot's interrupt, with InterruptStatus set."""
+    def cb() -> None:
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        slot.transport.signal_used(q)
+    return cb
+
+
+def watch_kernel_calls(loop, slot) -> None:
+    """The device thread reads the call eventfds of a vhost device's queues."""
+    for q, call_fd in zip(slot.device.kernel_queues, slot.backend.call_fds):
+        loop.add_reader(call_fd, kernel_call_cb(call_fd, slot, q))

@@ -190,15 +190,24 @@ class MicroVm:
         slot.device, slot.backend = device, backend
         slot.transport = VirtioMmioTransport(device, self.mem, self._irq_callable(slot.irq))
         fds = []
+        # a kernel data path (vhost): those queues' kicks are the kernel's
+        kernel_queues = getattr(device, "kernel_queues", ())
         # One ioeventfd per queue on QueueNotify (datamatch = queue index): the
-        # guest's notify write is absorbed by KVM and wakes the device thread.
+        # guest's notify write is absorbed by KVM and wakes the device thread
+        # (or, for a kernel queue, the vhost worker: we must not read it).
         for q in range(len(device.queue_sizes)):
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._eventfds.append(efd)
             self.vm.register_ioeventfd(efd, slot.base + 0x50, 4, datamatch=q)
-            self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
+            if q in kernel_queues:
+                device.kick_fds[q] = efd
+            else:
+                self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
             fds.append(efd)
         slot.notify_fds = tuple(fds)
+        if kernel_queues:
+            from stratopy.machine.devices import watch_kernel_calls
+            watch_kernel_calls(self.loop, slot)
         if hasattr(device, "requeue"):
             # A device that served a bounded batch runs again through its
             # queue's ioeventfd: behind the other fds already ready.
@@ -544,13 +553,25 @@ class MicroVm:
 
     def pause(self) -> None:
         self.pause_vcpus()
+        self._kernel_devices("pause")
         self.state = VmState.PAUSED
         self.event_sink("STOP", {})
 
     def resume(self) -> None:
+        self._kernel_devices("resume")
         self.resume_vcpus()
         self.state = VmState.RUNNING
         self.event_sink("RESUME", {})
+
+    def _kernel_devices(self, what: str) -> None:
+        """Pause/resume the devices whose data path is the kernel's (vhost):
+        a paused VM's memory must not change behind it."""
+        for slot in self.slots:
+            if getattr(slot.device, "kernel_queues", ()):
+                try:
+                    getattr(slot.device, what)()
+                except StratoError as e:
+                    slot.transport.mark_broken(f"{slot.device.label}: {e}")
 
     def teardown(self) -> None:
         """Stop vCPUs, close every fd and mapping. Idempotent."""

@@ -105,6 +105,13 @@ def parse_server_args(argv: list[str]):
         raise ConfigError("-netdev" if config.netdevs else "-chardev",
                           "per-clone taps and console chardevs are not served yet "
                           "(a template with -netdev/-chardev needs stratopy -incoming)")
+    for d in config.devices:
+        if d.driver == "vhost-vsock-device":
+            # pool members are restored before a request names them: each
+            # would take the template's guest-cid, which the kernel gives one VM
+            raise ConfigError("-device", f"vhost-vsock-device '{d.id}': every clone of the "
+                                         f"pool would take guest-cid {d.guest_cid} (a template "
+                                         f"with it needs stratopy -incoming)")
     if config.daemonize:
         raise ConfigError("-daemonize", "not with stratopy-server")
     return listen, pool, wait_ms / 1000.0, config

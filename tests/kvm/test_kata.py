@@ -3,14 +3,16 @@
 
 The kernel is the freestanding ``counter`` guest (it runs without a
 console; Kata's non-debug command line has no serial device) and the tap
-queues are inherited as fds 3 and 4, opened by tests/kata_launch.py inside a
-private network namespace, as Kata's ExtraFiles are. Replaced, and why:
-``-device vhost-vsock-device,id=vsock-id,guest-cid=3,vhostfd=5`` by the
-userspace ``virtio-vsock-device,id=vsock-id,guest-cid=3,uds-path=`` (the
-kernel vhost-vsock back-end is not implemented: that option is refused in
-one line, checked below; the userspace one is tested end to end in
-tests/e2e/test_6_vsock.py). Left out: ``-initrd`` (Kata passes it instead of
-the rootfs drive). The VM ends with SIGKILL, as Kata ends it.
+queues are inherited as fds 3 and 4 and the vhost-vsock fd as 5, opened by
+tests/kata_launch.py inside a private network namespace, as Kata's
+ExtraFiles are. ``-device vhost-vsock-device,id=vsock-id,guest-cid=3,
+vhostfd=5`` is kept verbatim where the host has /dev/vhost-vsock; this one
+has none (nor kernel modules): there the same line must get one line (fd 5
+not open, fd 5 not vhost-vsock), and the rest of Kata's line runs with the
+userspace ``virtio-vsock-device,id=vsock-id,guest-cid=3,uds-path=`` instead
+(tested end to end in tests/e2e/test_6_vsock.py). Left out: ``-initrd``
+(Kata passes it instead of the rootfs drive). The VM ends with SIGKILL, as
+Kata ends it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -80,17 +83,65 @@ def qmp_connect(path: str, vm: harness.Vm) -> harness.Qmp:
             time.sleep(0.05)
 
 
-def test_kata_vsock_is_refused_in_one_line(guests, tmp_path):
+VHOST_VSOCK = "/dev/vhost-vsock"
+
+
+def kata_refused(args: list[str], vhostfd_path: str | None, *needles: str) -> str:
+    """Kata's launch (taps at 3 and 4, ``vhostfd_path`` opened at 5) that
+    the monitor must refuse in one stderr line holding every needle."""
+    ns = netns.new_netns()
+    try:
+        extra = ["--vhostfd", vhostfd_path] if vhostfd_path else []
+        r = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m",
+                            "tests.kata_launch", TAP, "2", *extra, "--",
+                            sys.executable, "-m", "stratopy", *args],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=60, cwd=harness.REPO,
+                           env={**os.environ, "PYTHONPATH": harness.REPO + os.pathsep
+                                + os.environ.get("PYTHONPATH", "")})
+    finally:
+        ns.close()
+    assert r.returncode != 0 and r.stdout == "", r
+    assert "Traceback" not in r.stderr, r.stderr
+    # -D: StratoVirt-format log lines on stderr, and the one error line
+    errors = [ln for ln in r.stderr.splitlines() if ln and not harness.LOG_LINE.match(ln)]
+    assert len(errors) == 1, r.stderr
+    for n in needles:
+        assert n in errors[0], r.stderr
+    return errors[0]
+
+
+def test_kata_vhost_vsock_line(guests, tmp_path):
+    """The verbatim line with ``vhost-vsock-device,...,vhostfd=5``: runs
+    where the host has the kernel device; here, one line for each way fd 5
+    cannot be it (the rest of the line, taps included, was accepted)."""
     rootfs = tmp_path / "rootfs.img"
     rootfs.write_bytes(bytes(1 << 20))
-    harness.refused(kata_args(guests["counter"], str(tmp_path / "q.sock"), str(rootfs), vsock=True),
-                    "vhost-vsock-device", "vsock-id", "not implemented")
+    args = kata_args(guests["counter"], str(tmp_path / "q.sock"), str(rootfs), vsock=True)
+    if os.path.exists(VHOST_VSOCK):
+        run_kata(guests, tmp_path, "type=microvm,dump-guest-core=off", vhost=True)
+        return
+    kata_refused(args, None, "vhost-vsock-device 'vsock-id'",
+                 "vhostfd=5 is not an open file descriptor")
+    kata_refused(args, "/dev/null", "vhost-vsock-device 'vsock-id'",
+                 "vhostfd=5 is not /dev/vhost-vsock", "10:241")
+    # and without vhostfd= the monitor opens the device itself
+    args[args.index("vhost-vsock-device,id=vsock-id,guest-cid=3,vhostfd=5")] = \
+        "vhost-vsock-device,id=vsock-id,guest-cid=3"
+    kata_refused(args, None, "cannot open /dev/vhost-vsock: No such file or directory")
 
 
 # Kata adds mem-share=on when the sandbox shares files with virtio-fs
 @pytest.mark.parametrize("machine", ["type=microvm,dump-guest-core=off",
                                      "type=microvm,dump-guest-core=off,mem-share=on"])
 def test_kata_command_line_and_qmp_sequence(guests, tmp_path, machine):
+    run_kata(guests, tmp_path, machine, vhost=False)
+
+
+def run_kata(guests, tmp_path, machine: str, vhost: bool) -> None:
+    """Kata's launch and QMP sequence; ``vhost``: the verbatim
+    vhost-vsock-device on fd 5 = /dev/vhost-vsock (hosts that have it),
+    else the userspace vsock device."""
     rootfs = tmp_path / "rootfs.img"
     rootfs.write_bytes(bytes(1 << 20))
     hot = tmp_path / "hot.img"
@@ -100,10 +151,11 @@ def test_kata_command_line_and_qmp_sequence(guests, tmp_path, machine):
     ns = netns.new_netns()
     vm = None
     try:
+        extra = ["--vhostfd", VHOST_VSOCK] if vhost else []
         program = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "tests.kata_launch",
-                   TAP, "2", "--", sys.executable, "-m", "stratopy"]
+                   TAP, "2", *extra, "--", sys.executable, "-m", "stratopy"]
         vm = harness.Vm(kata_args(guests["counter"], qmp_path, str(rootfs), machine=machine,
-                                  vsock_uds=vsock_uds),
+                                  vsock=vhost, vsock_uds=None if vhost else vsock_uds),
                         qmp=False,
                         program=program, serial_stdio=False)
         q = qmp_connect(qmp_path, vm)
@@ -138,13 +190,17 @@ def test_kata_command_line_and_qmp_sequence(guests, tmp_path, machine):
             assert q.cmd("query-status")["return"]["status"] == "running"
         finally:
             q.close()
-        # the vsock device's host socket listens (the counter guest has no
-        # vsock driver: the CONNECT waits, unanswered, without harm)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(TIMEOUT)
-            s.connect(vsock_uds)
-            s.sendall(b"CONNECT 1024\n")
         pid = vm.proc.pid
+        if vhost:
+            # fd 5 is the kernel device the monitor drives
+            assert os.readlink(f"/proc/{pid}/fd/5") == VHOST_VSOCK
+        else:
+            # the vsock device's host socket listens (the counter guest has no
+            # vsock driver: the CONNECT waits, unanswered, without harm)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(TIMEOUT)
+                s.connect(vsock_uds)
+                s.sendall(b"CONNECT 1024\n")
         # -machine dump-guest-core=off: guest RAM out of core dumps
         ram = guest_ram_vma(pid, 64)
         assert "dd" in ram["flags"], ram

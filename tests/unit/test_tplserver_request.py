@@ -117,6 +117,8 @@ def test_adopt_backend_needs_the_same_drive_and_changes_nothing_the_guest_sees(t
     (["-listen", "unix:/s", "-kernel", "/k", "-incoming", "file:/t",
       "-netdev", "tap,id=n0,ifname=t0", "-device", "virtio-net-device,netdev=n0,id=n0"],
      "taps and console chardevs are not served yet"),
+    (["-listen", "unix:/s", "-kernel", "/k", "-incoming", "file:/t",
+      "-device", "vhost-vsock-device,id=v,guest-cid=3"], "every clone of the pool would take guest-cid 3"),
 ])
 def test_server_command_line_refusals(argv, why):
     from stratopy.errors import ConfigError

@@ -25,7 +25,7 @@ import os
 import struct
 
 from stratopy.errors import StratoError
-from stratopy.kvm.ioctl import _IOR, _IOW
+from stratopy.ioctl_codes import _IOR, _IOW
 
 TUN_PATH = "/dev/net/tun"
 
