@@ -143,9 +143,26 @@ def _check_host(config) -> None:
 
 
 def _check_inherited_fds(config) -> None:
-    """A ``vhostfd=N`` is checked before the monitor opens a file of its own:
-    a number the parent did not pass would otherwise name one of ours (the
-    signal pipe, a KVM fd) by the time the device is built."""
+    """A ``vhostfd=N`` and a tap's ``fd=``/``fds=`` are checked before the
+    monitor opens a file of its own: a number the parent did not pass would
+    otherwise name one of ours (the signal pipe, a KVM fd) by the time the
+    device is built, and the error would name the wrong thing."""
+    for nd in config.netdevs:
+        for fd in (nd.fd, *nd.extra_fds):
+            if fd is None:
+                continue
+            from stratopy.devices.virtio.tap import _tun_info
+            from stratopy.errors import ConfigError, StratoError
+
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise ConfigError("-netdev", f"tap '{nd.id}': fd {fd} is not open (the parent "
+                                             f"must pass it to the monitor)") from None
+            try:
+                _tun_info(fd)
+            except StratoError as e:
+                raise ConfigError("-netdev", f"tap '{nd.id}': {e}") from None
     for d in config.devices:
         if getattr(d, "vhostfd", None) is not None:
             from stratopy.devices.virtio.vhost import VhostError, check_vhost_vsock_fd

@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import stat
+import subprocess
 import sys
 import time
 
@@ -201,3 +202,22 @@ def test_log_lines_stay_one_line_each(guests, start_vm, tmp_path):
     lines = [ln for ln in log.read_text().splitlines() if ln]
     assert lines and all(LOG_LINE.match(ln) for ln in lines), lines
     assert any("kernel command line: first\\nsecond" in ln for ln in lines), lines
+
+
+# --- inherited tap fds ----------------------------------------------------------------
+
+
+def test_tap_fd_the_parent_did_not_pass_is_named(guests):
+    # fd 9 is not passed: checked before the monitor opens anything, so the
+    # line says so instead of describing one of the monitor's own fds.
+    net = ["-netdev", "tap,id=net0,fds=9", "-device", "virtio-net-device,netdev=net0,id=net0"]
+    _refused(_base(guests) + net + ["-serial", "stdio"],
+             "-netdev", "tap 'net0': fd 9 is not open")
+    # fd 9 passed but /dev/null (a shell opens it for the monitor): named as not a tap
+    r = subprocess.run(["sh", "-c", 'exec 9</dev/null; exec "$0" "$@"', sys.executable, "-m",
+                        "stratopy", *_base(guests), *net, "-serial", "stdio"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=FIFO_TIMEOUT, env={**os.environ, "PYTHONPATH": harness.REPO})
+    err = r.stderr.strip()
+    assert r.returncode != 0 and r.stdout == "" and len(err.splitlines()) == 1, r
+    assert "tap 'net0'" in err and "fd=9 is not an attached tap device" in err, err
