@@ -2,7 +2,8 @@
 
 ``python -m stratopy ... -incoming file:DIR`` spends most of its time before
 the first KVM_RUN in interpreter start-up and imports (docs/performance.md).
-START_PATH is what that path imports: the CLI, the machine, the restore, the
+START_PATH is what that path imports: the CLI, the builder, the machine and
+its device manager, the snapshot schema, the restore, the
 devices every machine has (the reserved block and net slots), the QMP
 listeners. What is only needed later -- a QMP command, writing a template, a
 cold boot, -daemonize/-name -- must stay out of it, and so must a few
@@ -25,7 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 START_PATH = (
     "stratopy.cli",
     "stratopy.cli_parse",
+    "stratopy.builder",
     "stratopy.machine.microvm",
+    "stratopy.machine.device_manager",
+    "stratopy.machine.schema",
     "stratopy.migration.restore",
     "stratopy.machine.devices",
     "stratopy.devices.virtio.block",
