@@ -25,6 +25,11 @@ hint                       plain form
 ``Optional[X]``/``X|None``  null or X
 ``Enum`` subclass          the member's value
 nested ``@dataclass``      JSON object with exactly the dataclass's fields
+``StateRecord`` subclass   JSON object with exactly its fields (``__slots__``,
+                           typed by class annotations; stratopy/record.py),
+                           every field required; a field named in
+                           ``__tagged__`` has the class its tag field's value
+                           names (imported then; an unknown tag is refused)
 ``Any``/``object``         plain JSON only (null/bool/int/float/str/list/dict
                            with str keys), nesting at most ``MAX_DEPTH`` deep
 =========================  ===================================================

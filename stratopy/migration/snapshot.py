@@ -12,16 +12,16 @@ Runs on the device thread (QMP ``migrate``). Sequence:
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 from stratopy import config as cfgmod
 from stratopy.errors import MigrationError, StratoError
+from stratopy.logs import get_logger
 from stratopy.migration import facts, format as fmt, template_dir
 from stratopy.migration.codec import to_plain
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def unsupported_reason(config: cfgmod.MachineConfig) -> str | None:
