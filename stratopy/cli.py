@@ -299,20 +299,20 @@ def _run_vm(config, daemon, prebuilt=None) -> int:
 
         _check_host(config)
 
+        from stratopy import builder
         from stratopy.machine.control import attach_control
-        from stratopy.machine.microvm import MicroVm
 
-        machine = MicroVm(config) if prebuilt is None else prebuilt
+        machine = builder.create_machine(config) if prebuilt is None else prebuilt
         control = None
         try:
             if prebuilt is not None:
                 log.info("VM restored by the template server from %s", config.incoming.path)
             elif config.incoming is not None:
-                machine.build_from_template()
+                builder.build_from_template(machine)
                 log.info("VM built from template %s in %.1f ms", config.incoming.path,
                          machine.timings.get("build", 0.0) * 1000)
             else:
-                machine.build_for_boot()
+                builder.build_for_boot(machine)
                 # -append may hold a newline: the log line stays one line
                 from stratopy.cli_parse import one_line
 

@@ -69,6 +69,11 @@ class GuestError(StratoError):
         super().__init__(f"guest {reason}{where}")
 
 
+class LifecycleError(StratoError):
+    """A step the VM's lifecycle does not allow now (machine/base.py VmState):
+    building a VM twice, starting one not built, snapshotting a running one."""
+
+
 class DeviceError(StratoError):
     """A device was misused by the guest or misconfigured (queue broken, ...)."""
 

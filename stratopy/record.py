@@ -31,3 +31,37 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+
+class StateRecord(Record):
+    """A class of the snapshot schema (stratopy/state.py), written out.
+
+    Its fields are its ``__slots__`` in order, each with a class annotation
+    (``name: type``) that ``migration/codec.py`` reads exactly as it reads a
+    dataclass's field hints: strict decoding, every field required. The
+    ``__init__`` here takes the fields by position or keyword and refuses a
+    missing or unknown one (no code is generated: nothing per class at start).
+
+    A field whose type depends on another field (a tagged union: a virtio
+    slot's device state is a BlockState or a NetState, ...) is named in
+    ``__tagged__``: ``{field: (tag field, {tag value: "module:Class"})}``.
+    The codec imports the class of the tag it reads, when it reads it, so
+    a start only loads the state classes of the devices it has.
+    """
+
+    __slots__ = ()
+    __tagged__: dict = {}
+
+    def __init__(self, *args, **kwargs):
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}: {len(args)} values for "
+                            f"{len(names)} fields")
+        for name, value in zip(names, args):
+            setattr(self, name, value)
+        for name in names[len(args):]:
+            if name not in kwargs:
+                raise TypeError(f"{type(self).__name__}: field {name} missing")
+            setattr(self, name, kwargs.pop(name))
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}: unknown field(s) {sorted(kwargs)}")

@@ -37,6 +37,10 @@ class VcpuState:
     msr_indices: list[int] = field(default_factory=list)
     msr_values: list[int] = field(default_factory=list)
     vcpu_events: bytes = b""
+    # the CPUID the vCPU was given, as cpu.cpuid_to_plain writes it (a
+    # restore gives the same one, before any other state: KVM checks MSRs
+    # and XSAVE against it)
+    cpuid: list[list[int]] = field(default_factory=list)
 
     def validate(self, num_cpus: int) -> None:
         if not 0 <= self.index < num_cpus:
@@ -68,8 +72,10 @@ class VcpuState:
             raise TemplateError(f"{n}.mp_state: unknown state {mp.mp_state}")
 
 
-def save_vcpu(vcpu, msr_indices: list[int], has_xsave: bool, has_xcrs: bool) -> VcpuState:
-    """Read a parked vCPU's state. Order (Firecracker's, for good reasons):"""
+def save_vcpu(vcpu, msr_indices: list[int], has_xsave: bool, has_xcrs: bool,
+              cpuid: list | None = None) -> VcpuState:
+    """Read a parked vCPU's state (``cpuid``: the plain CPUID it was given).
+    Order (Firecracker's, for good reasons):"""
     # 1. MP state first: KVM_GET_MP_STATE flushes pending LAPIC events
     #    (INIT/SIPI) into the state it returns, before anything else is read.
     mp_state = vcpu._get(uapi.KVM_GET_MP_STATE, uapi.kvm_mp_state)
@@ -86,7 +92,7 @@ def save_vcpu(vcpu, msr_indices: list[int], has_xsave: bool, has_xcrs: bool) -> 
     return VcpuState(index=vcpu.index, mp_state=mp_state, regs=regs, sregs=sregs,
                      xsave=xsave, fpu=fpu, xcrs=xcrs, debugregs=debugregs, lapic=lapic,
                      msr_indices=[i for i, _ in msrs], msr_values=[v for _, v in msrs],
-                     vcpu_events=events)
+                     vcpu_events=events, cpuid=list(cpuid or []))
 
 
 def restore_vcpu(vcpu, st: VcpuState) -> None:

@@ -25,6 +25,11 @@ hint                       plain form
 ``Optional[X]``/``X|None``  null or X
 ``Enum`` subclass          the member's value
 nested ``@dataclass``      JSON object with exactly the dataclass's fields
+``StateRecord`` subclass   JSON object with exactly its fields (``__slots__``,
+                           typed by class annotations; stratopy/record.py),
+                           every field required; a field named in
+                           ``__tagged__`` has the class its tag field's value
+                           names (imported then; an unknown tag is refused)
 ``Any``/``object``         plain JSON only (null/bool/int/float/str/list/dict
                            with str keys), nesting at most ``MAX_DEPTH`` deep
 =========================  ===================================================
@@ -55,6 +60,7 @@ import typing
 from typing import Any
 
 from stratopy.errors import MigrationError, TemplateError
+from stratopy.record import StateRecord
 
 MAX_BYTES = 64 << 20          # one bytes field
 MAX_LIST = 1_000_000          # elements in one list/tuple/dict
@@ -72,18 +78,44 @@ _hints_cache: dict[type, dict[str, Any]] = {}
 # --------------------------------------------------------------------------
 # type-hint helpers
 
+class _Tagged:
+    """The hint of a StateRecord field whose class a tag field names."""
+
+    __slots__ = ("tag", "classes")
+
+    def __init__(self, tag: str, classes: dict[str, str]):
+        self.tag, self.classes = tag, classes
+
+    def resolve(self, value: Any, path: str) -> type | None:
+        """The class tag ``value`` names (imported now), None if it names none."""
+        where = self.classes.get(value) if type(value) is str else None
+        if where is None:
+            return None
+        module, _, name = where.partition(":")
+        return getattr(__import__(module, fromlist=[name]), name)
+
+
 def _field_hints(cls: type) -> dict[str, Any]:
-    """{field name: resolved type hint} for the init fields of a dataclass."""
+    """{field name: resolved type hint} for the init fields of a dataclass,
+    or the fields of a StateRecord (its ``__slots__``, in order)."""
     hints = _hints_cache.get(cls)
     if hints is None:
-        resolved = typing.get_type_hints(cls)
-        hints = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+        if issubclass(cls, StateRecord):
+            tagged = cls.__tagged__
+            plain = {n: a for n, a in typing.get_type_hints(cls).items() if n not in tagged}
+            hints = {n: (_Tagged(*tagged[n]) if n in tagged else plain[n])
+                     for n in cls.__slots__}
+        else:
+            resolved = typing.get_type_hints(cls)
+            hints = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
         _hints_cache[cls] = hints
     return hints
 
 
 def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+    """A dataclass or a StateRecord: a class the codec reads field by field."""
+    return isinstance(tp, type) and (issubclass(tp, StateRecord)
+                                     or dataclasses.is_dataclass(tp))
 
 
 def _optional_arg(tp: Any) -> tuple[bool, Any]:
@@ -232,8 +264,16 @@ def _enc(obj: Any, hint: Any, path: str, depth: int) -> Any:
 
 def _enc_dataclass(obj: Any, path: str, depth: int) -> dict:
     hints = _field_hints(type(obj))
-    return {name: _enc(getattr(obj, name), tp, _join(path, name), depth + 1)
-            for name, tp in hints.items()}
+    out = {}
+    for name, tp in hints.items():
+        fpath = _join(path, name)
+        if isinstance(tp, _Tagged):
+            tag = getattr(obj, tp.tag)
+            tp = tp.resolve(tag, fpath)
+            if tp is None:
+                raise _enc_fail(fpath, f"no state class for {tag!r}")
+        out[name] = _enc(getattr(obj, name), tp, fpath, depth + 1)
+    return out
 
 
 def _enc_infer(obj: Any, path: str, depth: int, typed: bool) -> Any:
@@ -268,7 +308,8 @@ def _enc_infer(obj: Any, path: str, depth: int, typed: bool) -> Any:
             out[k] = _enc_infer(v, f"{path}[{k!r}]", depth + 1, typed)
         return out
     if typed:
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, StateRecord) or (dataclasses.is_dataclass(obj)
+                                            and not isinstance(obj, type)):
             return _enc_dataclass(obj, path, depth)
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return _enc(obj, bytes, path, depth)
@@ -396,7 +437,22 @@ def _dec_dataclass(cls: type, data: Any, path: str, depth: int, dflt: bool) -> A
         if k not in hints:
             shown = k if type(k) is str else repr(k)
             raise _bad(_join(path, str(shown)[:80]), f"unknown field in {cls.__name__}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    if issubclass(cls, StateRecord):
+        # every field required; a tagged field is decoded as its tag says
+        # (the tag field comes first in __slots__, so it is decoded already)
+        for name, hint in hints.items():
+            fpath = _join(path, name)
+            if name not in data:
+                raise _bad(fpath, f"missing field in {cls.__name__}")
+            if isinstance(hint, _Tagged):
+                tag = kwargs.get(hint.tag)
+                hint = hint.resolve(tag, fpath)
+                if hint is None:
+                    raise _bad(_join(path, hint_tag_name(cls, name)),
+                               f"{tag!r}"[:80] + f" is not a known {cls.__name__} kind")
+            kwargs[name] = _dec(hint, data[name], fpath, depth + 1, dflt)
+        return cls(**kwargs)
     for f in dataclasses.fields(cls):
         fpath = _join(path, f.name)
         if f.name not in data:
@@ -417,6 +473,11 @@ def _dec_dataclass(cls: type, data: Any, path: str, depth: int, dflt: bool) -> A
     for name in non_init:
         object.__setattr__(obj, name, kwargs[name])
     return obj
+
+
+def hint_tag_name(cls: type, name: str) -> str:
+    """The tag field of tagged field ``name`` of StateRecord ``cls``."""
+    return cls.__tagged__[name][0]
 
 
 def _check_plain(data: Any, path: str, depth: int) -> None:

@@ -4,9 +4,10 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"STRATOPY"
-    8       4     format version (u32), currently 3 (1: before the memory
+    8       4     format version (u32), currently 4 (1: before the memory
                   file had a header page; 2: before the ACPI GED state;
-                  both refused, "take the template again")
+                  3: before the typed machine state (machine/schema.py);
+                  all refused, "take the template again")
     12      4     header flags (u32), must be 0
     16      8     payload length (u64)
     24      32    SHA-256 over bytes [0, 24) of the header + the payload
@@ -21,8 +22,9 @@ no byte of the file can change unnoticed.
 adds: ``machine`` (the command-line facts a restore must match) and
 ``memory`` (see memfile.py: size and identity of the paired memory file).
 
-``components`` holds the encoded component states (``codec.to_plain`` is
-applied by ``write_state``; decode them with ``codec.from_plain``).
+``components`` holds the encoded machine state (machine/schema.py
+``MachineState``; ``codec.to_plain`` is applied by ``write_state``; decode
+it with ``codec.from_plain``).
 
 ``read_state`` validates in this order, each failure a ``TemplateError``:
 missing/unreadable file, not a regular file (a FIFO, device, directory or
@@ -48,7 +50,7 @@ from stratopy.errors import MigrationError, TemplateError
 from stratopy.migration import codec
 
 MAGIC = b"STRATOPY"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size            # 56
 _CHECKED_PREFIX = 24                  # magic + version + flags + length

@@ -3,28 +3,25 @@
 Runs on the device thread (QMP ``migrate``). Sequence:
   1. refuse what cannot be templated (status failed, VM untouched);
   2. setup: pause the vCPUs if running (STOP event);
-  3. active: collect vCPU, VM and device state (vCPUs parked, so the state
-     is consistent), write ``memory`` then ``state`` (state last: it is the
-     commit point, see template_dir.py);
+  3. active: take the machine's state (``Machine.snapshot_state``: vCPUs
+     parked, so it is consistent), write ``memory`` then ``state`` (state
+     last: it is the commit point, see template_dir.py);
   4. completed: the VM stays paused. On failure: failed, temporary files
      removed, and a VM that was running is resumed (exactly as it was).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 from stratopy import config as cfgmod
 from stratopy.errors import MigrationError, StratoError
-from stratopy.kvm import uapi
-from stratopy.machine import vcpu_state
-from stratopy.arch.x86_64 import cpu
+from stratopy.logs import get_logger
 from stratopy.migration import facts, format as fmt, template_dir
 from stratopy.migration.codec import to_plain
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def unsupported_reason(config: cfgmod.MachineConfig) -> str | None:
@@ -53,37 +50,15 @@ def parse_uri(uri: str) -> str:
 
 
 def collect(machine) -> tuple[dict, dict]:
-    """(machine facts, component tree) of a paused machine."""
-    kvm = machine.kvm
-    has_xsave = bool(kvm.check_extension(uapi.KVM_CAP_XSAVE))
-    has_xcrs = bool(kvm.check_extension(uapi.KVM_CAP_XCRS))
-    msr_indices = kvm.msr_index_list()
-    vcpus = [to_plain(vcpu_state.save_vcpu(v, msr_indices, has_xsave, has_xcrs))
-             for v in machine.vcpus]
-    slots = []
-    for slot in machine.slots:
-        entry = {"index": slot.index, "kind": slot.kind,
-                 "driver": slot.config.driver if slot.config else "",
-                 "id": slot.config.id if slot.config else ""}
-        if slot.device is not None:
-            entry["transport"] = to_plain(slot.transport.state())
-            dev_state = slot.device.state()
-            entry["device"] = to_plain(dev_state) if dev_state is not None else None
-        slots.append(entry)
-    components = {
-        "vcpus": vcpus,
-        "vm": to_plain(vcpu_state.save_vm(machine.vm)),
-        "serial": to_plain(machine.serial.state()),
-        "ged": to_plain(machine.ged.state()),
-        "slots": slots,
-    }
+    """(machine facts, encoded MachineState) of a paused machine: the
+    machine's snapshot object (machine/schema.py), back into plain data."""
     # what the slots hold now: hot-replaced devices in, deleted ones out
-    return facts.live_facts(machine), components
+    return facts.live_facts(machine), to_plain(machine.snapshot_state())
 
 
 def take_template(machine, uri: str) -> None:
     """The body of QMP ``migrate``; raises MigrationError on failure."""
-    from stratopy.machine.microvm import VmState
+    from stratopy.machine.base import VmState
 
     mig = machine.migration
     directory = parse_uri(uri)
@@ -106,7 +81,6 @@ def take_template(machine, uri: str) -> None:
         machine_facts, components = collect(machine)
         meta = fmt.host_meta(kvm_api_version=machine.kvm.api_version)
         meta["machine"] = machine_facts
-        meta["cpuid"] = [cpu.cpuid_to_plain(c) for c in machine.vcpu_cpuids]
         template_dir.save_template(directory, machine.mem, meta, components)
     except (StratoError, OSError) as e:
         msg = str(e) if isinstance(e, StratoError) else \

@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import time
 from typing import Callable, Iterator
 
 from stratopy.errors import MigrationError, TemplateError
+from stratopy.logs import get_logger
 from stratopy.memory import GuestMemory
 from stratopy.migration import format as state_format
 from stratopy.migration import memfile
 from stratopy.record import Record
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STATE_NAME = state_format.STATE_NAME
 MEMORY_NAME = memfile.MEMORY_NAME

@@ -4,7 +4,7 @@ Life of a member (its own process, its own session):
 
 1. restore: a MicroVm of the template's command line without per-VM parts
    (no serial chardev, no QMP) is built from the template the server
-   already opened and validated (restore.apply_template, ``verify=done``):
+   already opened and validated (builder.build_from_template, ``verify=done``):
    KVM VM, memory mapped copy-on-write, vCPUs created and their state set,
    devices restored. Then one line to the server: ``{"ready": PID}``.
 2. wait: blocked in recvmsg on its channel to the server, vCPUs not
@@ -47,8 +47,8 @@ def run(chan: socket.socket, prepared, pool_config, inherited_fds, template_conf
 
 
 def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
+    from stratopy import builder
     from stratopy.errors import StratoError
-    from stratopy.machine.microvm import MicroVm
 
     # Its own session: a signal to the server's terminal or process group
     # does not reach the clones, which outlive the server.
@@ -59,9 +59,13 @@ def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
     wire.close_fds(inherited_fds)
     chan.setblocking(True)
     t0 = time.monotonic()
-    machine = MicroVm(pool_config)
     try:
-        machine.build_from_template(prepared)
+        machine = builder.create_machine(pool_config)
+    except StratoError as e:
+        _reply(chan, wire.error(f"restore failed: {e}"))
+        return 1
+    try:
+        builder.build_from_template(machine, prepared)
     except StratoError as e:
         _reply(chan, wire.error(f"restore failed: {e}"))
         machine.teardown()

@@ -5,7 +5,7 @@
 
 At start-up it pays, once, what every warm start pays: the interpreter, the
 imports, opening the template and validating all of it against the command
-line, and checking the memory file's digests in full (restore.prepare_template;
+line, and checking the memory file's digests in full (builder.prepare_template;
 so no clone runs a verify thread). Then ``gc.freeze()`` and it forks N pool
 members (tplserver.member), each of which creates its own KVM VM (a VM
 cannot cross fork()) and restores it, and waits with its vCPUs created, not
@@ -132,14 +132,14 @@ def preload() -> None:
 
 class Server:
     def __init__(self, listen: str, pool: int, wait: float, config):
-        from stratopy.migration import restore
+        from stratopy import builder
 
         self.path, self.pool_size, self.wait = listen, pool, wait
         self.template = config
         # Pool members restore without per-VM parts; the request brings them.
         self.pool_config = config.replace(serial=None, qmp=(), daemonize=False, pidfile=None)
         t0 = time.monotonic()
-        self.prepared = restore.prepare_template(self.pool_config, config.incoming)
+        self.prepared = builder.prepare_template(self.pool_config, config.incoming)
         from stratopy.migration import memfile
 
         op = self.prepared.opened

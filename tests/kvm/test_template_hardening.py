@@ -161,7 +161,7 @@ def _pit(meta, comps):
 
 
 def _queue(meta, comps):
-    comps["slots"][0]["transport"]["queues"][0]["size"] = 3
+    comps["devices"]["virtio"][0]["transport"]["queues"][0]["size"] = 3
 
 
 def _cpus(meta, comps):
@@ -178,7 +178,7 @@ def _rip(meta, comps):
 @pytest.mark.parametrize("edit, needle", [
     (_efer, "vcpus[0].sregs.efer"), (_msr, "MSR 0xdeadbeef"),
     (_msr_value, "MSR 0x277 (IA32_PAT)"), (_lapic, "vcpus[0].lapic"),
-    (_pit, "vm.pit"), (_queue, "slots[0].transport.queues[0].size"),
+    (_pit, "vm.pit"), (_queue, "devices.virtio[0].transport.queues[0].size"),
     (_cpus, "vCPU count"), (_rip, "vcpus[0].regs.rip"),
 ])
 def test_rehashed_forgeries_are_refused(guests, start_vm, tmp_path, edit, needle):
@@ -198,12 +198,12 @@ def test_template_cpuid_feature_missing_on_this_host_is_refused(guests, start_vm
     pattern = 0x6666666666666666
     tpl = str(tmp_path / "tpl")
     make_template(guests, start_vm, tpl, pattern)
-    meta, _ = fmt.read_state(os.path.join(tpl, "state"), None, None)
-    leaf7 = next(e for e in meta["cpuid"][0] if e[0] == 7 and e[1] == 0)
+    _, comps = fmt.read_state(os.path.join(tpl, "state"), None, None)
+    leaf7 = next(e for e in comps["vcpus"][0]["cpuid"] if e[0] == 7 and e[1] == 0)
     bit = next(b for b in range(32) if not leaf7[4] >> b & 1)        # EBX: absent here
 
     def add_feature(meta, comps):
-        for e in meta["cpuid"][0]:
+        for e in comps["vcpus"][0]["cpuid"]:
             if e[0] == 7 and e[1] == 0:
                 e[4] |= 1 << bit
     forged = _forge(tpl, str(tmp_path / "forged"), add_feature)
@@ -251,24 +251,25 @@ def test_restored_vcpus_get_the_templates_cpuid(guests, start_vm, tmp_path):
     from stratopy.cli_parse import parse_args
     from stratopy.kvm import uapi
     from stratopy.kvm.ioctl import ioctl
+    from stratopy import builder
     from stratopy.machine.microvm import MicroVm
     pattern = 0x8888888888888888
     tpl = str(tmp_path / "tpl")
     make_template(guests, start_vm, tpl, pattern)
-    meta, _ = fmt.read_state(os.path.join(tpl, "state"), None, None)
-    leaf1 = next(e for e in meta["cpuid"][0] if e[0] == 1 and e[1] == 0)
+    _, comps = fmt.read_state(os.path.join(tpl, "state"), None, None)
+    leaf1 = next(e for e in comps["vcpus"][0]["cpuid"] if e[0] == 1 and e[1] == 0)
     mask = cpu.FEATURE_REGS[(1, 0)]["ecx"]
     bit = next(b for b in range(32) if leaf1[5] >> b & 1 and mask >> b & 1)
     assert bit != 31
 
     def drop_feature(meta, comps):
-        for e in meta["cpuid"][0]:
+        for e in comps["vcpus"][0]["cpuid"]:
             if e[0] == 1 and e[1] == 0:
                 e[5] &= ~(1 << bit)
     forged = _forge(tpl, str(tmp_path / "forged"), drop_feature)
     m = MicroVm(parse_args(memcheck_args(guests, pattern) + ["-incoming", f"file:{forged}"]))
     try:
-        m.build_from_template()
+        builder.build_from_template(m)
         got = uapi.kvm_cpuid2_n(cpu.MAX_CPUID_ENTRIES)()
         got.nent = cpu.MAX_CPUID_ENTRIES
         ioctl(m.vcpus[0].fd, uapi.KVM_GET_CPUID2, ctypes.byref(got))

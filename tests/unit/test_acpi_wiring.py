@@ -54,7 +54,7 @@ def test_boot_blobs_describe_every_slot_and_the_ged(tmp_path):
 def _machine(tmp_path, append: str) -> MicroVm:
     config = parse_args(["-kernel", "/boot/vmlinux", "-append", append])
     vm = MicroVm(config)
-    vm.slots = slotmod.plan_slots(config)
+    vm.devices.slots = slotmod.plan_slots(config)
     return vm
 
 
@@ -105,7 +105,7 @@ class FakeVm:
 def _wired(tmp_path, ged_pin_masked: bool) -> MicroVm:
     vm = _machine(tmp_path, "console=ttyS0")
     vm.mem, vm.vm = FakeMemory(), FakeVm(ged_pin_masked)
-    vm._setup_ged()
+    vm._setup_ged()        # what MicroVm.create_devices does first
     vm.state = VmState.RUNNING
     return vm
 

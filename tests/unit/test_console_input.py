@@ -44,14 +44,14 @@ def test_a_thousand_feeds_into_a_full_uart_hold_one_read_and_one_timer():
     vm = MicroVm(MachineConfig(kernel="/nonexistent"))
     vm.loop.close()
     loop = vm.loop = TimerLoop()
-    vm.serial = S.Serial(irq=lambda: None, out=lambda data: None)
+    vm.devices.serial = S.Serial(irq=lambda: None, out=lambda data: None)
     assert vm.serial.enqueue_input(b"\xff" * S.FIFO_SIZE) == S.FIFO_SIZE   # full
     r, w = os.pipe2(os.O_NONBLOCK)
     null = os.open(os.devnull, os.O_WRONLY)
     ch = Chardev(ChardevConfig(id="serial0", backend="stdio"), stdin_fd=r, stdout_fd=null)
     try:
         ch.open()
-        vm.serial_chardev = ch
+        vm.devices.serial_chardev = ch
         ch.attach(loop, vm._chardev_input(ch))
         sent = bytearray()
         for i in range(1000):

@@ -453,6 +453,7 @@ def test_machine_wires_the_kernel_queues_to_the_device(monkeypatch):
     the call eventfds are read by the device thread; pause/resume reach
     the device; teardown closes the backend."""
     from stratopy.machine import slots as slotmod
+    from stratopy.machine.base import VmState
     from stratopy.machine.microvm import MicroVm
 
     fake = FakeVhost()
@@ -475,21 +476,22 @@ def test_machine_wires_the_kernel_queues_to_the_device(monkeypatch):
     config = parse_args(["-kernel", "/k", "-device", "vhost-vsock-device,id=v,guest-cid=3"])
     vm = MicroVm(config)
     vm.vm, vm.mem = FakeVm(), GuestMemory.anonymous([(0, 1 << 20)])
-    vm.slots = slotmod.plan_slots(config)
-    slot = next(s for s in vm.slots if s.config is not None and s.config.driver == VHOST_VSOCK)
     try:
-        vm._plug(slot)
+        vm.devices.add_virtio_slots(slotmod.plan_slots(config))
+        slot = next(s for s in vm.slots if s.config is not None and s.config.driver == VHOST_VSOCK)
         dev, backend = slot.device, slot.backend
         assert isinstance(dev, VhostVsockDevice) and backend.call_fds
         n0, n1, n2 = slot.notify_fds
-        assert vm.vm.ioeventfds == [(n0, slot.base + 0x50, 4, 0), (n1, slot.base + 0x50, 4, 1),
-                                    (n2, slot.base + 0x50, 4, 2)]
+        mine = [e for e in vm.vm.ioeventfds if e[1] == slot.base + 0x50]   # every slot is plugged
+        assert mine == [(n0, slot.base + 0x50, 4, 0), (n1, slot.base + 0x50, 4, 1),
+                        (n2, slot.base + 0x50, 4, 2)]
         assert dev.kick_fds == {0: n0, 1: n1}
         watched = set(vm.loop.sel.get_map())
         assert n2 in watched and set(backend.call_fds) <= watched
         assert n0 not in watched and n1 not in watched
         events = []
         vm.event_sink = lambda name, data: events.append(name)
+        vm.state = VmState.RUNNING     # as start() leaves it (no vCPUs here)
         vm.pause()                     # QMP stop, and migrate's own pause
         assert dev.paused
         vm.resume()
