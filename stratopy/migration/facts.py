@@ -1,10 +1,12 @@
 """The command-line facts a template records and a restore must match.
 
 SPEC §4: vCPU count, memory size, the number, type and order of devices,
-virtio-net ``mac``, virtio-blk ``serial`` (and what follows from the drive:
-read-only flag and capacity, since the guest negotiated features and sized
-its disk on them). A drive may be the same file or a copy of it, so its path
-is recorded for information only.
+virtio-blk ``serial`` (and what follows from the drive: read-only flag and
+capacity, since the guest negotiated features and sized its disk on them).
+A drive may be the same file or a copy of it, so its path is recorded for
+information only. A virtio-net ``mac`` is recorded but may differ: it is the
+clone's own identity (no ``mac=``: the template's; see
+devices/virtio/net.py ``restore`` and docs/snapshot.md).
 
 Devices are listed in the order the guest sees them: the devices of the
 virtio-mmio slots in slot order (each with its ``slot``), then the devices
@@ -140,7 +142,8 @@ def compare(template: dict, current: dict) -> None:
         attr = "number of devices" if len(tdevs) != len(cdevs) else "set of devices"
         raise TemplateError("; ".join(hints), attribute=attr, expected=tids, found=cids)
     for i, (t, c) in enumerate(zip(tdevs, cdevs)):
-        for key in ("driver", "id", "slot", "mac", "serial", "readonly", "capacity"):
+        # not "mac": a clone may have a MAC of its own (NetDevice.restore)
+        for key in ("driver", "id", "slot", "serial", "readonly", "capacity"):
             if key in c and not _same(t.get(key), c[key]):
                 name = {"driver": "type", "capacity": "disk size"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",
