@@ -21,11 +21,14 @@ sit anywhere on the restore command line.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from stratopy import config as cfgmod
 from stratopy.errors import TemplateError
 from stratopy.machine import slots as slotmod
+
+log = logging.getLogger(__name__)
 
 
 def _device_facts(d: cfgmod.DeviceConfig) -> dict:
@@ -148,3 +151,8 @@ def compare(template: dict, current: dict) -> None:
                 name = {"driver": "type", "capacity": "disk size"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",
                                     expected=t.get(key), found=c[key])
+    for t, c in zip(tdevs, cdevs):
+        if c.get("mac") and c["mac"] != t.get("mac"):
+            log.info("%s '%s': the clone's MAC %s, the template's %s (a running Linux "
+                     "driver adopts it when it probes the device again: docs/snapshot.md)",
+                     c["driver"], c["id"], c["mac"], t.get("mac") or "(none)")
