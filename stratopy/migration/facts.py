@@ -1,10 +1,12 @@
 """The command-line facts a template records and a restore must match.
 
 SPEC §4: vCPU count, memory size, the number, type and order of devices,
-virtio-net ``mac``, virtio-blk ``serial`` (and what follows from the drive:
-read-only flag and capacity, since the guest negotiated features and sized
-its disk on them). A drive may be the same file or a copy of it, so its path
-is recorded for information only.
+virtio-blk ``serial`` (and what follows from the drive: read-only flag and
+capacity, since the guest negotiated features and sized its disk on them).
+A drive may be the same file or a copy of it, so its path is recorded for
+information only. A virtio-net ``mac`` is recorded but may differ: it is the
+clone's own identity (no ``mac=``: the template's; see
+devices/virtio/net.py ``restore`` and docs/snapshot.md).
 
 Devices are listed in the order the guest sees them: the devices of the
 virtio-mmio slots in slot order (each with its ``slot``), then the devices
@@ -19,11 +21,14 @@ sit anywhere on the restore command line.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from stratopy import config as cfgmod
 from stratopy.errors import TemplateError
 from stratopy.machine import slots as slotmod
+
+log = logging.getLogger(__name__)
 
 
 def _device_facts(d: cfgmod.DeviceConfig) -> dict:
@@ -140,8 +145,14 @@ def compare(template: dict, current: dict) -> None:
         attr = "number of devices" if len(tdevs) != len(cdevs) else "set of devices"
         raise TemplateError("; ".join(hints), attribute=attr, expected=tids, found=cids)
     for i, (t, c) in enumerate(zip(tdevs, cdevs)):
-        for key in ("driver", "id", "slot", "mac", "serial", "readonly", "capacity"):
+        # not "mac": a clone may have a MAC of its own (NetDevice.restore)
+        for key in ("driver", "id", "slot", "serial", "readonly", "capacity"):
             if key in c and not _same(t.get(key), c[key]):
                 name = {"driver": "type", "capacity": "disk size"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",
                                     expected=t.get(key), found=c[key])
+    for t, c in zip(tdevs, cdevs):
+        if c.get("mac") and c["mac"] != t.get("mac"):
+            log.info("%s '%s': the clone's MAC %s, the template's %s (a running Linux "
+                     "driver adopts it when it probes the device again: docs/snapshot.md)",
+                     c["driver"], c["id"], c["mac"], t.get("mac") or "(none)")

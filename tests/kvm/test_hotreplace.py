@@ -315,3 +315,31 @@ def test_net_hot_replace_in_a_netns(guests, start_vm, ns):
         q.close()
     vm.send("q")
     exited_cleanly(vm)
+
+
+def test_clone_with_its_own_mac(guests, start_vm, ns, tmp_path):
+    """A template with a command-line NIC restores with another mac= (the
+    clone's own) and without one (the template's): both clones run on from
+    the template's state, the tap in their namespace attached."""
+    base = base_args(guests["counter"], append=COUNTER_APPEND) + [
+        "-netdev", f"tap,id=n0,ifname={netns.TAP}"]
+    nic = "virtio-net-device,netdev=n0,id=n0"
+    tpl = str(tmp_path / "tpl")
+    vm = start_vm(base + ["-device", nic + ",mac=52:54:00:00:00:01"], qmp=True,
+                  program=ns.program())
+    vm.wait_for(r"COUNTER AT 0x300000 READY", TIMEOUT)
+    q = vm.qmp(TIMEOUT)
+    try:
+        ok(q.cmd("stop"))
+        ok(q.cmd("migrate", uri=f"file:{tpl}"))
+        assert q.cmd("query-migrate")["return"]["status"] == "completed"
+    finally:
+        q.close()
+    vm.kill()
+    for device in (nic + ",mac=52:54:00:aa:bb:cc", nic):
+        clone = start_vm(base + ["-device", device, "-incoming", f"file:{tpl}"], qmp=True,
+                         program=ns.program())
+        assert read_count(clone) > 0
+        assert "COUNTER AT" not in clone.output, "the clone rebooted"
+        clone.send("q")
+        exited_cleanly(clone)

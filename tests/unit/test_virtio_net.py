@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from stratopy.devices.virtio.device import VIRTIO_ID_NET
+from stratopy.devices.virtio import mmio
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
 from stratopy.devices.virtio.net import (
     MAX_TX_FRAME,
@@ -257,10 +258,7 @@ def test_state_round_trip_and_validation():
                           offered_features=dev.avail_features)
     dev2 = NetDevice.from_state(st, FakeBackend())
     assert dev2.mac == MAC and dev2.state() == st
-    with pytest.raises(TemplateError, match="mac"):
-        NetDevice.from_state(st, FakeBackend(), mac=bytes(6))
-    with pytest.raises(TemplateError, match="mac"):
-        NetDevice(FakeBackend(), mac=None).restore(st)
+    assert not dev2.restore_changed_config
     for bad, field in [(NetState(mac="zz:54:00:12:34:56"), "mac"),
                        (NetState(mac=5), "mac"),
                        (NetState(mac="52:54:00:12:34:56", acked_features=1 << 3), "acked_features"),
@@ -288,6 +286,73 @@ def test_restore_through_transport():
     be2.inbox.append(bytes(12) + eth(b"after restore"))
     dev2.on_backend_readable()
     assert drv.queues[RX_QUEUE].get_used() == [(bufs[0][0], 12 + 14 + 13)]
+
+
+NEW_MAC = bytes.fromhex("525400aabbcc")
+
+
+def clone(drv, dev, mac, irqs=None):
+    """Restore ``drv``'s device as the machine does: device state, then the
+    transport's; the driver then talks to the clone's transport."""
+    mstate, dstate = drv.t.state(), dev.state()
+    dev2 = NetDevice.from_state(dstate, FakeBackend(), mac=mac)
+    t2 = VirtioMmioTransport(dev2, drv.mem, lambda: irqs.append(1) if irqs is not None else None)
+    t2.restore(mstate)
+    drv.t, drv.device = t2, dev2
+    return dev2, mstate
+
+
+def test_clone_with_its_own_mac():
+    drv, dev, be, ready, feats = setup()
+    irqs = []
+    dev2, mstate = clone(drv, dev, NEW_MAC, irqs)
+    # the config space holds the clone's MAC, a new generation, and a config
+    # interrupt is pending for the running driver (before the guest runs)
+    assert drv.config(0, 6) == NEW_MAC
+    assert drv.r32(mmio.REG_CONFIG_GENERATION) == (mstate.config_generation + 1) & 0xFFFFFFFF
+    assert drv.r32(mmio.REG_INTERRUPT_STATUS) & 2 and irqs == [1]
+    assert not dev2.restore_changed_config          # announced once
+    # the negotiated features stay (the driver runs on), the state records the new MAC
+    assert dev2.acked_features == feats and drv.t.acked_features == feats
+    assert dev2.state().mac == "52:54:00:aa:bb:cc"
+    # a driver that probes again (a rebind) reads the new MAC
+    feats2 = drv.init()
+    assert feats2 & (1 << VIRTIO_NET_F_MAC) and drv.config(0, 6) == NEW_MAC
+
+
+def test_clone_with_the_same_mac_signals_nothing():
+    drv, dev, be, ready, feats = setup()
+    irqs = []
+    for mac in (MAC, None):                       # the same, or the template's by default
+        dev2, mstate = clone(drv, dev, mac, irqs)
+        assert dev2.mac == MAC and drv.config(0, 6) == MAC
+        assert drv.r32(mmio.REG_CONFIG_GENERATION) == mstate.config_generation and not drv.r32(mmio.REG_INTERRUPT_STATUS) & 2
+        assert irqs == []
+
+
+def test_clone_of_a_template_without_mac_gets_one():
+    # the template's driver negotiated without VIRTIO_NET_F_MAC (it made up
+    # a random address); the clone's device offers it for the next probe
+    drv, dev, be, ready, feats = setup(mac=None)
+    assert not feats & (1 << VIRTIO_NET_F_MAC)
+    dev2, _ = clone(drv, dev, NEW_MAC)
+    assert dev2.acked_features == feats
+    assert dev2.avail_features & (1 << VIRTIO_NET_F_MAC) and drv.config(0, 6) == NEW_MAC
+    assert drv.r32(mmio.REG_INTERRUPT_STATUS) & 2
+    feats2 = drv.init()
+    assert feats2 & (1 << VIRTIO_NET_F_MAC) and drv.config(0, 6) == NEW_MAC
+
+
+def test_clone_mac_before_driver_ok_has_no_interrupt():
+    # a template taken before the driver probed: nothing to interrupt; the
+    # driver's probe reads the clone's MAC
+    be = FakeBackend()
+    dev = NetDevice(be, mac=MAC)
+    drv = Driver(dev)
+    irqs = []
+    dev2, mstate = clone(drv, dev, NEW_MAC, irqs)
+    assert irqs == [] and drv.r32(mmio.REG_CONFIG_GENERATION) == mstate.config_generation + 1
+    assert drv.init() & (1 << VIRTIO_NET_F_MAC) and drv.config(0, 6) == NEW_MAC
 
 
 # ---------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class VirtioDevice:
         # status changed). The transport bumps ConfigGeneration and raises the
         # config interrupt once the driver is running.
         self.signal_config: Callable[[], None] = lambda: None
+        # set by restore() when the restored config space differs from the
+        # template's (virtio-net given a MAC of its own): the transport's
+        # restore, which brings back the template's ConfigGeneration, then
+        # signals the change (and clears this)
+        self.restore_changed_config = False
         self.activated = False
         # set by _broke(): the device stops touching its queues until the
         # driver resets it (or it is activated again)

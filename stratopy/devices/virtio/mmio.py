@@ -459,3 +459,9 @@ class VirtioMmioTransport:
                 self.device.activate(self.mem, self.queues, self._signal_used)
             except StratoError as e:
                 raise TemplateError(f"virtio device cannot be re-activated: {e}") from None
+        if self.device.restore_changed_config:
+            # the device's config space is not the template's (a clone's own
+            # MAC): past the template's generation, and a config interrupt
+            # for a running driver, pending before the guest's first KVM_RUN
+            self.device.restore_changed_config = False
+            self.config_changed()

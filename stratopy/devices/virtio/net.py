@@ -269,33 +269,41 @@ class NetDevice(VirtioDevice):
                         offered_features=self.avail_features | (self.acked_features & _OFFERABLE))
 
     def restore(self, state: NetState) -> None:
-        """Check ``state`` against this device (same MAC) and apply it."""
+        """Check ``state`` and apply it.
+
+        The MAC is the clone's identity: a device given a MAC of its own
+        (the restore command line's ``mac=``) keeps it, and one given none
+        takes the template's. A MAC that differs from the template's is
+        written to the config space and announced once the transport state
+        is back (``restore_changed_config``: ConfigGeneration bump and config
+        interrupt, see docs/snapshot.md "A clone's own MAC").
+        """
         if not isinstance(state, NetState):
             raise TemplateError(f"virtio-net state has the wrong type {type(state).__name__}")
         if not isinstance(state.mac, str) or (state.mac and not _MAC_RE.match(state.mac)):
             raise TemplateError(f"virtio-net state field mac is malformed: {state.mac!r}")
-        mine = mac_to_str(self.mac)
-        if state.mac != mine:
-            raise TemplateError("", attribute="virtio-net mac",
-                                expected=state.mac or "(none)", found=mine or "(none)")
-        avail = self._check_offered(state.offered_features, _OFFERABLE)
-        acked = self._check_acked(state.acked_features, avail)
+        saved = self._check_offered(state.offered_features, _OFFERABLE)
+        acked = self._check_acked(state.acked_features, saved)
         if type(state.link_up) is not bool:
             raise TemplateError(f"virtio-net state field link_up is not a bool: "
                                 f"{state.link_up!r}")
+        if self.mac is None and state.mac:
+            self._set_backend(self.backend, mac_from_str(state.mac))
+        changed = mac_to_str(self.mac) != state.mac
         self.acked_features = acked
-        self.avail_features = avail
+        # What the driver negotiated against (so the transport accepts its
+        # acked features) plus this device's own offer: a driver that probes
+        # again (a rebind, a reboot) is offered VIRTIO_NET_F_MAC for a MAC
+        # the template's device did not have.
+        self.avail_features |= saved
         self.link_up = state.link_up
+        self.restore_changed_config = changed
 
     @classmethod
     def from_state(cls, state: NetState, backend, mac: bytes | None = None,
                    rx_ready: Callable[[], None] | None = None) -> NetDevice:
         """A device on ``backend`` matching ``state``; the MAC comes from the
-        state unless given (a different one is a TemplateError)."""
-        if not isinstance(state, NetState):
-            raise TemplateError(f"virtio-net state has the wrong type {type(state).__name__}")
-        if mac is None and isinstance(state.mac, str) and _MAC_RE.match(state.mac):
-            mac = mac_from_str(state.mac)
+        state unless given (a different one is the clone's own: see restore)."""
         dev = cls(backend, mac=mac, rx_ready=rx_ready)
         dev.restore(state)
         return dev
