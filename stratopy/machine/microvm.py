@@ -378,11 +378,20 @@ class MicroVm:
     # ------------------------------------------------------------------
     # running
     # ------------------------------------------------------------------
+    def prestart_vcpus(self) -> None:
+        """Create the vCPU threads, held before their first KVM_RUN until
+        start() (a template server's pool member, while it waits)."""
+        install_kick_handler()
+        for vcpu in self.vcpus:
+            r = VcpuRunner(vcpu, self.pio, self.mmio, self.loop.device_lock, self._vcpu_stopped)
+            self.runners.append(r)
+            r.prestart()
+
     def start(self) -> None:
         install_kick_handler()
         for ch in self.chardevs:
             ch.attach(self.loop, self._chardev_input(ch))
-        for vcpu in self.vcpus:
+        for vcpu in self.vcpus[len(self.runners):]:
             r = VcpuRunner(vcpu, self.pio, self.mmio, self.loop.device_lock, self._vcpu_stopped)
             self.runners.append(r)
         paused = self.config.start_paused and self.config.incoming is None

@@ -66,6 +66,16 @@ def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
         _reply(chan, wire.error(f"restore failed: {e}"))
         machine.teardown()
         return 1
+    # What the clone's start would do first, done while it waits: its vCPU
+    # threads, held before their first KVM_RUN, and its seccomp filter. The
+    # filter goes in before the request: attaching the request's parts
+    # (opening drives, chardevs, QMP listeners) uses only calls it allows,
+    # and the clone's start then finds the process jailed already.
+    machine.prestart_vcpus()
+    if not pool_config.disable_seccomp:
+        from stratopy import seccomp
+
+        seccomp.install()
     try:
         wire.send(chan, {"ready": os.getpid(),
                          "restore_ms": round((time.monotonic() - t0) * 1000, 3)})

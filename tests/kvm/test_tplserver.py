@@ -310,3 +310,30 @@ def test_members_that_cannot_restore_leave_the_server_answering(blk_template, se
         s.clone(drives=[{"id": "d0", "file": disk}])
     assert s.proc.poll() is None
     assert s.query()["ready"] == []
+
+
+def _status(pid: int, tid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def test_members_wait_jailed_with_their_vcpu_threads(counter_template, server):
+    """What a clone's start would do first is done while the member waits
+    (docs/performance.md, 20 concurrent requests): its seccomp filter is
+    installed, on every thread, and its vCPU thread exists (held before its
+    first KVM_RUN). The request then starts that thread, under the one
+    filter (not a second one)."""
+    args, tpl, v0 = counter_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
+    member = s.wait_ready(1)[0]
+    tasks = os.listdir(f"/proc/{member}/task")
+    assert len(tasks) == 2, tasks           # the main thread and vCPU 0's (-smp 1)
+    for t in tasks:
+        st = _status(member, t)
+        assert st["Seccomp"].strip() == "2", (t, st["Name"])
+        assert st["Seccomp_filters"].strip() == "1", (t, st["Name"])
+    pid, ser = s.clone()
+    assert pid == member
+    assert serial_count(ser) > v0           # the held vCPU thread runs the guest
+    for t in os.listdir(f"/proc/{pid}/task"):
+        assert _status(pid, t)["Seccomp_filters"].strip() == "1"
