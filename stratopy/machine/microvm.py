@@ -70,6 +70,9 @@ class MicroVm:
         self.ged = None                 # acpi.ged.GedDevice (VMGenID, power button)
         self.serial_chardev = None
         self.chardevs: list = []
+        # netdev and chardev ids whose backends a template server's request
+        # brings (attach_clone_parts): their devices are built without one
+        self.deferred_backends: frozenset = frozenset()
         self.backend = kvm_backend.detect()
         self.exit_code = 0
         self.shutdown_reason: str | None = None
@@ -287,18 +290,35 @@ class MicroVm:
         self.timings["build"] = time.monotonic() - t0
 
     # --- a template server's clone (stratopy.tplserver.member) -----------------
-    def attach_clone_parts(self, serial_chardev, drives: dict) -> None:
+    def attach_clone_parts(self, serial_chardev, drives: dict, taps: dict = None,
+                           consoles: dict = None) -> None:
         """Give a pool member, restored without per-VM parts, its own: the
-        serial chardev (opened; None: no serial output) and, per drive id,
-        an opened FileBackend of the template's size (the guest's view of
-        the disk does not change: no config interrupt). Before start()."""
+        serial chardev (opened; None: no serial output); per drive id, an
+        opened FileBackend of the template's size (the guest's view of the
+        disk does not change: no config interrupt); per netdev id an opened
+        Tap and per virtconsole chardev id an opened Chardev, for the
+        devices built without them (``deferred_backends``; the net device
+        keeps its restored MAC and link, the console its state). Before
+        start(), which wires the chardevs' input."""
+        taps, consoles = taps or {}, consoles or {}
         if serial_chardev is not None:
             self.serial_chardev = serial_chardev
             self.chardevs.append(serial_chardev)
             self.serial.set_output(serial_chardev.write)
         for slot in self.slots:
             cfg = slot.config
-            if cfg is None or cfg.drive is None or cfg.drive.id not in drives:
+            if cfg is None:
+                continue
+            if cfg.netdev is not None and cfg.netdev.id in taps:
+                tap = taps[cfg.netdev.id]
+                slot.device.backend = slot.backend = tap
+                self.loop.add_reader(tap.fileno(), slot.net_readable)
+            elif cfg.driver == cfgmod.SERIAL and cfg.chardev is not None \
+                    and cfg.chardev.id in consoles:
+                ch = consoles[cfg.chardev.id]
+                slot.device.out, slot.backend = ch.write, ch
+                self.chardevs.append(ch)
+            if cfg.drive is None or cfg.drive.id not in drives:
                 continue
             old = slot.backend
             slot.device.adopt_backend(drives[cfg.drive.id])

@@ -101,10 +101,6 @@ def parse_server_args(argv: list[str]):
     config = parse_args(rest)
     if config.incoming is None:
         raise ConfigError("-incoming", "is required: the server serves one template")
-    if config.netdevs or config.chardevs:
-        raise ConfigError("-netdev" if config.netdevs else "-chardev",
-                          "per-clone taps and console chardevs are not served yet "
-                          "(a template with -netdev/-chardev needs stratopy -incoming)")
     if config.daemonize:
         raise ConfigError("-daemonize", "not with stratopy-server")
     return listen, pool, wait_ms / 1000.0, config
