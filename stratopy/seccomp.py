@@ -9,7 +9,11 @@ When: ``cli`` calls ``install()`` after the VM, its memory, devices, chardevs
 and QMP sockets exist and before the vCPU threads start, so no guest
 instruction runs outside the jail. ``SECCOMP_FILTER_FLAG_TSYNC`` puts every
 existing thread (the QMP threads) in it; threads created later (vCPUs)
-inherit it. A cold boot and a warm start install the same policy.
+inherit it. A cold boot and a warm start install the same policy. A template
+server's pool member installs it earlier, once restored and before it waits
+for a request (with its vCPU threads created and held); attaching the
+request's parts then runs under it, and the clone's own ``install()``
+finds the process jailed and adds no second filter.
 
 Policy (``ALLOWED`` and ``_arg_rules()`` below: the one place to extend):
 
