@@ -4,7 +4,7 @@
 against QEMU 7.2 `-incoming` of the same guest (same vmlinux, rootfs, RAM)
 and the lean CLI (`bin/stratopy -incoming`), alternating, in one run.
 
-    python3 bench/tplserver_linux.py [--runs 7] [--pool 2]
+    python3 bench/tplserver_linux.py [--runs 7] [--pool 2] [--acpi-off]
 
 Each monitor warm-starts from its own template of a Linux booted to its
 shell (one cold boot each, then `migrate`): stratopy's `file:DIR`, QEMU's
@@ -38,9 +38,12 @@ TIMEOUT = 300
 MEM = "256M"
 
 
-def stratopy_template(images, work: str) -> tuple[str, str, list[str]]:
+def stratopy_template(images, work: str, acpi_off: bool) -> tuple[str, str, list[str]]:
     disk = common.copy_disk(images, work, "s-template.img")
     args = harness.linux_args(images["vmlinux"], disk, mem=MEM)
+    if acpi_off:                # as QEMU's guest (common.qemu_args): no ACPI
+        i = args.index("-append")
+        args[i + 1] += " acpi=off"
     out = os.path.join(work, "s.template")
     with harness.Vm(args) as vm:
         common.shell_ready(vm)
@@ -107,6 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--pool", type=int, default=2)
+    ap.add_argument("--acpi-off", action="store_true",
+                    help="stratopy's guest with acpi=off, as QEMU's (no VMGenID notification)")
     a = ap.parse_args()
     common.compile_bytecode()
     images = harness.guest_images()
@@ -116,7 +121,7 @@ def main() -> None:
     server = None
     try:
         shim = tb.warmstart.build_shim(work)
-        s_tpl, s_disk, s_args = stratopy_template(images, work)
+        s_tpl, s_disk, s_args = stratopy_template(images, work, a.acpi_off)
         q_tpl, q_disk = qemu_template(images, work)
         sock = os.path.join(work, "server.sock")
         env = dict(os.environ)
@@ -130,7 +135,7 @@ def main() -> None:
             env=env, start_new_session=True)
         load = os.getloadavg()[0]
         print(f"Linux guest, {MEM} RAM; load average {load:.2f} ({os.cpu_count()} CPUs); "
-              f"pool of {a.pool}")
+              f"pool of {a.pool}{'; stratopy guest with acpi=off' if a.acpi_off else ''}")
         results: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
         firsts: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
         again: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
