@@ -434,6 +434,12 @@ def test_clones_get_their_own_tap_and_console(guests, start_vm, server, tmp_path
         for t in taps:
             if t is not None:
                 t.close()
+        for pid in s.clones:              # a tap in use cannot be deleted
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_gone(pid)
         for name in made:
             subprocess.run(["ip", "tuntap", "del", "dev", name, "mode", "tap"],
                            capture_output=True, timeout=TIMEOUT)
