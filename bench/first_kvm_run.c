@@ -3,7 +3,9 @@
  * KVM_RUN ioctl, the same instrument for every monitor (stratopy reaches
  * ioctl() through ctypes, QEMU directly; both go through libc's symbol).
  *
- * FIRST_KVM_RUN_FILE=PATH  write "<CLOCK_MONOTONIC ns> <CLOCK_REALTIME ns>\n"
+ * FIRST_KVM_RUN_FILE=PATH  write "<CLOCK_MONOTONIC ns> <CLOCK_REALTIME ns>
+ *                          <CLOCK_PROCESS_CPUTIME_ID ns>\n" (the last: CPU
+ *                          time of all the process's threads so far)
  *                          to PATH at the first KVM_RUN (before it enters
  *                          the kernel), once per process. A "%d" in
  *                          PATH becomes the pid: every clone forked by
@@ -31,15 +33,17 @@ static int stamped;
 
 static void stamp(void)
 {
-    struct timespec mono, real;
+    struct timespec mono, real, cpu;
     clock_gettime(CLOCK_MONOTONIC, &mono);
     clock_gettime(CLOCK_REALTIME, &real);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
     const char *path = getenv("FIRST_KVM_RUN_FILE");
     if (path && *path) {
-        char line[64];
-        int n = snprintf(line, sizeof line, "%lld %lld\n",
+        char line[96];
+        int n = snprintf(line, sizeof line, "%lld %lld %lld\n",
                          (long long)mono.tv_sec * 1000000000LL + mono.tv_nsec,
-                         (long long)real.tv_sec * 1000000000LL + real.tv_nsec);
+                         (long long)real.tv_sec * 1000000000LL + real.tv_nsec,
+                         (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);
         char own[4096];
         if (strstr(path, "%d")) {
             snprintf(own, sizeof own, path, (int)getpid());

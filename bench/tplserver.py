@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import common
@@ -124,6 +123,95 @@ def one_clone(path: str, work: str, answer: bytes | None = ANSWER["counter"]):
         mine.close()
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far (ns; /proc/PID/task/*/schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass                          # a thread that ended meanwhile
+    return total
+
+
+def stamp_cpu_ns(path: str) -> int | None:
+    """The process's CPU time at its first KVM_RUN (the shim's third field)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
+    """``n`` requests at once, each from its own client process (forked
+    before, released together by closing a pipe), each with its serial on
+    a socketpair; -> ([(request -> first KVM_RUN, request -> answer, pid)],
+    the server's CPU time (ns, cpu_ns) once every clone is handed out).
+    The clients do not poll for the stamps while clones start (20 polling
+    threads took CPU from the clones they measure); they are read after."""
+    go_r, go_w = os.pipe()
+    kids = []
+    for _ in range(n):
+        res_r, res_w = os.pipe()
+        k = os.fork()
+        if k == 0:                                    # the client
+            code = 1
+            try:
+                os.close(go_w)
+                os.close(res_r)
+                os.read(go_r, 1)
+                mine, theirs = socket.socketpair()
+                t0 = time.monotonic_ns()
+                pid = client.request_clone(path, {"serial": {"fd": 0}}, [theirs.fileno()],
+                                           timeout=TIMEOUT)
+                theirs.close()
+                os.write(res_w, f"{pid} {t0}\n".encode())
+                mine.sendall(b"c")
+                mine.settimeout(TIMEOUT)
+                buf = b""
+                while not re.search(ANSWER["memcheck"], buf):
+                    chunk = mine.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                t1 = time.monotonic_ns()
+                os.write(res_w, f"{t1}\n".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(res_w)
+        kids.append((k, res_r))
+    os.close(go_r)
+    time.sleep(0.1)                       # every client is waiting on the pipe
+    os.close(go_w)
+    out = []
+    files = [(k, os.fdopen(res_r, "rb")) for k, res_r in kids]
+    # every clone handed out: the server's share ends here (the refill,
+    # held off while requests are served, has not started yet)
+    handed = [f.readline() for _, f in files]
+    server_cpu = cpu_ns(server_pid) if server_pid else 0
+    for (k, f), line in zip(files, handed):
+        _, status = os.waitpid(k, 0)
+        rest = f.read().decode()
+        f.close()
+        if status != 0 or not line or not rest:
+            raise RuntimeError("a concurrent request failed")
+        pid, t0 = map(int, line.split())
+        t1 = int(rest)
+        first = None
+        deadline = time.monotonic() + TIMEOUT
+        while first is None:
+            first = warmstart.read_stamp(os.path.join(work, f"stamp.{pid}"))
+            if first is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"clone {pid}: no first-KVM_RUN stamp")
+                time.sleep(0.01)
+        out.append(((first - t0) / 1e9, (t1 - t0) / 1e9, pid))
+    return out, server_cpu
+
+
 def kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -160,6 +248,8 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=20)
     ap.add_argument("--burst", type=int, default=100)
     ap.add_argument("--bursts", type=int, default=3, help="rounds of concurrent requests")
+    ap.add_argument("--only", choices=("concurrent",),
+                    help="only the concurrent requests (no CLI/QEMU baseline)")
     a = ap.parse_args()
     common.compile_bytecode()
     from tests.guests.build import build_guests
@@ -181,7 +271,7 @@ def main() -> None:
         p, path = start_server(tmpl, counter_args, work, shim, 4, "alone")
         servers.append(p)
         first, ans = [], []
-        for _ in range(a.runs):
+        for _ in range(0 if a.only else a.runs):
             wait_pool(path, 4, p)
             f, s, pid = one_clone(path, work)
             first.append(f)
@@ -191,9 +281,10 @@ def main() -> None:
                 mem_idle = [memory(m) for m in idle]
                 mem_run = memory(pid)
             kill(pid)
-        print("template server, one request at a time (pool of 4, refilled between):")
-        show("request -> first KVM_RUN", first)
-        show("request -> the clone answers on serial", ans)
+        if not a.only:
+            print("template server, one request at a time (pool of 4, refilled between):")
+            show("request -> first KVM_RUN", first)
+            show("request -> the clone answers on serial", ans)
 
         # --- concurrent ---------------------------------------------------------
         n = a.concurrent
@@ -202,36 +293,34 @@ def main() -> None:
         p.wait(TIMEOUT)
         p, path = start_server(idle_tmpl, idle_args, work, shim, n, "concurrent")
         servers.append(p)
-        cfirst, cans = [], []
+        cfirst, cans, server_cpu, clone_cpu = [], [], [], []
         for _ in range(a.bursts):
             wait_pool(path, n, p)
-            results: list = []
-            errors: list = []
-            barrier = threading.Barrier(n)
-
-            def worker() -> None:
-                try:
-                    barrier.wait(TIMEOUT)
-                    results.append(one_clone(path, work, ANSWER["memcheck"]))
-                except Exception as e:     # noqa: BLE001 - reported below
-                    errors.append(e)
-            threads = [threading.Thread(target=worker) for _ in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(TIMEOUT * 2)
+            time.sleep(0.2)                # the last member's restore has ended
+            before = {m: cpu_ns(m) for m in client.call(
+                path, {"execute": "query-pool"})["return"]["ready"]}
+            s0 = cpu_ns(p.pid)
+            results, s1 = concurrent_clones(path, work, n, p.pid)
+            server_cpu.append((s1 - s0) / n / 1e9)
             for f, s, pid in results:
                 cfirst.append(f)
                 cans.append(s)
+                at_run = stamp_cpu_ns(os.path.join(work, f"stamp.{pid}"))
+                if pid in before and at_run is not None:
+                    clone_cpu.append((at_run - before[pid]) / 1e9)
                 kill(pid)
-            if errors:
-                raise RuntimeError(f"{len(errors)} concurrent requests failed: {errors[0]}")
         print(f"template server, {n} concurrent requests, idle memcheck guest (pool of {n}, "
               f"filled before each burst):")
         show("request -> first KVM_RUN", cfirst)
         show("request -> the clone answers on serial", cans)
+        print(f"  CPU per request: server {common.median(server_cpu) * 1000:.2f} ms, clone "
+              f"{common.median(clone_cpu) * 1000:.2f} ms (request -> its first KVM_RUN, all "
+              f"its threads, median); {n} x (server + clone) / {os.cpu_count()} CPUs = "
+              f"{n * (common.median(server_cpu) + common.median(clone_cpu)) * 1000 / os.cpu_count():.1f} ms")
         p.send_signal(signal.SIGTERM)
         p.wait(TIMEOUT)
+        if a.only:
+            return
 
         # --- burst --------------------------------------------------------------
         for pool in (a.burst, 8):

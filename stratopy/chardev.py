@@ -21,8 +21,10 @@ path, server, nowait) and offers four operations to the machine:
   ``on_input(data)``. EOF on stdin removes its reader (no spinning).
   ``pause_input()`` / ``resume_input()``: flow control for a device that
   cannot take more input (``ConsoleInput`` at the end of this module).
-- ``close()``: restore the terminal, close fds, remove the unix socket file.
-  Idempotent.
+- ``close()``: write what is still pending (waiting for a slow reader, at
+  most ``DRAIN_STALL`` s without progress and ``DRAIN_MAX`` s in all; what
+  is left then counts in ``dropped``), restore the terminal, close fds,
+  remove the unix socket file. Idempotent.
 
 Backends:
 
@@ -56,6 +58,7 @@ import socket
 import stat
 import sys
 import termios
+import time
 import tty
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +69,10 @@ MAX_PENDING = 64 * 1024        # bytes of output buffered per chardev
 READ_CHUNK = 4096
 PIPE_CHUNK = 4096              # <= PIPE_BUF: a write poll() allows never blocks
 RETRY_DELAY = 0.01             # seconds, flush retry when the loop has no add_writer
+# close(): the last output waits for a slow reader, at most DRAIN_STALL s
+# without progress and DRAIN_MAX s in all (then the rest counts as dropped)
+DRAIN_STALL = 1.0
+DRAIN_MAX = 5.0
 
 BACKENDS = ("stdio", "pty", "file", "socket")
 
@@ -545,14 +552,36 @@ class Chardev:
         self._in_fd = self._out_fd = None
         self._pending.clear()
 
+    def _drain(self) -> None:
+        """The last output (close): wait for the reader to take what is
+        pending (a VM that exits before a slow reader has read its last
+        lines loses nothing), bounded by DRAIN_STALL / DRAIN_MAX."""
+        now = time.monotonic()
+        end, stall = now + DRAIN_MAX, now + DRAIN_STALL
+        while self._pending and self._out_fd is not None:
+            wait = min(end, stall) - time.monotonic()
+            if wait <= 0:
+                return
+            p = select.poll()
+            p.register(self._out_fd, select.POLLOUT)
+            if not p.poll(wait * 1000):
+                return
+            n = self._write_some(self._out_fd, self._pending)
+            if self._out_fd is None:      # the client went away while writing
+                return
+            if n:
+                del self._pending[:n]
+                stall = time.monotonic() + DRAIN_STALL
+
     def close(self) -> None:
         if self.closed:
             return
         if self._pending and self._out_fd is not None:
             try:
-                self._flush()      # last chance for buffered output
+                self._drain()      # last chance for buffered output
             except Exception:
                 pass
+        self.dropped += len(self._pending)
         self.detach()
         self.closed = True
         self._release()

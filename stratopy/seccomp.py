@@ -9,7 +9,11 @@ When: ``cli`` calls ``install()`` after the VM, its memory, devices, chardevs
 and QMP sockets exist and before the vCPU threads start, so no guest
 instruction runs outside the jail. ``SECCOMP_FILTER_FLAG_TSYNC`` puts every
 existing thread (the QMP threads) in it; threads created later (vCPUs)
-inherit it. A cold boot and a warm start install the same policy.
+inherit it. A cold boot and a warm start install the same policy. A template
+server's pool member installs it earlier, once restored and before it waits
+for a request (with its vCPU threads created and held); attaching the
+request's parts then runs under it, and the clone's own ``install()``
+finds the process jailed and adds no second filter.
 
 Policy (``ALLOWED`` and ``_arg_rules()`` below: the one place to extend):
 
@@ -255,6 +259,18 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+# A template server's pool member installs its filter while it waits for a
+# request; the clone's start (cli._jail) then finds it jailed already.
+_installed: dict[int, int] = {}       # pid -> the default action of its filter
+
+
+def _default_action(mode: str | None) -> int:
+    mode = os.environ.get("STRATOPY_SECCOMP", "") if mode is None else mode
+    if mode not in ("", "trap", "log"):
+        raise StratoError(f"STRATOPY_SECCOMP={mode!r}: expected 'log' or 'trap'")
+    return SECCOMP_RET_LOG if mode == "log" else SECCOMP_RET_TRAP
+
+
 def install(report_file=None, mode: str | None = None) -> float:
     """Jail this process (every thread); -> seconds it took.
 
@@ -266,10 +282,13 @@ def install(report_file=None, mode: str | None = None) -> float:
     import signal
 
     t0 = time.monotonic()
-    mode = os.environ.get("STRATOPY_SECCOMP", "") if mode is None else mode
-    if mode not in ("", "trap", "log"):
-        raise StratoError(f"STRATOPY_SECCOMP={mode!r}: expected 'log' or 'trap'")
-    default = SECCOMP_RET_LOG if mode == "log" else SECCOMP_RET_TRAP
+    default = _default_action(mode)
+    if _installed.get(os.getpid()) == default:
+        # jailed already (a template server's pool member, while it waited):
+        # a second filter would only double every syscall's check
+        faulthandler.register(signal.SIGSYS, file=report_file or sys.stderr,
+                              all_threads=False, chain=True)
+        return time.monotonic() - t0
     code = build_program(os.getpid(), default)
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
@@ -292,4 +311,5 @@ def install(report_file=None, mode: str | None = None) -> float:
         why = os.strerror(e) if rc < 0 else f"thread {rc} cannot be synchronised"
         raise StratoError(f"seccomp: cannot install the filter: {why} "
                           "(-disable-seccomp runs without it)")
+    _installed[os.getpid()] = default
     return time.monotonic() - t0

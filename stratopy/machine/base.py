@@ -69,6 +69,9 @@ class Machine:
         self.vcpu_cpuids: list = []     # the CPUID each vCPU was given
         self.runners: list[VcpuRunner] = []
         self.built = False              # the builder ran its recipe
+        # netdev and chardev ids whose backends a template server's request
+        # brings (attach_clone_parts): their devices are built without one
+        self.deferred_backends: frozenset = frozenset()
         self.backend = kvm_backend.detect()
         self.exit_code = 0
         self.shutdown_reason: str | None = None
@@ -256,6 +259,16 @@ class Machine:
     # ------------------------------------------------------------------
     # running
     # ------------------------------------------------------------------
+    def prestart_vcpus(self) -> None:
+        """Create the vCPU threads, held before their first KVM_RUN until
+        start() (a template server's pool member, while it waits)."""
+        self.require(VmState.CREATED)
+        install_kick_handler()
+        for vcpu in self.vcpus:
+            r = VcpuRunner(vcpu, self.pio, self.mmio, self.loop.device_lock, self._vcpu_stopped)
+            self.runners.append(r)
+            r.prestart()
+
     def start(self) -> None:
         self.require(VmState.CREATED)
         if not self.built:
@@ -263,7 +276,7 @@ class Machine:
         install_kick_handler()
         for ch in self.chardevs:
             ch.attach(self.loop, self._chardev_input(ch))
-        for vcpu in self.vcpus:
+        for vcpu in self.vcpus[len(self.runners):]:     # prestarted ones exist
             r = VcpuRunner(vcpu, self.pio, self.mmio, self.loop.device_lock, self._vcpu_stopped)
             self.runners.append(r)
         paused = self.config.start_paused and self.config.incoming is None

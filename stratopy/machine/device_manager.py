@@ -205,6 +205,24 @@ class DeviceManager:
             except OSError:
                 log.debug("closing a hot-replaced backend failed", exc_info=True)
 
+    def adopt_backends(self, taps: dict, consoles: dict) -> None:
+        """A template server's clone: per netdev id its opened Tap, per
+        virtconsole chardev id its opened Chardev, for the devices a pool
+        member built without them (``Machine.deferred_backends``)."""
+        for slot in self.slots:
+            cfg = slot.config
+            if cfg is None:
+                continue
+            if cfg.netdev is not None and cfg.netdev.id in taps:
+                tap = taps[cfg.netdev.id]
+                slot.device.backend = slot.backend = tap
+                self.machine.loop.add_reader(tap.fileno(), slot.net_readable)
+            elif cfg.driver == cfgmod.SERIAL and cfg.chardev is not None \
+                    and cfg.chardev.id in consoles:
+                ch = consoles[cfg.chardev.id]
+                slot.device.out, slot.backend = ch.write, ch
+                self.chardevs.append(ch)
+
     def adopt_drives(self, drives: dict) -> None:
         """A template server's clone: per drive id, the opened FileBackend
         that replaces the one the pool member restored with (same size: the

@@ -103,7 +103,7 @@ def make_device(machine, slot):
 
         ch = None
         out = lambda data: None  # noqa: E731
-        if d.chardev is not None:
+        if d.chardev is not None and d.chardev.id not in machine.deferred_backends:
             ch = Chardev(d.chardev)
             ch.open()
             machine.chardevs.append(ch)
@@ -112,7 +112,8 @@ def make_device(machine, slot):
     if d.driver == cfgmod.NET:
         from stratopy.devices.virtio.net import NetDevice
 
-        tap = open_tap(d.netdev)
+        # a template server's pool member: the request brings the tap
+        tap = None if d.netdev.id in machine.deferred_backends else open_tap(d.netdev)
         return NetDevice(tap, mac=mac_bytes(d.mac)), tap
     if d.driver == cfgmod.VSOCK:
         return make_vsock(machine.loop, d)

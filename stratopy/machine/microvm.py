@@ -117,15 +117,21 @@ class MicroVm(Machine):
         self.renew_generation_id()
 
     # --- a template server's clone (stratopy.tplserver.member) -----------------
-    def attach_clone_parts(self, serial_chardev, drives: dict) -> None:
+    def attach_clone_parts(self, serial_chardev, drives: dict, taps: dict | None = None,
+                           consoles: dict | None = None) -> None:
         """Give a pool member, restored without per-VM parts, its own: the
-        serial chardev (opened; None: no serial output) and, per drive id,
-        an opened FileBackend of the template's size (the guest's view of
-        the disk does not change: no config interrupt). Before start()."""
+        serial chardev (opened; None: no serial output); per drive id, an
+        opened FileBackend of the template's size (the guest's view of the
+        disk does not change: no config interrupt); per netdev id an opened
+        Tap and per virtconsole chardev id an opened Chardev, for the
+        devices built without them (``deferred_backends``; the net device
+        keeps its restored MAC and link, the console its state). Before
+        start(), which wires the chardevs' input."""
         if serial_chardev is not None:
             self.devices.serial_chardev = serial_chardev
             self.chardevs.append(serial_chardev)
             self.serial.set_output(serial_chardev.write)
+        self.devices.adopt_backends(taps or {}, consoles or {})
         self.devices.adopt_drives(drives)
 
     # ------------------------------------------------------------------

@@ -50,11 +50,23 @@ class VcpuRunner:
         self.first_run_at: float | None = None   # time.time() of the first KVM_RUN
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}",
                                        daemon=True)
+        self._gate: threading.Lock | None = None    # held while prestarted
 
     # --- controller side ----------------------------------------------------
+    def prestart(self) -> None:
+        """Create the thread now, blocked before its first KVM_RUN until
+        start(): a template server's pool member does this while it waits,
+        so a clone's start is a lock release, not a thread creation."""
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self.thread.start()
+
     def start(self, paused: bool = False) -> None:
         self.pause_requested = paused
-        self.thread.start()
+        if self._gate is not None:
+            self._gate.release()
+        else:
+            self.thread.start()
 
     def _kick(self) -> None:
         self.vcpu.kick_prepare()
@@ -89,6 +101,8 @@ class VcpuRunner:
         with self.cond:
             self.exit_requested = True
             self.cond.notify_all()
+        if self._gate is not None and self._gate.locked():
+            self._gate.release()            # prestarted, never started
         if self.thread.is_alive():
             self._kick()
             self.thread.join(timeout)
@@ -111,6 +125,8 @@ class VcpuRunner:
 
     def _main(self) -> None:
         vcpu, pio, mmio, lock = self.vcpu, self.pio, self.mmio, self.lock
+        if self._gate is not None:
+            self._gate.acquire()            # released by start() or stop()
         self.first_run_at = time.time()
         try:
             while not self.exit_requested:

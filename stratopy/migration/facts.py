@@ -21,14 +21,14 @@ sit anywhere on the restore command line.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from stratopy import config as cfgmod
 from stratopy.errors import TemplateError
+from stratopy.logs import get_logger
 from stratopy.machine import slots as slotmod
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _device_facts(d: cfgmod.DeviceConfig) -> dict:

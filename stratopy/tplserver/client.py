@@ -2,12 +2,16 @@
 
     stratopy-clone -server unix:PATH [-drive id=ID,file=PATH ...]
                    [-serial stdio|file,path=P|socket,path=P[,server,nowait]|pty]
+                   [-netdev tap,id=ID,ifname=NAME|fd=N|fds=N:M... ...]
+                   [-chardev BACKEND,id=ID[,path=P][,server,nowait] ...]
                    [-qmp unix:PATH,server,nowait] [-name NAME]
 
 The options are the per-VM ones of the stratopy (StratoVirt) command line
 the clone replaces, with the same syntax; everything else is the
-template's. ``-serial stdio`` hands the client's own stdin/stdout to the
-clone (SCM_RIGHTS). Exit 0 and the clone's pid on stdout, or one error
+template's. ``-serial stdio`` (and ``-chardev stdio``) hands the client's
+own stdin/stdout to the clone, ``-netdev tap,fd=N`` the client's fd N
+(SCM_RIGHTS). ``-netdev`` names a netdev of the template (each needs its
+tap), ``-chardev`` the chardev of one of its virtconsoles. Exit 0 and the clone's pid on stdout, or one error
 line on stderr and exit 1 (2 for a bad command line).
 """
 
@@ -21,7 +25,8 @@ from stratopy.tplserver import wire
 from stratopy.tplserver.request import unix_path_option
 
 USAGE = ("usage: stratopy-clone -server unix:PATH [-drive id=ID,file=PATH]... "
-         "[-serial SPEC] [-qmp unix:PATH,server,nowait] [-name NAME]")
+         "[-serial SPEC] [-netdev tap,id=ID,ifname=NAME|fd=N|fds=N:M...]... "
+         "[-chardev BACKEND,id=ID,...]... [-qmp unix:PATH,server,nowait] [-name NAME]")
 
 
 class CloneError(StratoError):
@@ -66,12 +71,21 @@ def request_clone(server: str, arguments: dict, fds: list[int] = (),
 
 def build_request(argv: list[str]) -> tuple[str, dict, list[int]]:
     """(server path, arguments, fds) from a command line (ConfigError)."""
-    from stratopy.cli_parse import _parse_drive, _parse_qmp, _parse_serial
+    from stratopy.cli_parse import (_parse_chardev, _parse_drive, _parse_netdev, _parse_qmp,
+                                    _parse_serial)
 
     server, args, fds = None, {}, []
+
+    def chardev_args(spec) -> dict:
+        if spec.backend == "stdio":
+            fds.extend([0, 1])
+            return {"in": len(fds) - 2, "out": len(fds) - 1}
+        return {"backend": spec.backend, "path": spec.path, "server": spec.server,
+                "nowait": spec.nowait}
+
     it = iter(argv)
     for opt in it:
-        if opt not in ("-server", "-drive", "-serial", "-qmp", "-name"):
+        if opt not in ("-server", "-drive", "-serial", "-qmp", "-name", "-netdev", "-chardev"):
             raise ConfigError(opt, "unknown option (" + USAGE[7:] + ")")
         value = next(it, None)
         if opt == "-server":
@@ -87,12 +101,19 @@ def build_request(argv: list[str]) -> tuple[str, dict, list[int]]:
                 continue
             if isinstance(spec, str):
                 raise ConfigError(opt, "chardev:ID is not available here")
-            if spec.backend == "stdio":
-                args["serial"] = {"in": len(fds), "out": len(fds) + 1}
-                fds += [0, 1]
+            args["serial"] = chardev_args(spec)
+        elif opt == "-netdev":
+            nd = _parse_netdev(value)
+            item: dict = {"id": nd.id}
+            if nd.ifname is not None:
+                item["ifname"] = nd.ifname
             else:
-                args["serial"] = {"backend": spec.backend, "path": spec.path,
-                                  "server": spec.server, "nowait": spec.nowait}
+                item["fds"] = list(range(len(fds), len(fds) + 1 + len(nd.extra_fds)))
+                fds.extend([nd.fd, *nd.extra_fds])
+            args.setdefault("netdevs", []).append(item)
+        elif opt == "-chardev":
+            ch = _parse_chardev(value)
+            args.setdefault("chardevs", []).append(dict(chardev_args(ch), id=ch.id))
         elif opt == "-qmp":
             q = _parse_qmp(value)
             args["qmp"] = ({"kind": "unix", "path": q.path} if q.kind == "unix"

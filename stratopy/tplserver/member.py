@@ -64,12 +64,25 @@ def _member(chan, prepared, pool_config, inherited_fds, template_config) -> int:
     except StratoError as e:
         _reply(chan, wire.error(f"restore failed: {e}"))
         return 1
+    # the template's taps and console chardevs are the request's to give
+    machine.deferred_backends = frozenset(
+        [nd.id for nd in pool_config.netdevs] + list(request.console_chardevs(pool_config)))
     try:
         builder.build_from_template(machine, prepared)
     except StratoError as e:
         _reply(chan, wire.error(f"restore failed: {e}"))
         machine.teardown()
         return 1
+    # What the clone's start would do first, done while it waits: its vCPU
+    # threads, held before their first KVM_RUN, and its seccomp filter. The
+    # filter goes in before the request: attaching the request's parts
+    # (opening drives, chardevs, QMP listeners) uses only calls it allows,
+    # and the clone's start then finds the process jailed already.
+    machine.prestart_vcpus()
+    if not pool_config.disable_seccomp:
+        from stratopy import seccomp
+
+        seccomp.install()
     try:
         wire.send(chan, {"ready": os.getpid(),
                          "restore_ms": round((time.monotonic() - t0) * 1000, 3)})
@@ -117,34 +130,65 @@ def _attach(machine, parts, fds: list[int], msg: dict) -> None:
         # a drive sent as an fd is reopened with the template drive's flags
         return f"/proc/self/fd/{fds[int(file[3:])]}" if file.startswith("fd:") else file
 
+    def open_chardev(cfg, pair):
+        i, o = pair
+        ch = Chardev(cfg, stdin_fd=fds[i], stdout_fd=fds[o]) if i is not None else Chardev(cfg)
+        opened.append(ch)
+        ch.open()
+        return ch
+
     drives = {i: d.replace(file=fd_path(d.file)) for i, d in parts.drives.items()}
+    # a tap sent as fds is adopted (the Tap owns fds[n]; the extra queues
+    # are checked, detached and closed by open_tap)
+    netdevs = {i: nd if nd.fd is None else
+               nd.replace(fd=fds[nd.fd], extra_fds=tuple(fds[n] for n in nd.extra_fds))
+               for i, nd in parts.netdevs.items()}
+    kept = {n for nd in parts.netdevs.values() if nd.fd is not None
+            for n in (nd.fd, *nd.extra_fds)}
     backends: dict = {}
+    taps: dict = {}
+    opened: list = []
     chardev = None
     try:
         for drive_id, d in drives.items():
             backends[drive_id] = devfactory.open_drive(d, option=f"drive '{drive_id}'")
+        for nd_id, nd in netdevs.items():
+            taps[nd_id] = devfactory.open_tap(nd)
+        consoles = {ch_id: open_chardev(cfg, pair)
+                    for ch_id, (cfg, pair) in parts.consoles.items()}
         if parts.serial is not None:
-            i, o = parts.serial_fds
-            if i is not None:
-                chardev = Chardev(parts.serial, stdin_fd=fds[i], stdout_fd=fds[o])
-            else:
-                chardev = Chardev(parts.serial)
-            chardev.open()
-        machine.attach_clone_parts(chardev, backends)
+            chardev = open_chardev(parts.serial, parts.serial_fds)
+        machine.attach_clone_parts(chardev, backends, taps, consoles)
     except BaseException:
-        for b in backends.values():
+        for b in list(backends.values()) + list(taps.values()):
             if machine.slots and any(s.backend is b for s in machine.slots):
                 continue
             b.close()
-        if chardev is not None and chardev not in machine.chardevs:
-            chardev.close()
-        raise
+        for ch in opened:
+            if ch not in machine.chardevs:
+                ch.close()
+        raise                            # the member ends: its fds go with it
     # the fds that became drives were reopened: the received ones go
-    used = {parts.serial_fds[0], parts.serial_fds[1]}
+    used = {parts.serial_fds[0], parts.serial_fds[1]} | kept
+    for _, pair in parts.consoles.values():
+        used |= set(pair)
     wire.close_fds(fd for n, fd in enumerate(fds) if n not in used)
     c = machine.config
+    # as a command line would say it: fd= the clone's own fd of its tap
+    named = {i: nd.replace(extra_fds=()) for i, nd in netdevs.items()}
+    chs = {ch_id: cfg for ch_id, (cfg, _) in parts.consoles.items()}
+
+    def own(d):
+        if d.netdev is not None and d.netdev.id in named:
+            return d.replace(netdev=named[d.netdev.id])
+        if d.chardev is not None and d.chardev.id in chs:
+            return d.replace(chardev=chs[d.chardev.id])
+        return d
     kw = {"serial": parts.serial, "qmp": parts.qmp,
-          "drives": tuple(drives.get(d.id, d) for d in c.drives)}
+          "drives": tuple(drives.get(d.id, d) for d in c.drives),
+          "netdevs": tuple(named.get(nd.id, nd) for nd in c.netdevs),
+          "chardevs": tuple(chs.get(ch.id, ch) for ch in c.chardevs),
+          "devices": tuple(own(d) for d in c.devices)}
     if parts.name is not None:
         kw["name"] = parts.name
     machine.config = c.replace(**kw)

@@ -10,6 +10,13 @@
   "server": bool, "nowait": bool}``; absent: the serial output is dropped;
 - ``qmp``: ``{"kind": "unix", "path": P}`` or ``{"kind": "tcp", "host": H,
   "port": N}`` (listening, as ``-qmp ...,server,nowait``); absent: none;
+- ``netdevs``: ``[{"id": ID, "ifname": NAME} | {"id": ID, "fd": N} |
+  {"id": ID, "fds": [N, M, ...]}, ...]``: a tap for each ``-netdev`` of the
+  template's command line (each clone needs its own: two VMs on one tap
+  would share its frames), as ``-netdev tap,id=ID,ifname=|fd=|fds=``;
+- ``chardevs``: ``[{"id": ID, ...a serial's fields...}, ...]``: the chardev
+  of a virtconsole of the template (its ``-chardev`` id); a console not
+  given drops its output, as a serial not given does;
 - ``name``: the clone's ``-name``.
 
 ``N`` indexes the fds sent with the request (SCM_RIGHTS, in order). A
@@ -19,6 +26,7 @@ request is refused with one RequestError line naming the field.
 from __future__ import annotations
 
 from stratopy import config as cfgmod
+from stratopy.cli_values import MAX_NET_QUEUE_PAIRS as MAX_QUEUES
 
 SERIAL_ID = "serial_chardev"          # the chardev -serial creates (StratoVirt's id)
 
@@ -41,11 +49,14 @@ class RequestError(Exception):
 class CloneParts:
     """What a pool member needs to become a clone: ``drives`` {id: DriveConfig}
     (``file`` may be ``fd:N``), ``serial`` a ChardevConfig or None with
-    ``serial_fds`` (in, out) indexes, ``qmp`` a tuple of QmpConfig."""
+    ``serial_fds`` (in, out) indexes, ``qmp`` a tuple of QmpConfig,
+    ``netdevs`` {id: NetdevConfig} (``fd``/``extra_fds``: indexes of the
+    fds sent), ``consoles`` {chardev id: (ChardevConfig, (in, out))}."""
 
-    def __init__(self, drives, serial, serial_fds, qmp, name):
+    def __init__(self, drives, serial, serial_fds, qmp, name, netdevs=None, consoles=None):
         self.drives, self.serial, self.serial_fds = drives, serial, serial_fds
         self.qmp, self.name = qmp, name
+        self.netdevs, self.consoles = netdevs or {}, consoles or {}
 
 
 def _fd_index(where: str, value, nfds: int) -> int:
@@ -73,18 +84,95 @@ def parse(msg: dict, nfds: int, template: cfgmod.MachineConfig) -> CloneParts:
     args = msg.get("arguments", {})
     if not isinstance(args, dict):
         raise RequestError("arguments: must be an object")
-    _only("arguments", args, {"drives", "serial", "qmp", "name"})
+    _only("arguments", args, {"drives", "serial", "qmp", "name", "netdevs", "chardevs"})
     drives = _drives(args.get("drives", []), nfds, template)
     serial, serial_fds = _serial(args.get("serial"), nfds)
     qmp = _qmp(args.get("qmp"))
+    netdevs = _netdevs(args.get("netdevs", []), nfds, template)
+    consoles = _consoles(args.get("chardevs", []), nfds, template)
     name = args.get("name")
     if name is not None:
         name = _string("name", name)
     used = [i for d in drives.values() if d.file.startswith("fd:") for i in [int(d.file[3:])]]
     used += [i for i in set(serial_fds) if i is not None]
+    for nd in netdevs.values():
+        used += [] if nd.fd is None else [nd.fd, *nd.extra_fds]
+    for _, fds in consoles.values():
+        used += [i for i in set(fds) if i is not None]
     if len(set(used)) != len(used):
         raise RequestError("one fd is given to two parts")
-    return CloneParts(drives, serial, serial_fds, qmp, name)
+    return CloneParts(drives, serial, serial_fds, qmp, name, netdevs, consoles)
+
+
+def console_chardevs(template: cfgmod.MachineConfig) -> set:
+    """The ids of the template's virtconsole chardevs (a request gives them)."""
+    return {d.chardev.id for d in template.devices
+            if d.driver in (cfgmod.SERIAL, cfgmod.CONSOLE) and d.chardev is not None}
+
+
+def _netdevs(items, nfds: int, template) -> dict:
+    if not isinstance(items, list):
+        raise RequestError("netdevs: must be a list")
+    by_id = {nd.id: nd for nd in template.netdevs}
+    out: dict = {}
+    for i, item in enumerate(items):
+        where = f"netdevs[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where}: must be an object")
+        _only(where, item, {"id", "ifname", "fd", "fds"})
+        nd_id = item.get("id")
+        if nd_id not in by_id:
+            have = ", ".join(sorted(by_id)) or "none"
+            raise RequestError(f"{where}: the template has no netdev {nd_id!r} (it has: {have})")
+        if nd_id in out:
+            raise RequestError(f"{where}: netdev '{nd_id}' is given twice")
+        given = [k for k in ("ifname", "fd", "fds") if k in item]
+        if len(given) != 1:
+            raise RequestError(f"{where}: give one of 'ifname', 'fd' or 'fds'")
+        if "ifname" in item:
+            from stratopy.devices.virtio.tap import ifname_problem
+
+            name = _string(f"{where}.ifname", item["ifname"])
+            problem = ifname_problem(name)
+            if problem:
+                raise RequestError(f"{where}.ifname: not a valid interface name: it {problem}")
+            out[nd_id] = by_id[nd_id].replace(ifname=name, fd=None, extra_fds=())
+            continue
+        if "fd" in item:
+            idx = [_fd_index(f"{where}.fd", item["fd"], nfds)]
+        else:
+            fds = item["fds"]
+            if not isinstance(fds, list) or not fds or len(fds) > MAX_QUEUES:
+                raise RequestError(f"{where}.fds: must be a list of 1 to {MAX_QUEUES} fd indexes")
+            idx = [_fd_index(f"{where}.fds[{j}]", x, nfds) for j, x in enumerate(fds)]
+        out[nd_id] = by_id[nd_id].replace(ifname=None, fd=idx[0], extra_fds=tuple(idx[1:]))
+    missing = sorted(set(by_id) - set(out))
+    if missing:
+        raise RequestError(f"netdevs: the template's netdev '{missing[0]}' is not given "
+                           f"(each clone needs its own tap)")
+    return out
+
+
+def _consoles(items, nfds: int, template) -> dict:
+    if not isinstance(items, list):
+        raise RequestError("chardevs: must be a list")
+    ids = console_chardevs(template)
+    out: dict = {}
+    for i, item in enumerate(items):
+        where = f"chardevs[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where}: must be an object")
+        ch_id = item.get("id")
+        if ch_id not in ids:
+            have = ", ".join(sorted(ids)) or "none"
+            raise RequestError(f"{where}: the template has no virtconsole chardev {ch_id!r} "
+                               f"(it has: {have})")
+        if ch_id in out:
+            raise RequestError(f"{where}: chardev '{ch_id}' is given twice")
+        spec = {k: v for k, v in item.items() if k != "id"}
+        cfg, fds = _serial(spec, nfds, where)
+        out[ch_id] = (cfg.replace(id=ch_id), fds)
+    return out
 
 
 def _drives(items, nfds: int, template) -> dict:
@@ -115,36 +203,36 @@ def _drives(items, nfds: int, template) -> dict:
     return out
 
 
-def _serial(spec, nfds: int):
+def _serial(spec, nfds: int, where: str = "serial"):
     if spec is None:
         return None, (None, None)
     if not isinstance(spec, dict):
-        raise RequestError("serial: must be an object")
+        raise RequestError(f"{where}: must be an object")
     if "fd" in spec or "in" in spec or "out" in spec:
-        _only("serial", spec, {"fd", "in", "out"})
+        _only(where, spec, {"fd", "in", "out"})
         if "fd" in spec:
             if len(spec) != 1:
-                raise RequestError("serial: 'fd' excludes 'in' and 'out'")
-            fd = _fd_index("serial.fd", spec["fd"], nfds)
+                raise RequestError(f"{where}: 'fd' excludes 'in' and 'out'")
+            fd = _fd_index(f"{where}.fd", spec["fd"], nfds)
             fds = (fd, fd)
         else:
-            fds = (_fd_index("serial.in", spec.get("in"), nfds),
-                   _fd_index("serial.out", spec.get("out"), nfds))
+            fds = (_fd_index(f"{where}.in", spec.get("in"), nfds),
+                   _fd_index(f"{where}.out", spec.get("out"), nfds))
         # an fd pair is a stdio chardev on those fds
         return cfgmod.ChardevConfig(id=SERIAL_ID, backend="stdio"), fds
-    _only("serial", spec, {"backend", "path", "server", "nowait"})
+    _only(where, spec, {"backend", "path", "server", "nowait"})
     backend = spec.get("backend")
     if backend not in ("file", "socket", "pty"):
-        raise RequestError(f"serial.backend: {backend!r} is not file, socket or pty "
+        raise RequestError(f"{where}.backend: {backend!r} is not file, socket or pty "
                            f"(stdio: send the fds)")
     path = spec.get("path")
     if backend != "pty":
-        path = _string("serial.path", path)
+        path = _string(f"{where}.path", path)
     elif path is not None:
-        raise RequestError("serial.path: a pty has no path")
+        raise RequestError(f"{where}.path: a pty has no path")
     server, nowait = spec.get("server", False), spec.get("nowait", False)
     if type(server) is not bool or type(nowait) is not bool:
-        raise RequestError("serial.server/nowait: must be true or false")
+        raise RequestError(f"{where}.server/nowait: must be true or false")
     return cfgmod.ChardevConfig(id=SERIAL_ID, backend=backend, path=path, server=server,
                                 nowait=nowait), (None, None)
 

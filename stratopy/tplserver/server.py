@@ -101,10 +101,6 @@ def parse_server_args(argv: list[str]):
     config = parse_args(rest)
     if config.incoming is None:
         raise ConfigError("-incoming", "is required: the server serves one template")
-    if config.netdevs or config.chardevs:
-        raise ConfigError("-netdev" if config.netdevs else "-chardev",
-                          "per-clone taps and console chardevs are not served yet "
-                          "(a template with -netdev/-chardev needs stratopy -incoming)")
     for d in config.devices:
         if d.driver == "vhost-vsock-device":
             # pool members are restored before a request names them: each

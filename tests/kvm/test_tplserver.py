@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -310,3 +311,135 @@ def test_members_that_cannot_restore_leave_the_server_answering(blk_template, se
         s.clone(drives=[{"id": "d0", "file": disk}])
     assert s.proc.poll() is None
     assert s.query()["ready"] == []
+
+
+def _status(pid: int, tid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def test_members_wait_jailed_with_their_vcpu_threads(counter_template, server):
+    """What a clone's start would do first is done while the member waits
+    (docs/performance.md, 20 concurrent requests): its seccomp filter is
+    installed, on every thread, and its vCPU thread exists (held before its
+    first KVM_RUN). The request then starts that thread, under the one
+    filter (not a second one)."""
+    args, tpl, v0 = counter_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
+    member = s.wait_ready(1)[0]
+    tasks = os.listdir(f"/proc/{member}/task")
+    assert len(tasks) == 2, tasks           # the main thread and vCPU 0's (-smp 1)
+    for t in tasks:
+        st = _status(member, t)
+        assert st["Seccomp"].strip() == "2", (t, st["Name"])
+        assert st["Seccomp_filters"].strip() == "1", (t, st["Name"])
+    pid, ser = s.clone()
+    assert pid == member
+    assert serial_count(ser) > v0           # the held vCPU thread runs the guest
+    for t in os.listdir(f"/proc/{pid}/task"):
+        assert _status(pid, t)["Seccomp_filters"].strip() == "1"
+
+
+def _tap_names(pid: int) -> list[str]:
+    """The taps process ``pid`` holds (fdinfo of its /dev/net/tun fds)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except FileNotFoundError:
+            continue
+        out += [line.split("\t", 1)[1] for line in info.splitlines() if line.startswith("iff:")]
+    return out
+
+
+def test_clones_get_their_own_tap_and_console(guests, start_vm, server, tmp_path):
+    """A template with a tap (in its own network namespace) and a virtconsole
+    on a listening unix socket: pool members open neither (the template's
+    tap is not in the server's namespace, its console socket path is never
+    bound); each request gives the clone its tap (fds by SCM_RIGHTS, or a
+    name) and its console chardev, which the clone holds and serves; a
+    request without the tap is refused. (The Linux guest's traffic over a
+    clone's own tap and console: tests/e2e/test_6_tplserver.py.)"""
+    from stratopy.devices.virtio.tap import Tap
+    from tests import netns
+
+    tpl_console = str(tmp_path / "tpl-console.sock")
+    args = base_args(guests["counter"], append=COUNTER_APPEND) + [
+        "-netdev", f"tap,id=net0,ifname={netns.TAP}",
+        "-device", "virtio-net-device,netdev=net0,id=n0,mac=52:54:00:00:00:01",
+        "-device", "virtio-serial-device,id=vser0",
+        "-chardev", f"socket,id=con0,path={tpl_console},server,nowait",
+        "-device", "virtconsole,chardev=con0,id=console0"]
+    ns = netns.new_netns()
+    try:
+        vm = start_vm(args, qmp=True, program=ns.program())
+        vm.wait_for(r"COUNTER AT 0x300000 READY", TIMEOUT)
+        q = vm.qmp(TIMEOUT)
+        try:
+            assert q.cmd("stop") == {"return": {}}
+        finally:
+            q.close()
+        tpl = str(tmp_path / "tpl")
+        take_template(vm, tpl)
+        vm.kill()
+    finally:
+        ns.close()
+    os.unlink(tpl_console)
+
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=2)
+    members = s.wait_ready(2)
+    assert not os.path.exists(tpl_console)
+    for m in members:
+        assert _tap_names(m) == []
+    suffix = os.getpid() % 100000
+    taps = [Tap(ifname=f"stpl{suffix}a")]
+    made: list[str] = []
+    try:
+        with pytest.raises(client.CloneError, match="netdev 'net0' is not given"):
+            client.request_clone(s.path, {}, timeout=TIMEOUT)
+        consoles = [str(tmp_path / f"c{n}.sock") for n in range(2)]
+        qmps = [str(tmp_path / f"c{n}.qmp") for n in range(2)]
+        pids = [client.request_clone(s.path, {
+            "netdevs": [{"id": "net0", "fds": [0]}],
+            "chardevs": [{"id": "con0", "backend": "socket", "path": consoles[0],
+                          "server": True, "nowait": True}],
+            "qmp": {"kind": "unix", "path": qmps[0]}}, [taps[0].fileno()], timeout=TIMEOUT)]
+        s.clones.append(pids[0])
+        taps[0].close()                   # the clone holds its own copy
+        taps[0] = None
+        # ifname: the clone opens it (a persistent tap, no address, removed below)
+        subprocess.run(["ip", "tuntap", "add", "dev", f"stpl{suffix}b", "mode", "tap",
+                        "vnet_hdr"], check=True, capture_output=True, timeout=TIMEOUT)
+        made.append(f"stpl{suffix}b")
+        pids.append(client.request_clone(s.path, {
+            "netdevs": [{"id": "net0", "ifname": f"stpl{suffix}b"}],
+            "chardevs": [{"id": "con0", "backend": "socket", "path": consoles[1],
+                          "server": True, "nowait": True}],
+            "qmp": {"kind": "unix", "path": qmps[1]}}, timeout=TIMEOUT))
+        s.clones.append(pids[1])
+        for n, pid in enumerate(pids):
+            assert _tap_names(pid) == [f"stpl{suffix}{'ab'[n]}"]
+            c = socket.socket(socket.AF_UNIX)
+            c.settimeout(TIMEOUT)
+            c.connect(consoles[n])         # the clone's console listens
+            c.close()
+            q = harness.Qmp(qmps[n], TIMEOUT)
+            try:
+                assert q.cmd("query-status")["return"]["status"] == "running"
+            finally:
+                q.close()
+        assert not os.path.exists(tpl_console)
+    finally:
+        for t in taps:
+            if t is not None:
+                t.close()
+        for pid in s.clones:              # a tap in use cannot be deleted
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_gone(pid)
+        for name in made:
+            subprocess.run(["ip", "tuntap", "del", "dev", name, "mode", "tap"],
+                           capture_output=True, timeout=TIMEOUT)

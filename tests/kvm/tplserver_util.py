@@ -122,8 +122,8 @@ def serial_count(sock: socket.socket) -> int:
 
 def read_all(socks: list) -> list[bytes]:
     """Everything each socket carries until EOF, read side by side: a clone
-    whose serial is not read stalls on a full socket, and its last output
-    is dropped when it exits (the chardev's pending bytes at close)."""
+    whose serial is not read stalls on a full socket (and at its exit waits
+    for its reader only a bounded time, chardev.DRAIN_STALL)."""
     import selectors
 
     out = {s: b"" for s in socks}

@@ -395,3 +395,67 @@ def test_stdio_pipe_flushes_with_the_real_event_loop():
         loop.close()
         for fd in (out_r, out_w, null):
             os.close(fd)
+
+
+@pytest.mark.parametrize("backend", ["stdio", "socket"])
+def test_close_drains_pending_output_to_a_slow_reader(tmp_path, backend):
+    """The last output of a VM that exits while its reader is slow (a unix
+    socket on stdout that the other side reads a little later, or a socket
+    chardev's client): close() waits for the reader, bounded, instead of
+    dropping what is still pending (it used to try once and drop the rest)."""
+    import threading
+
+    from tests.unit.bounded import deadline
+
+    data = bytes(range(256)) * 192        # 48 KiB: more than the socket takes at once
+    null = os.open(os.devnull, os.O_RDONLY)
+    if backend == "stdio":
+        mine, theirs = socket.socketpair()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ch = Chardev(ChardevConfig(id="x", backend="stdio"), stdin_fd=null,
+                     stdout_fd=theirs.fileno())
+        ch.open()
+    else:
+        path = str(tmp_path / "c.sock")
+        ch = Chardev(ChardevConfig(id="x", backend="socket", path=path, server=True,
+                                   nowait=True))
+        ch.open()
+        mine = socket.socket(socket.AF_UNIX)
+        mine.connect(path)
+        theirs = None
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    got = bytearray()
+
+    def slow_reader() -> None:
+        time.sleep(0.3)                   # the VM has exited by now
+        mine.settimeout(5)
+        while True:
+            chunk = mine.recv(1024)
+            if not chunk:
+                return
+            got.extend(chunk)
+            time.sleep(0.001)
+    try:
+        loop = FakeLoop()
+        ch.attach(loop, lambda d: None)
+        if backend == "socket":
+            loop.pump(0.05)               # accept the client
+            assert ch.connected
+            # a small send buffer, as the stdio case's (the default takes it all)
+            ch._client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ch.write(data)
+        assert ch.pending > 0
+        t = threading.Thread(target=slow_reader)
+        t.start()
+        with deadline(10):
+            ch.close()
+            if theirs is not None:
+                theirs.close()            # the VM process is gone: EOF
+            t.join(10)
+        assert ch.dropped == 0
+        assert bytes(got) == data
+    finally:
+        mine.close()
+        if theirs is not None and theirs.fileno() >= 0:
+            theirs.close()
+        os.close(null)

@@ -179,3 +179,16 @@ def test_vhost_ioctls_are_allowed(tmp_path):
     status, got, err = jailed(work, tmp_path=tmp_path)
     assert os.WIFEXITED(status), (status, err)
     assert got.split() == [str(errno.ENOTTY)] * len(vhost.IOCTL_NAMES), (got, err)
+
+
+def test_a_second_install_adds_no_filter(tmp_path):
+    """A template server's pool member installs its filter while it waits;
+    the clone's start (cli._jail) installs again: one filter stays (a second
+    would double every syscall's check)."""
+    def work() -> str:
+        seccomp.install(mode="trap")
+        with open("/proc/self/status") as f:
+            return re.search(r"Seccomp_filters:\s*(\d+)", f.read()).group(1)
+    status, got, err = jailed(work, tmp_path=tmp_path)
+    assert os.WIFEXITED(status), (status, err)
+    assert got == "1", err

@@ -56,6 +56,83 @@ def test_bad_requests_name_the_field(msg, nfds, why):
     assert why in str(e.value)
 
 
+NET_TEMPLATE = parse_args([
+    "-kernel", "/k", "-m", "64", "-serial", "stdio",
+    "-netdev", "tap,id=net0,ifname=t0", "-device", "virtio-net-device,netdev=net0,id=n0",
+    "-device", "virtio-serial-device,id=vser0",
+    "-chardev", "socket,id=con0,path=/tpl.sock,server,nowait",
+    "-device", "virtconsole,chardev=con0,id=console0"])
+
+
+def test_taps_and_console_chardevs_per_clone():
+    """A tap by name or by fds (a multi-queue tap's queues) for each of the
+    template's netdevs, a chardev for its virtconsole: the template's
+    netdev keeps its own fields (queues, vhost), the fds are indexes."""
+    parts = request.parse(clone(netdevs=[{"id": "net0", "ifname": "tap7"}],
+                                chardevs=[{"id": "con0", "backend": "socket", "path": "/c.sock",
+                                           "server": True, "nowait": True}]), 0, NET_TEMPLATE)
+    nd = parts.netdevs["net0"]
+    assert (nd.ifname, nd.fd, nd.extra_fds, nd.queues) == ("tap7", None, (), 1)
+    cfg, fds = parts.consoles["con0"]
+    assert (cfg.id, cfg.backend, cfg.path, cfg.server, fds) == ("con0", "socket", "/c.sock",
+                                                                True, (None, None))
+    parts = request.parse(clone(netdevs=[{"id": "net0", "fds": [2, 0]}],
+                                chardevs=[{"id": "con0", "in": 1, "out": 3}]), 4, NET_TEMPLATE)
+    nd = parts.netdevs["net0"]
+    assert (nd.ifname, nd.fd, nd.extra_fds) == (None, 2, (0,))
+    assert parts.consoles["con0"][0].backend == "stdio" and parts.consoles["con0"][1] == (1, 3)
+    # a console is optional (its output is dropped), a tap is not
+    assert request.parse(clone(netdevs=[{"id": "net0", "fd": 0}]), 1,
+                         NET_TEMPLATE).consoles == {}
+
+
+@pytest.mark.parametrize("msg, nfds, why", [
+    (clone(), 0, "netdev 'net0' is not given (each clone needs its own tap)"),
+    (clone(netdevs=[{"id": "n0", "ifname": "t"}]), 0, "no netdev 'n0' (it has: net0)"),
+    (clone(netdevs=[{"id": "net0"}]), 0, "netdevs[0]: give one of 'ifname', 'fd' or 'fds'"),
+    (clone(netdevs=[{"id": "net0", "ifname": "t", "fd": 0}]), 1, "give one of"),
+    (clone(netdevs=[{"id": "net0", "ifname": "a/b"}]), 0, "netdevs[0].ifname: not a valid"),
+    (clone(netdevs=[{"id": "net0", "fds": []}]), 0, "netdevs[0].fds: must be a list"),
+    (clone(netdevs=[{"id": "net0", "fds": [0, 5]}]), 1, "netdevs[0].fds[1]: fd index 5"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}, {"id": "net0", "fd": 1}]), 2, "given twice"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}], serial={"fd": 0}), 1, "one fd is given to two"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}], chardevs=[{"id": "con0", "fd": 0}]), 1,
+     "one fd is given to two"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}], chardevs=[{"id": "serial_chardev", "fd": 0}]), 1,
+     "no virtconsole chardev 'serial_chardev' (it has: con0)"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}], chardevs=[{"id": "con0", "backend": "vnc"}]), 1,
+     "chardevs[0].backend: 'vnc' is not file, socket or pty"),
+    (clone(netdevs=[{"id": "net0", "fd": 0}], chardevs={"id": "con0"}), 1,
+     "chardevs: must be a list"),
+])
+def test_bad_tap_and_console_requests_name_the_field(msg, nfds, why):
+    with pytest.raises(RequestError) as e:
+        request.parse(msg, nfds, NET_TEMPLATE)
+    assert why in str(e.value)
+
+
+def test_clone_command_line_sends_taps_and_consoles():
+    from stratopy.tplserver.client import build_request
+
+    r_fd, w_fd = os.pipe()
+    try:
+        server, args, fds = build_request([
+            "-server", "unix:/s", "-netdev", f"tap,id=net0,fds={r_fd}:{w_fd}",
+            "-chardev", "stdio,id=con0", "-serial", "file,path=/log"])
+    finally:
+        os.close(r_fd)
+        os.close(w_fd)
+    assert server == "/s"
+    assert args["netdevs"] == [{"id": "net0", "fds": [0, 1]}]
+    assert args["chardevs"] == [{"id": "con0", "in": 2, "out": 3}]
+    assert fds == [r_fd, w_fd, 0, 1]
+    _, args, fds = build_request(["-server", "unix:/s", "-netdev", "tap,id=net0,ifname=tap3",
+                                  "-chardev", "socket,id=con0,path=/c,server,nowait"])
+    assert args == {"netdevs": [{"id": "net0", "ifname": "tap3"}],
+                    "chardevs": [{"id": "con0", "backend": "socket", "path": "/c",
+                                  "server": True, "nowait": True}]} and fds == []
+
+
 def test_wire_keeps_fds_with_their_line_and_refuses_junk():
     a, b = socket.socketpair()
     r, w = os.pipe()
@@ -115,10 +192,9 @@ def test_adopt_backend_needs_the_same_drive_and_changes_nothing_the_guest_sees(t
     (["-listen", "unix:/s", "-pool", "0", "-kernel", "/k"], "from 1 to 256"),
     (["-listen", "unix:/s", "-kernel", "/k"], "-incoming: is required"),
     (["-listen", "unix:/s", "-kernel", "/k", "-incoming", "file:/t",
-      "-netdev", "tap,id=n0,ifname=t0", "-device", "virtio-net-device,netdev=n0,id=n0"],
-     "taps and console chardevs are not served yet"),
-    (["-listen", "unix:/s", "-kernel", "/k", "-incoming", "file:/t",
       "-device", "vhost-vsock-device,id=v,guest-cid=3"], "every clone of the pool would take guest-cid 3"),
+    (["-listen", "unix:/s", "-kernel", "/k", "-incoming", "file:/t", "-daemonize"],
+     "not with stratopy-server"),
 ])
 def test_server_command_line_refusals(argv, why):
     from stratopy.errors import ConfigError
