@@ -159,7 +159,7 @@ def apply_template(machine, prepared: PreparedTemplate, verify: str) -> None:
     machine._map_memory()
     machine._create_vcpus(prepared.cpuids)    # the template's CPUID, before any vCPU state
     # VM-wide state (irqchips, PIT, clock) before the vCPUs, as Firecracker does.
-    vcpu_state.restore_vm(machine.vm, prepared.vm_state)
+    vcpu_state.restore_vm(machine.vm, prepared.vm_state, machine.config.incoming.clock)
     for vcpu, st in zip(machine.vcpus, vcpus):
         vcpu_state.restore_vcpu(vcpu, st)
     machine._setup_legacy_devices()
