@@ -19,6 +19,7 @@ from stratopy.arch.x86_64 import cpu, layout
 from stratopy.config import MachineConfig
 from stratopy.devices.bus import Bus
 from stratopy.devices.i8042 import I8042Device
+from stratopy.devices.rtc import RTC_BASE, RTC_SIZE, CmosRtc
 from stratopy.devices.serial import Serial
 from stratopy.devices.virtio.device import VIRTIO_ID_NET
 from stratopy.devices.virtio.mmio import VirtioMmioTransport
@@ -67,6 +68,7 @@ class MicroVm:
         self.runners: list[VcpuRunner] = []
         self.slots: list[Slot] = []
         self.serial: Serial | None = None
+        self.rtc: CmosRtc | None = None
         self.ged = None                 # acpi.ged.GedDevice (VMGenID, power button)
         self.serial_chardev = None
         self.chardevs: list = []
@@ -166,6 +168,14 @@ class MicroVm:
         self.serial = Serial(irq=serial_irq, out=out)
         self.pio.insert(layout.SERIAL_PORT, 8, self.serial)
         self.pio.insert(layout.I8042_DATA_PORT, 5, I8042Device(reset=self._guest_reset))
+        # The CMOS RTC only for a guest with ACPI, which finds it in the DSDT
+        # without an IRQ. With acpi=off Linux registers it with IRQ 8, which
+        # is virtio-mmio slot 3's: rtc-cmos then takes it unshared (a kernel
+        # whose virtio_mmio is a module) and that slot's device fails, or
+        # fails itself. Without the ports its probe stops before the IRQ.
+        self.rtc = CmosRtc()
+        if not self.guest_acpi_off():
+            self.pio.insert(RTC_BASE, RTC_SIZE, self.rtc)
 
     def _slot_plan(self, placement: dict[str, int] | None = None) -> list[Slot]:
         """StratoVirt's layout: 4 blk slots, 2 net slots (always present,

@@ -46,10 +46,12 @@ class PreparedTemplate:
     member forked from it applies it; ``opened`` keeps the template's fds."""
 
     def __init__(self, opened, plan, ram, cpuids, vcpus, vm_state, serial_state, ged_state,
+                 rtc_state,
                  slots):
         self.opened, self.plan, self.ram = opened, plan, ram
         self.cpuids, self.vcpus, self.vm_state = cpuids, vcpus, vm_state
         self.serial_state, self.ged_state, self.slots = serial_state, ged_state, slots
+        self.rtc_state = rtc_state
 
 
 def restore_machine(machine, incoming) -> None:
@@ -111,6 +113,13 @@ def _parse(config, opened, plan, ram, SerialState, MmioState, GedState) -> Prepa
     sanity.check_vm(vm_state)
     serial_state = from_plain(SerialState, _get(components, "serial", dict), "serial")
     ged_state = from_plain(GedState, _get(components, "ged", dict), "ged")
+    # A template taken before the CMOS RTC existed has none: its guest never
+    # probed one, and the RTC starts in its reset state.
+    rtc_state = None
+    if "rtc" in components:
+        from stratopy.devices.rtc import RtcState
+        rtc_state = from_plain(RtcState, _get(components, "rtc", dict), "rtc")
+        rtc_state.validate()
     slot_list = _get(components, "slots", list)
     if len(slot_list) != len(plan):
         raise TemplateError(f"state file has {len(slot_list)} virtio-mmio slots, "
@@ -132,7 +141,7 @@ def _parse(config, opened, plan, ram, SerialState, MmioState, GedState) -> Prepa
         sanity.check_queues(mmio_state, f"slots[{slot.index}].transport")
         parsed_slots.append((mmio_state, saved.get("device")))
     return PreparedTemplate(opened, plan, ram, cpuids, vcpus, vm_state, serial_state,
-                            ged_state, parsed_slots)
+                            ged_state, rtc_state, parsed_slots)
 
 
 def apply_template(machine, prepared: PreparedTemplate, verify: str) -> None:
@@ -164,6 +173,8 @@ def apply_template(machine, prepared: PreparedTemplate, verify: str) -> None:
         vcpu_state.restore_vcpu(vcpu, st)
     machine._setup_legacy_devices()
     machine.serial.restore(prepared.serial_state)
+    if prepared.rtc_state is not None:
+        machine.rtc.restore(prepared.rtc_state)
     machine._setup_ged()
     machine.ged.restore(prepared.ged_state)        # validates the event bits
     plan = prepared.plan

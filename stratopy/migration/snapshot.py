@@ -75,6 +75,7 @@ def collect(machine) -> tuple[dict, dict]:
         "vm": to_plain(vcpu_state.save_vm(machine.vm)),
         "serial": to_plain(machine.serial.state()),
         "ged": to_plain(machine.ged.state()),
+        "rtc": to_plain(machine.rtc.state()),
         "slots": slots,
     }
     # what the slots hold now: hot-replaced devices in, deleted ones out
