@@ -119,7 +119,7 @@ usage: stratopy -kernel PATH [options]   (options take a single dash, as in Stra
   -device virtio-vsock-device,id=ID,guest-cid=N,uds-path=PATH   (userspace vsock over unix sockets)
   -serial stdio|pty|none|file,path=PATH|socket,path=PATH[,server][,nowait]|chardev:ID
   -qmp unix:PATH,server,nowait  |  tcp:IP:PORT,server,nowait   (repeatable)
-  -incoming file:DIR[,mapped=on|off][,verify=lazy|full]
+  -incoming file:DIR[,mapped=on|off][,verify=lazy|full][,clock=realtime|saved]
                                        start from the VM template in DIR
   -S                               start with vCPUs paused (QMP 'cont' starts them)
   -name NAME                       guest name
@@ -386,8 +386,12 @@ def _parse_incoming(text: str) -> IncomingConfig:
     if verify not in ("lazy", "full"):
         raise ConfigError(o, f"verify={verify}: use verify=lazy (default: the guest starts "
                              f"at once, its memory is checked beside it) or verify=full")
+    clock = p.take("clock") or "realtime"
+    if clock not in ("realtime", "saved"):
+        raise ConfigError(o, f"clock={clock}: use clock=realtime (default: the clone's wall "
+                             f"clock is the host's) or clock=saved (the template's)")
     p.finish()
-    return IncomingConfig(path=path, mapped=mapped, verify=verify)
+    return IncomingConfig(path=path, mapped=mapped, verify=verify, clock=clock)
 
 
 # --------------------------------------------------------------------------

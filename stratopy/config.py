@@ -277,21 +277,27 @@ class QmpConfig(_Frozen):
 
 
 class IncomingConfig(_Frozen):
-    """``-incoming file:DIR[,mapped=on|off][,verify=lazy|full]``: restore
-    from the template in ``path``.
+    """``-incoming file:DIR[,mapped=on|off][,verify=lazy|full][,clock=realtime|saved]``:
+    restore from the template in ``path``.
 
     ``mapped`` (default True): map ``DIR/memory`` copy-on-write; False: read it.
     ``verify``: ``lazy`` (default) checks the memory file's chunk digests in
     a background thread while the guest runs and stops the VM if one is
     damaged; ``full`` checks them all before the guest runs.
+    ``clock``: ``realtime`` (default) moves the guest's kvmclock forward by
+    the time elapsed since the template was taken (the clone's wall clock is
+    the host's); ``saved`` restores it as saved (the clone's wall clock is
+    the template's, as under QEMU and Firecracker's default). docs/snapshot.md.
     """
 
-    __slots__ = ("path", "mapped", "verify")
+    __slots__ = ("path", "mapped", "verify", "clock")
 
-    def __init__(self, path: str, mapped: bool = True, verify: str = "lazy"):
+    def __init__(self, path: str, mapped: bool = True, verify: str = "lazy",
+                 clock: str = "realtime"):
         _set(self, "path", path)
         _set(self, "mapped", mapped)
         _set(self, "verify", verify)
+        _set(self, "clock", clock)
 
 
 class MachineConfig(_Frozen):

@@ -249,6 +249,22 @@ def generation_id(vm: "Vm", timeout: float = 30.0) -> str:
     return guid
 
 
+def guest_clock_offset(vm: "Vm", timeout: float = 120.0) -> tuple[float, float]:
+    """(guest CLOCK_REALTIME minus the host's, round trip) in seconds.
+
+    The guest's time is busybox ash's ``$EPOCHREALTIME`` (microseconds,
+    expanded by the shell itself: no process to start, which costs a second
+    or more under PVM emulation; its ``date`` has no %N) and is compared
+    with the host's time halfway through the command's round trip, so the
+    offset is known to +-rtt/2."""
+    t0 = time.time()
+    out = vm.run("echo $EPOCHREALTIME", timeout=timeout)
+    t1 = time.time()
+    m = re.fullmatch(r"\s*(\d+\.\d+)\s*", out)
+    assert m, out
+    return float(m.group(1)) - (t0 + t1) / 2, t1 - t0
+
+
 def refused(args: list, *needles: str, timeout: float = 60.0, preexec_fn=None) -> str:
     """Run ``python -m stratopy ARGS`` expecting a refusal before any guest
     code runs: non-zero exit, nothing on the serial console (stdout), one

@@ -3,7 +3,8 @@
 Every device sits in ``\\_SB``. Names and ids are what Linux binds to:
 ``ACPI0013`` (drivers/acpi/evged.c), ``VM_GEN_COUNTER`` as a _CID
 (drivers/virt/vmgenid.c), ``PNP0C0C`` (drivers/acpi/button.c),
-``PNP0501`` (8250_pnp), ``LNRO0005`` (virtio_mmio's ACPI match).
+``PNP0501`` (8250_pnp), ``PNP0B00`` (rtc-cmos), ``LNRO0005`` (virtio_mmio's
+ACPI match).
 Run-time behaviour of the GED and the VMGenID value is in ``ged``.
 """
 
@@ -89,6 +90,19 @@ def serial_device(port: int, irq: int, uid: int = 0, dev_name: str = "COM1") -> 
     )
 
 
+def rtc_device(port: int) -> bytes:
+    """The CMOS RTC (PNP0B00): 2 I/O ports and no interrupt (it raises
+    none: devices/rtc.py). Without this entry Linux registers the RTC as a
+    platform device with IRQ 8, which a hardware-reduced machine has not
+    mapped (no legacy PIC), and rtc-cmos fails to probe (-EINVAL); with it,
+    rtc-cmos binds through PNP without an IRQ ("no alarms")."""
+    return aml.device(
+        "RTC",
+        aml.name("_HID", aml.eisa_id("PNP0B00")),
+        aml.name("_CRS", res.resource_template(res.io(port, port, 1, 2))),
+    )
+
+
 def virtio_mmio_device(index: int, base: int, size: int, irq: int) -> bytes:
     """A virtio-mmio transport (LNRO0005), as Firecracker describes them:
     the guest finds it without ``virtio_mmio.device=``. Edge, active high:
@@ -128,6 +142,7 @@ class MicrovmAcpi:
     power_button: bool = True
     sleep: bool = True        # \_S5 + the GED page's sleep registers: guest poweroff
     serial: tuple[int, int] | None = (0x3F8, 4)
+    rtc: int | None = 0x70    # the CMOS RTC's index port
     virtio: list[tuple[int, int, int]] = field(default_factory=list)
 
 
@@ -138,11 +153,13 @@ def s5_package() -> bytes:
 
 
 def microvm_dsdt_aml(config: MicrovmAcpi) -> bytes:
-    """The DSDT body: ``\\_S5`` and ``Scope(\\_SB) { COM1, V000.., VGEN,
-    PWRB, GED }``."""
+    """The DSDT body: ``\\_S5`` and ``Scope(\\_SB) { COM1, RTC, V000..,
+    VGEN, PWRB, GED }``."""
     devices = []
     if config.serial is not None:
         devices.append(serial_device(*config.serial))
+    if config.rtc is not None:
+        devices.append(rtc_device(config.rtc))
     for index, (base, size, irq) in enumerate(config.virtio):
         devices.append(virtio_mmio_device(index, base, size, irq))
     notifications = []
@@ -161,8 +178,10 @@ def microvm_dsdt_aml(config: MicrovmAcpi) -> bytes:
 
 def microvm_fadt(config: MicrovmAcpi | None = None) -> tables.FadtConfig:
     """Hardware-reduced (no PM blocks, no SCI, events through the GED);
-    buttons are control-method devices; no VGA, no CMOS RTC (the microvm
-    has neither), no i8042 announced (it only exists for ``reboot=k``);
+    buttons are control-method devices; no VGA; the CMOS RTC is not marked
+    absent (Linux then registers its platform device: devices/rtc.py; the
+    FADT's century index stays 0, the RTC's year is 2000-2069 to Linux), no
+    i8042 announced (it only exists for ``reboot=k``);
     the sleep registers in the GED page when ``config.sleep``."""
     sleep = None
     if config is not None and config.sleep:
@@ -171,7 +190,7 @@ def microvm_fadt(config: MicrovmAcpi | None = None) -> tables.FadtConfig:
     return tables.FadtConfig(
         hw_reduced=True,
         flags=tables.FADT_PWR_BUTTON | tables.FADT_SLP_BUTTON,
-        iapc_boot_arch=tables.IAPC_VGA_NOT_PRESENT | tables.IAPC_CMOS_RTC_NOT_PRESENT,
+        iapc_boot_arch=tables.IAPC_VGA_NOT_PRESENT,
         sleep_registers=sleep,
     )
 

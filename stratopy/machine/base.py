@@ -251,7 +251,8 @@ class Machine:
         from stratopy.machine import vcpu_state
 
         self.require(VmState.CREATED)
-        vcpu_state.restore_vm(self.vm, state.vm)
+        clock = self.config.incoming.clock if self.config.incoming is not None else "realtime"
+        vcpu_state.restore_vm(self.vm, state.vm, clock)
         for vcpu, st in zip(self.vcpus, state.vcpus):
             vcpu_state.restore_vcpu(vcpu, st)
         self.devices.restore(state.devices)

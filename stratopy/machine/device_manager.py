@@ -49,6 +49,7 @@ class DeviceManager:
         self.serial: Serial | None = None
         self.serial_chardev = None
         self.i8042: I8042Device | None = None
+        self.rtc = None                   # devices.rtc.CmosRtc
         self.acpi = None                # the machine's ACPI device (microvm: GedDevice)
         self.slots: list[slotmod.Slot] = []
         self.chardevs: list = []
@@ -73,6 +74,16 @@ class DeviceManager:
         self.pio.insert(layout.SERIAL_PORT, 8, self.serial)
         self.i8042 = I8042Device(reset=reset)
         self.pio.insert(layout.I8042_DATA_PORT, 5, self.i8042)
+
+    def add_rtc(self, with_ports: bool) -> None:
+        """The CMOS RTC; its ports only when ``with_ports`` (its state is in
+        every template either way, so a template's device set does not
+        depend on the guest's command line)."""
+        from stratopy.devices.rtc import RTC_BASE, RTC_SIZE, CmosRtc
+
+        self.rtc = CmosRtc()
+        if with_ports:
+            self.pio.insert(RTC_BASE, RTC_SIZE, self.rtc)
 
     def add_acpi_device(self, device, base: int, size: int) -> None:
         """The machine's ACPI event device (its state is ``DevicesState.ged``)."""
@@ -259,7 +270,7 @@ class DeviceManager:
                 id=slot.config.id if slot.config else "",
                 transport_type=MMIO_TRANSPORT, transport=slot.transport.state(),
                 device_type=slot.device.label, device=slot.device.state()))
-        return DevicesState(serial=self.serial.state(),
+        return DevicesState(serial=self.serial.state(), rtc=self.rtc.state(),
                             ged=self.acpi.state() if self.acpi is not None else None,
                             virtio=virtio)
 
@@ -287,6 +298,7 @@ class DeviceManager:
         line (``check_slots`` passed for these slots): each device first,
         then its transport (which re-activates it against guest memory)."""
         self.serial.restore(state.serial)
+        self.rtc.restore(state.rtc)
         if (state.ged is None) != (self.acpi is None):
             raise TemplateError("devices.ged: the template's ACPI device does not match "
                                 "this machine's")

@@ -74,6 +74,12 @@ class MicroVm(Machine):
         """8250 + i8042, the GED, then every virtio-mmio slot (cold boot and
         warm start alike; a warm start restores their state afterwards)."""
         self.devices.add_legacy_devices(reset=self._guest_reset)
+        # The CMOS RTC's ports only for a guest with ACPI, which finds it in
+        # the DSDT without an IRQ. With acpi=off Linux registers it with IRQ
+        # 8, which is virtio-mmio slot 3's: rtc-cmos then takes it unshared
+        # (a kernel whose virtio_mmio is a module) and that slot's device
+        # fails, or fails itself. Without the ports its probe stops first.
+        self.devices.add_rtc(with_ports=not self.guest_acpi_off())
         self._setup_ged()
         self.devices.add_virtio_slots(slots)
 

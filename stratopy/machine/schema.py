@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol, TypeVar
 
 from stratopy.acpi.ged import GedState
+from stratopy.devices.rtc import RtcState
 from stratopy.devices.serial import SerialState
 from stratopy.machine.vcpu_state import VcpuState, VmArchState
 from stratopy.record import StateRecord
@@ -91,8 +92,9 @@ class VirtioSlotState(StateRecord):
 class DevicesState(StateRecord):
     """Every device the DeviceManager owns."""
 
-    __slots__ = ("serial", "ged", "virtio")
+    __slots__ = ("serial", "rtc", "ged", "virtio")
     serial: SerialState
+    rtc: RtcState
     ged: Optional[GedState]
     virtio: list[VirtioSlotState]
 

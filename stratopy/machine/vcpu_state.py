@@ -166,10 +166,12 @@ def save_vm(vm) -> VmArchState:
                        pit=vm.get_pit2(), clock=vm.get_clock())
 
 
-def restore_vm(vm, st: VmArchState) -> None:
+def restore_vm(vm, st: VmArchState, clock: str = "realtime") -> None:
+    """``clock``: ``realtime`` advances kvmclock by the time since the
+    template was taken, ``saved`` restores it as saved (IncomingConfig)."""
     # irqchip and PIT exist already (created before the vCPUs); set their state.
     vm.set_irqchip(st.pic_master)
     vm.set_irqchip(st.pic_slave)
     vm.set_irqchip(st.ioapic)
     vm.set_pit2(st.pit)
-    vm.set_clock(st.clock)
+    vm.set_clock(st.clock, advance_to_now=clock == "realtime")

@@ -96,6 +96,14 @@ MICROVM_ASL = r"""
                 Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {4}
             })
         }
+        Device (RTC)
+        {
+            Name (_HID, EisaId ("PNP0B00"))
+            Name (_CRS, ResourceTemplate ()
+            {
+                IO (Decode16, 0x0070, 0x0070, 0x01, 0x02, )
+            })
+        }
 %(virtio)s        Device (VGEN)
         {
             Name (_HID, "QEMUVGID")
@@ -162,6 +170,9 @@ def test_microvm_dsdt_disassembles_to_the_devices_meant(tmp_path):
         "Method (ADDR, 0, NotSerialized) { Return (Package (0x02) { 0x000FF000, Zero })",
         'Device (PWRB) { Name (_HID, EisaId ("PNP0C0C") /* Power Button Device */)',
         'Device (COM1) { Name (_HID, EisaId ("PNP0501")',
+        'Device (RTC) { Name (_HID, EisaId ("PNP0B00") /* AT Real-Time Clock */)',
+        "IO (Decode16, 0x0070, // Range Minimum 0x0070, // Range Maximum 0x01, // Alignment "
+        "0x02, // Length )",
         "IO (Decode16, 0x03F8, // Range Minimum 0x03F8, // Range Maximum 0x01, // Alignment "
         "0x08, // Length )",
         'Device (V001) { Name (_HID, "LNRO0005")',
@@ -285,7 +296,7 @@ def test_microvm_fadt_as_iasl_reads_it(tmp_path):
         layout.addresses["DSDT"]
     assert bits["Hardware Reduced (V5)"] == "1"
     assert bits["Control Method Power Button (V1)"] == "1"
-    assert bits["VGA Not Present (V4)"] == "1" and bits["CMOS RTC Not Present (V5)"] == "1"
+    assert bits["VGA Not Present (V4)"] == "1" and bits["CMOS RTC Not Present (V5)"] == "0"
     assert bits["8042 Present on ports 60/64 (V2)"] == "0"
     assert f["SCI Interrupt"] == "0000"
     # the hardware-reduced sleep registers: bytes 4 and 5 of the GED page

@@ -94,6 +94,14 @@ def test_incoming_mapped_off():
     assert cfg.incoming == IncomingConfig(path="/t", mapped=False)
 
 
+def test_incoming_clock_policy():
+    # realtime (default): kvmclock advanced to now; saved: as the template had it
+    assert parse_args(SEED_RESTORE).incoming.clock == "realtime"
+    for policy in ("realtime", "saved"):
+        cfg = parse_args(SEED_RESTORE[:-1] + [f"file:/t,clock={policy}"])
+        assert cfg.incoming == IncomingConfig(path="/t", clock=policy)
+
+
 def test_config_is_frozen():
     cfg = parse_args(SEED_BOOT)
     with pytest.raises(AttributeError, match="frozen"):
@@ -476,6 +484,7 @@ ERRORS = [
     (K + ["-incoming", "/tmp/t"], "-incoming", "file:DIR"),
     (K + ["-incoming", "file:"], "-incoming", "empty"),
     (K + ["-incoming", "file:/t,mapped=maybe"], "-incoming", "mapped"),
+    (K + ["-incoming", "file:/t,clock=host"], "-incoming", "clock=realtime"),
     (K + ["-incoming", "file:/t,uffd_sock=/s"], "-incoming", "unknown property"),
     # combinations
     (K + ["-pidfile", "/tmp/p"], "-pidfile", "requires -daemonize"),

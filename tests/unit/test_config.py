@@ -72,7 +72,7 @@ def test_replace_copies_with_changes_and_rejects_unknown_fields():
 
 
 def test_repr_names_every_field():
-    assert repr(c.IncomingConfig("/t")) == "IncomingConfig(path='/t', mapped=True, verify='lazy')"
+    assert repr(c.IncomingConfig("/t")) == "IncomingConfig(path='/t', mapped=True, verify='lazy', clock='realtime')"
     text = repr(_sample())
     assert text.startswith("MachineConfig(machine_type='microvm', ")
     assert "disable_seccomp=False)" in text and "DriveConfig(id='d0'" in text

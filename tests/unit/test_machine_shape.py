@@ -22,6 +22,7 @@ from stratopy.devices.virtio.mmio import MmioState
 from stratopy.devices.virtio.net import NetState
 from stratopy.devices.virtio.queue import QueueState
 from stratopy.errors import LifecycleError, TemplateError
+from stratopy.devices.rtc import RtcState
 from stratopy.machine.base import TRANSITIONS, Machine, VmState
 from stratopy.machine.device_manager import DeviceManager
 from stratopy.machine.eventloop import EventLoop
@@ -61,8 +62,9 @@ def _tree() -> MachineState:
                           transport_type="virtio-mmio", transport=MmioState(),
                           device_type="virtio-net",
                           device=NetState(mac="", acked_features=0, link_up=False))
-    devices = DevicesState(serial=SerialState(in_buffer=b"ab"), ged=GedState(pending=1),
-                           virtio=[blk, net])
+    devices = DevicesState(serial=SerialState(in_buffer=b"ab"),
+                           rtc=RtcState(index=0x0B, cmos=bytes(range(128))),
+                           ged=GedState(pending=1), virtio=[blk, net])
     return MachineState(machine_type="microvm", vm=vm, vcpus=[vcpu], devices=devices)
 
 
@@ -399,6 +401,7 @@ def _built(config, mem) -> DevMachine:
 
     m = DevMachine(config, mem)
     m.devices.add_legacy_devices(reset=lambda: None)
+    m.devices.add_rtc(with_ports=True)
     m.devices.add_virtio_slots(slotmod.plan_slots(config))
     return m
 

@@ -108,7 +108,7 @@ DATACLASSES_AT_START = {
     "stratopy.machine.vcpu_state.VmArchState", "stratopy.migration.memfile.MemoryImage",
     "stratopy.qmp.protocol.Request", "stratopy.qmp.protocol.ProtocolError",
     "stratopy.qmp.listen.UnixListener", "stratopy.qmp.listen.TcpListener",
-    "stratopy.acpi.ged.GedState",
+    "stratopy.acpi.ged.GedState", "stratopy.devices.rtc.RtcState",
 }
 
 _DATACLASS_PROBE = """

@@ -145,11 +145,22 @@ def set_lint(lapic: uapi.kvm_lapic_state) -> None:
         struct.pack_into("<I", lapic, off, (v & ~0x700) | (mode << 8))
 
 
+# CPUID 0x80000007 EDX bit 8. Hidden from the guest, as QEMU's CPU models and
+# its migratable `-cpu host` do: with it Linux rates kvm-clock below the TSC
+# (arch/x86/kernel/kvmclock.c: 299 < 300) and keeps time with the raw TSC,
+# which the monitor cannot set on a restore (on a PVM host it is the host's
+# and jumps by the template's age; on another host it may tick at another
+# rate). Without it the guest keeps time with kvm-clock, which the monitor
+# restores as the -incoming clock= policy says (docs/snapshot.md, "Clock").
+INVARIANT_TSC = 1 << 8
+
+
 def filter_cpuid(entries: list, cpu_index: int, num_cpus: int) -> None:
     """Per-vCPU adjustments to KVM_GET_SUPPORTED_CPUID entries (in place).
 
     Leaf 1: APIC id, logical count, hypervisor bit; leaf 0xb/0x1f: x2APIC id
-    and one thread per core, all cores in one package.
+    and one thread per core, all cores in one package; leaf 0x80000007: no
+    invariant TSC (see INVARIANT_TSC).
     """
     for e in entries:
         if e.function == 1:
@@ -160,6 +171,8 @@ def filter_cpuid(entries: list, cpu_index: int, num_cpus: int) -> None:
         elif e.function == 4:
             # cores per package - 1 in EAX[31:26]
             e.eax = (e.eax & 0x03FFFFFF) | ((min(num_cpus, 64) - 1) << 26)
+        elif e.function == 0x80000007:
+            e.edx &= ~INVARIANT_TSC
         elif e.function in (0xB, 0x1F):
             e.edx = cpu_index
             if e.index == 0:          # SMT level: 1 thread per core
