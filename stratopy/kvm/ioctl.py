@@ -29,15 +29,9 @@ from stratopy.ioctl_codes import (  # noqa: F401
     _IOC_DIR, _IOC_TYPE, _IOC_NR, _IOC_SIZE,
     get_errno as _get_errno, libc_ioctl as _libc_ioctl,
 )
+from stratopy import ioctl_codes as _codes
 
-__all__ = [
-    "_IOC_NRBITS", "_IOC_TYPEBITS", "_IOC_SIZEBITS", "_IOC_DIRBITS",
-    "_IOC_NRSHIFT", "_IOC_TYPESHIFT", "_IOC_SIZESHIFT", "_IOC_DIRSHIFT",
-    "_IOC_NONE", "_IOC_WRITE", "_IOC_READ",
-    "_IOC", "_IO", "_IOR", "_IOW", "_IOWR",
-    "_IOC_DIR", "_IOC_TYPE", "_IOC_NR", "_IOC_SIZE",
-    "KVMIO", "ioctl", "ioctl_name",
-]
+__all__ = [n for n in _codes.__all__ if n.startswith("_IO")] + ["KVMIO", "ioctl", "ioctl_name"]
 
 KVMIO = 0xAE
 

@@ -42,7 +42,7 @@ from stratopy.devices.virtio.device import VirtioDevice
 from stratopy.devices.virtio.vhost import KERNEL_QUEUES
 from stratopy.devices.virtio.vsock import (
     EVENT_QUEUE, EVENT_QUEUE_SIZE, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE,
-    VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+    VIRTIO_ID_VSOCK, TransportResetEvents)
 from stratopy.errors import DeviceError, TemplateError
 
 #: device-specific feature bits the transport can offer (virtio-mmio: 0..23)
@@ -60,7 +60,7 @@ class VhostVsockState:
     last_avail_idx: list[int] = field(default_factory=lambda: [0, 0])
 
 
-class VhostVsockDevice(VirtioDevice):
+class VhostVsockDevice(TransportResetEvents, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE)
     label = "vhost-vsock"
@@ -154,28 +154,6 @@ class VhostVsockDevice(VirtioDevice):
             # a kick the monitor saw (a restore looks at every queue once):
             # it is the kernel's
             os.eventfd_write(self.kick_fds[index], 1)
-
-    def _send_reset_event(self) -> None:
-        q = self._ready_queue(EVENT_QUEUE)
-        if not self.reset_event_pending or q is None:
-            return
-        mem = self.mem
-        try:
-            for _ in range(q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    return                       # owed until the driver posts one
-                writable = [(a, n) for a, n, w in chain.buffers if w]
-                if not writable or writable[0][1] < 4:
-                    q.add_used(mem, chain.head, 0)   # cannot hold an event
-                    continue
-                mem.write(writable[0][0], struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-                q.add_used(mem, chain.head, 4)
-                self.reset_event_pending = False
-                break
-        except Exception as e:  # noqa: BLE001
-            self._broke(e)
-        self.signal_used(EVENT_QUEUE)
 
     # --- snapshot ----------------------------------------------------------------
     def state(self) -> VhostVsockState:

@@ -106,7 +106,36 @@ class VsockState:
     acked_features: int = 0
 
 
-class VsockDevice(VirtioDevice):
+class TransportResetEvents:
+    """The event queue's one event, shared by the userspace and the vhost
+    device: after a restore the driver is owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+    (its connections are gone) in the first buffer it posts on the event
+    queue. Mixed into a VirtioDevice that has ``reset_event_pending``."""
+
+    def _send_reset_event(self) -> None:
+        q = self._ready_queue(EVENT_QUEUE)
+        if not self.reset_event_pending or q is None:
+            return
+        mem = self.mem
+        try:
+            for _ in range(q.size):
+                chain = q.pop(mem)
+                if chain is None:
+                    return                       # owed until the driver posts one
+                writable = [(a, n) for a, n, w in chain.buffers if w]
+                if not writable or writable[0][1] < 4:
+                    q.add_used(mem, chain.head, 0)   # cannot hold an event
+                    continue
+                mem.write(writable[0][0], struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                q.add_used(mem, chain.head, 4)
+                self.reset_event_pending = False
+                break
+        except Exception as e:  # noqa: BLE001
+            self._broke(e)
+        self.signal_used(EVENT_QUEUE)
+
+
+class VsockDevice(TransportResetEvents, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE)
     avail_features = 0
@@ -150,28 +179,6 @@ class VsockDevice(VirtioDevice):
         elif index == EVENT_QUEUE:
             # buffers are kept for a transport reset; one may be owed
             self._send_reset_event()
-
-    def _send_reset_event(self) -> None:
-        q = self._ready_queue(EVENT_QUEUE)
-        if not self.reset_event_pending or q is None:
-            return
-        mem = self.mem
-        try:
-            for _ in range(q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    return                       # owed until the driver posts one
-                writable = [(a, n) for a, n, w in chain.buffers if w]
-                if not writable or writable[0][1] < 4:
-                    q.add_used(mem, chain.head, 0)   # cannot hold an event
-                    continue
-                mem.write(writable[0][0], struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-                q.add_used(mem, chain.head, 4)
-                self.reset_event_pending = False
-                break
-        except Exception as e:  # noqa: BLE001
-            self._broke(e)
-        self.signal_used(EVENT_QUEUE)
 
     # --- guest -> host -------------------------------------------------------
     def _process_tx(self) -> None:
