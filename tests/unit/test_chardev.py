@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import select
@@ -358,6 +359,72 @@ def test_stdio_pipe_pending_flushes_later():
 def test_unknown_backend():
     with pytest.raises(StratoError):
         Chardev(ChardevConfig(id="u", backend="tcp"))
+
+
+@pytest.mark.parametrize("backend, cls_name", [
+    ("stdio", "StdioChardev"), ("pty", "PtyChardev"),
+    ("file", "FileChardev"), ("socket", "SocketChardev")])
+def test_chardev_makes_the_backend_class(tmp_path, backend, cls_name):
+    """One class per backend: Chardev(cfg) dispatches on cfg.backend."""
+    import stratopy.chardev as chardev_mod
+
+    cfg = ChardevConfig(id="b", backend=backend, path=str(tmp_path / "x"))
+    ch = Chardev(cfg)
+    cls = getattr(chardev_mod, cls_name)
+    assert type(ch) is cls and isinstance(ch, Chardev)
+    assert ch.backend == backend and backend in chardev_mod.BACKENDS
+    assert cls(cfg).backend == backend          # the class itself works too
+    assert not ch.opened                        # construction opens nothing
+
+
+def test_backend_class_refuses_another_backends_config(tmp_path):
+    from stratopy.chardev import FileChardev, PtyChardev
+
+    with pytest.raises(StratoError, match="given to the pty backend"):
+        PtyChardev(ChardevConfig(id="m", backend="socket", path=str(tmp_path / "s")))
+    with pytest.raises(StratoError, match="file backend needs a path"):
+        FileChardev(ChardevConfig(id="m", backend="file"))
+
+
+def test_pty_without_slave_client_keeps_reading_and_buffering():
+    """EIO on the master (no slave open) is the pty's 'nobody there', not
+    the end of input (other backends stop reading on a read error) and
+    not a reason to drop output."""
+    ch = Chardev(ChardevConfig(id="p", backend="pty"), stderr=io.StringIO())
+    ch.open()
+    loop = FakeLoop()
+    ch.attach(loop, lambda d: None)
+    master, slave = ch._own_fds
+    ch._own_fds.remove(slave)
+    os.close(slave)                 # the master now reads EIO
+    try:
+        ch._on_readable()
+        assert ch.input_fds() == [master] and master in loop.readers
+        assert ch._write_error(OSError(errno.EIO, "EIO"), 3, 10) == 3
+        assert ch.dropped == 0
+        assert ch._write_error(OSError(errno.EBADF, "EBADF"), 3, 10) == 10
+        assert ch.dropped == 7
+    finally:
+        ch.close()
+
+
+def test_stdio_read_error_ends_input():
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        ch = Chardev(ChardevConfig(id="x", backend="stdio"), stdin_fd=r, stdout_fd=null)
+        ch.open()
+        loop = FakeLoop()
+        ch.attach(loop, lambda d: None)
+        ch._read_error(r, OSError(errno.EIO, "EIO"))
+        assert ch.input_fds() == [] and r not in loop.readers
+        ch.pause_input()
+        ch.resume_input()               # input that ended never comes back
+        assert ch.input_fds() == []
+        ch.close()
+    finally:
+        for fd in (r, w, null):
+            os.close(fd)
 
 
 def test_stdio_pipe_flushes_with_the_real_event_loop():

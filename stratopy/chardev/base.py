@@ -1,65 +1,19 @@
-"""Character backends: what ``-serial`` and ``-chardev`` connect a UART or a
-virtio console to.
+"""The machinery every character backend shares: guest output (write,
+the bounded pending buffer, flush, the drain at close), input flow (attach,
+pause/resume) and the fd bookkeeping. What differs per backend -- how the
+host side is opened, what a read or write error or a hang-up means, what
+close() must undo -- is a hook a subclass in ``stratopy.chardev.backends``
+overrides (the package docstring describes the backends).
 
-``Chardev(cfg)`` takes a ``stratopy.config.ChardevConfig`` (id, backend,
-path, server, nowait) and offers four operations to the machine:
-
-- ``open()``: acquire the host side (fds, terminal mode, socket file).
-  Errors are ``StratoError`` naming the chardev.
-- ``write(data)``: guest output. Never blocks the device thread for long:
-  fds this module owns (pty master, socket client) are non-blocking and what
-  does not fit goes to a bounded pending buffer (``MAX_PENDING`` bytes; the
-  excess is dropped and counted in ``dropped``), flushed when the fd becomes
-  writable again. Stdout is written with blocking writes when it is a
-  terminal or a regular file; a pipe or socket on stdout is shared with the
-  parent (its O_NONBLOCK flag cannot be changed safely), so it is only
-  written when poll() says it can take a chunk.
-- ``attach(loop, on_input)``: register the fds that carry input with the
-  event loop (``loop.add_reader(fd, cb)`` / ``loop.remove_reader(fd)``;
-  ``loop.add_writer``/``remove_writer`` or ``call_later`` are used when the
-  loop has them, to flush pending output). Input bytes reach
-  ``on_input(data)``. EOF on stdin removes its reader (no spinning).
-  ``pause_input()`` / ``resume_input()``: flow control for a device that
-  cannot take more input (``ConsoleInput`` at the end of this module).
-- ``close()``: write what is still pending (waiting for a slow reader, at
-  most ``DRAIN_STALL`` s without progress and ``DRAIN_MAX`` s in all; what
-  is left then counts in ``dropped``), restore the terminal, close fds,
-  remove the unix socket file. Idempotent.
-
-Backends:
-
-- ``stdio``: input from stdin, output to stdout. A terminal on stdin is put
-  in raw mode (like StratoVirt's cfmakeraw) and restored at close(), with an
-  atexit safety net.
-- ``pty``: a new pseudo-terminal; the slave is put in raw mode and its path
-  (``pty_path``) is announced on stderr as QEMU does:
-  ``char device redirected to /dev/pts/N (label ID)``. The slave fd is kept
-  open so that the master never reports a hang-up when no client is there.
-- ``file``: output appended to ``path``; no input. Opened by
-  ``stratopy.files.create_private``: created 0600 whatever the umask, a
-  FIFO, directory or device (but /dev/null) is refused, never waited on.
-- ``socket``: with ``server``, a unix stream server at ``path`` (a stale
-  socket file is removed, the new one is chmod 0600 before ``listen()``, so
-  whatever the umask no other user can connect even for a moment: a
-  connect to a socket that is not listening yet is refused), serving one
-  client at a time
-  (others wait in the backlog); output goes to the client (dropped when
-  there is none), input comes from it. Without ``nowait`` open() waits for
-  the first client. Without ``server`` it connects to ``path``.
+``Chardev(cfg, ...)`` makes the subclass registered for ``cfg.backend``
+(``__new__`` dispatches), so callers never name a backend class.
 """
 
 from __future__ import annotations
 
-import atexit
-import errno
 import os
 import select
-import socket
-import stat
-import sys
-import termios
 import time
-import tty
 from collections.abc import Callable
 from typing import Any
 
@@ -74,36 +28,58 @@ RETRY_DELAY = 0.01             # seconds, flush retry when the loop has no add_w
 DRAIN_STALL = 1.0
 DRAIN_MAX = 5.0
 
-BACKENDS = ("stdio", "pty", "file", "socket")
-
-
-def _set_cloexec_nonblock(fd: int) -> None:
-    os.set_inheritable(fd, False)
-    os.set_blocking(fd, False)
+# backend name -> subclass; filled by Chardev.__init_subclass__
+_REGISTRY: dict[str, type[Chardev]] = {}
 
 
 class Chardev:
-    """One character backend (see the module docstring)."""
+    """One character backend (see the package docstring).
+
+    ``Chardev(cfg)`` returns an instance of the subclass for ``cfg.backend``
+    (an unknown backend is a ``StratoError``). A subclass names its backend
+    (``backend = "pty"``) and overrides the hooks: ``_open`` (required),
+    ``_attach_input``, ``_read_error``, ``_read_eof``, ``_write_error``,
+    ``_release``, ``connected``.
+    """
+
+    backend: str = ""
+    needs_path = False            # -chardev BACKEND,path=... is required
+    has_input = True              # the backend carries guest input at all
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        name = cls.__dict__.get("backend")
+        if name:
+            _REGISTRY[name] = cls
+
+    def __new__(cls, cfg: Any, *args: Any, **kw: Any) -> Chardev:
+        if cls is Chardev:
+            backend = getattr(cfg, "backend", None)
+            sub = _REGISTRY.get(backend) if isinstance(backend, str) else None
+            if sub is None:
+                raise StratoError(f"chardev {getattr(cfg, 'id', '')}: "
+                                  f"unknown backend {backend!r}")
+            cls = sub
+        return super().__new__(cls)
 
     def __init__(self, cfg: Any, *, stdin_fd: int | None = None,
                  stdout_fd: int | None = None, stderr: Any = None,
                  max_pending: int = MAX_PENDING) -> None:
         self.cfg = cfg
         self.id = getattr(cfg, "id", "")
-        self.backend = getattr(cfg, "backend", None)
-        if self.backend not in BACKENDS:
-            raise StratoError(f"chardev {self.id}: unknown backend {self.backend!r}")
-        if self.backend in ("file", "socket") and not getattr(cfg, "path", None):
-            raise StratoError(f"chardev {self.id}: {self.backend} backend needs a path")
+        backend = getattr(cfg, "backend", self.backend)
+        if backend != self.backend:
+            # a backend class constructed directly with another backend's config
+            raise StratoError(f"chardev {self.id}: backend {backend!r} given to "
+                              f"the {self.backend} backend")
         self.path: str | None = getattr(cfg, "path", None)
-        self.server = bool(getattr(cfg, "server", False))
-        self.nowait = bool(getattr(cfg, "nowait", False))
+        if self.needs_path and not self.path:
+            raise StratoError(f"chardev {self.id}: {self.backend} backend needs a path")
         self._stdin_fd = 0 if stdin_fd is None else stdin_fd
         self._stdout_fd = 1 if stdout_fd is None else stdout_fd
         self._stderr = stderr
         self.max_pending = max_pending
 
-        self.pty_path: str | None = None
         self.opened = False
         self.closed = False
         self.dropped = 0                      # output bytes dropped (buffer full)
@@ -113,12 +89,6 @@ class Chardev:
         self._out_blocking = False            # blocking writes are fine on _out_fd
         self._out_poll = False                # poll before writing (shared pipe)
         self._own_fds: list[int] = []         # fds close() must close
-        self._saved_tc: list | None = None    # termios attrs to restore
-        self._tc_fd: int | None = None
-        self._atexit = None
-        self._listen: socket.socket | None = None
-        self._client: socket.socket | None = None
-        self._sock_path_created = False
         self._pending = bytearray()
 
         self._loop: Any = None
@@ -136,7 +106,7 @@ class Chardev:
         if self.opened:
             return
         try:
-            getattr(self, "_open_" + self.backend)()
+            self._open()
         except OSError as e:
             self._release()
             where = f" {self.path}" if self.path else ""
@@ -147,129 +117,11 @@ class Chardev:
             raise
         self.opened = True
 
-    def _open_stdio(self) -> None:
-        self._in_fd = self._stdin_fd
-        self._out_fd = self._stdout_fd
-        try:
-            mode = os.fstat(self._out_fd).st_mode
-            tty_out = os.isatty(self._out_fd)
-        except OSError:
-            mode, tty_out = 0, False
-        if tty_out or stat.S_ISREG(mode) or stat.S_ISCHR(mode):
-            self._out_blocking = True
-        else:
-            self._out_poll = True
-        if os.isatty(self._in_fd):
-            self._saved_tc = termios.tcgetattr(self._in_fd)
-            self._tc_fd = self._in_fd
-            self._atexit = self._restore_terminal
-            atexit.register(self._atexit)
-            tty.setraw(self._in_fd, termios.TCSANOW)
-
-    def _open_pty(self) -> None:
-        master, slave = os.openpty()
-        self._own_fds += [master, slave]
-        tty.setraw(slave, termios.TCSANOW)
-        _set_cloexec_nonblock(master)
-        os.set_inheritable(slave, False)
-        self.pty_path = os.ttyname(slave)
-        self._in_fd = self._out_fd = master
-        msg = f"char device redirected to {self.pty_path} (label {self.id})\n"
-        err = self._stderr if self._stderr is not None else sys.stderr
-        try:
-            err.write(msg)
-            err.flush()
-        except (OSError, ValueError):
-            pass
-
-    def _open_file(self) -> None:
-        from stratopy import files
-
-        # ConfigError ("chardev ID: PATH is a FIFO, ..."): a StratoError
-        fd = files.create_private(self.path, f"chardev {self.id}", "file")
-        self._own_fds.append(fd)
-        self._out_fd = fd
-        self._out_blocking = True
-
-    def _open_socket(self) -> None:
-        path = self.path
-        if not self.server:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(path)
-            except OSError:
-                s.close()
-                raise
-            s.setblocking(False)
-            self._set_client(s)
-            return
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StratoError(f"chardev {self.id}: {path} exists and is not a socket; "
-                                  "refusing to replace it")
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(path)
-            self._sock_path_created = True
-            os.chmod(path, 0o600)
-            s.listen(1)
-        except OSError:
-            s.close()
-            raise
-        s.setblocking(False)
-        self._listen = s
-        if not self.nowait:
-            # Wait for the first client before the VM starts (QEMU's "wait").
-            select.select([s], [], [])
-            self._accept()
-
-    # ------------------------------------------------------------------
-    # socket clients
-    # ------------------------------------------------------------------
-    def _set_client(self, s: socket.socket) -> None:
-        self._client = s
-        fd = s.fileno()
-        self._in_fd = self._out_fd = fd
-        self._pending.clear()
-
-    def _accept(self) -> None:
-        if self._listen is None or self._client is not None:
-            return
-        try:
-            conn, _ = self._listen.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return
-        conn.setblocking(False)
-        self._set_client(conn)
-        if self._loop is not None:
-            self._remove_reader(self._listen.fileno())   # one client at a time
-            if not self._input_paused:
-                self._add_reader(conn.fileno(), self._on_readable)
-
-    def _drop_client(self) -> None:
-        s = self._client
-        if s is None:
-            return
-        fd = s.fileno()
-        if self._loop is not None:
-            self._remove_reader(fd)
-            self._cancel_writer()
-        self._client = None
-        self._in_fd = self._out_fd = None
-        self._pending.clear()
-        try:
-            s.close()
-        except OSError:
-            pass
-        if self._listen is not None and self._loop is not None and not self.closed:
-            self._add_reader(self._listen.fileno(), self._accept)
+    def _open(self) -> None:
+        """Hook: acquire the host side, set ``_in_fd``/``_out_fd`` and the
+        write mode; fds to close go to ``_own_fds``. OSError is reported by
+        open() with the chardev's name; what was acquired is released."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------
     # event loop
@@ -280,15 +132,14 @@ class Chardev:
             self.open()
         self._loop = loop
         self._on_input = on_input
-        if self.backend == "socket":
-            if self._client is not None:
-                self._add_reader(self._client.fileno(), self._on_readable)
-            elif self._listen is not None:
-                self._add_reader(self._listen.fileno(), self._accept)
-        elif self.backend in ("stdio", "pty") and self._in_fd is not None:
-            self._add_reader(self._in_fd, self._on_readable)
+        self._attach_input()
         if self._pending:
             self._arm_flush()
+
+    def _attach_input(self) -> None:
+        """Hook: register what carries input with the (new) loop."""
+        if self.has_input and self._in_fd is not None:
+            self._add_reader(self._in_fd, self._on_readable)
 
     def detach(self) -> None:
         """Unregister every fd from the loop (input stops)."""
@@ -320,24 +171,27 @@ class Chardev:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            if self.backend == "socket":
-                self._drop_client()
-            elif e.errno == errno.EIO and self.backend == "pty":
-                return      # no client on the slave: nothing to read
-            else:
-                self._input_ended = True
-                self._remove_reader(fd)
+            self._read_error(fd, e)
             return
         if not data:
-            # EOF: stdin closed / client gone. Stop polling, do not spin.
-            if self.backend == "socket":
-                self._drop_client()
-            else:
-                self._input_ended = True
-                self._remove_reader(fd)
+            self._read_eof(fd)
             return
         if self._on_input is not None:
             self._on_input(data)
+
+    def _read_error(self, fd: int, e: OSError) -> None:
+        """Hook: reading ``fd`` failed. By default input has ended."""
+        self._end_input(fd)
+
+    def _read_eof(self, fd: int) -> None:
+        """Hook: EOF on ``fd`` (stdin closed). By default input has ended."""
+        self._end_input(fd)
+
+    def _end_input(self, fd: int) -> None:
+        # Stop polling a dead fd for good: it would be readable (EOF/error)
+        # forever and the loop would spin.
+        self._input_ended = True
+        self._remove_reader(fd)
 
     def pause_input(self) -> None:
         """Stop reading input (the device cannot take more): the bytes wait
@@ -353,7 +207,7 @@ class Chardev:
         self._input_paused = False
         fd = self._in_fd
         if (self._loop is None or self.closed or fd is None or self._input_ended
-                or self.backend == "file" or fd in self._readers):
+                or not self.has_input or fd in self._readers):
             return
         self._add_reader(fd, self._on_readable)
 
@@ -417,13 +271,7 @@ class Chardev:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                if self.backend == "socket":
-                    self._drop_client()
-                    return len(view)     # client gone: output is dropped
-                if e.errno == errno.EIO and self.backend == "pty":
-                    break
-                self.dropped += len(view) - done
-                return len(view)
+                return self._write_error(e, done, len(view))
             if n <= 0:
                 break
             done += n
@@ -493,11 +341,16 @@ class Chardev:
         """Bytes of output waiting for the fd to become writable."""
         return len(self._pending)
 
+    def _write_error(self, e: OSError, done: int, total: int) -> int:
+        """Hook: writing failed after ``done`` of ``total`` bytes; -> what
+        _write_some reports as written (the rest stays pending). By default
+        the rest is dropped and counted."""
+        self.dropped += total - done
+        return total
+
     @property
     def connected(self) -> bool:
-        """Socket backend: a client is connected. Other backends: opened."""
-        if self.backend == "socket":
-            return self._client is not None
+        """Someone can read the output: by default, opened and not closed."""
         return self.opened and not self.closed
 
     def input_fds(self) -> list[int]:
@@ -507,42 +360,9 @@ class Chardev:
     # ------------------------------------------------------------------
     # close
     # ------------------------------------------------------------------
-    def _restore_terminal(self) -> None:
-        if self._saved_tc is not None and self._tc_fd is not None:
-            try:
-                termios.tcsetattr(self._tc_fd, termios.TCSADRAIN, self._saved_tc)
-            except (OSError, termios.error):
-                pass
-            self._saved_tc = None
-
     def _release(self) -> None:
-        self._restore_terminal()
-        if self._atexit is not None:
-            try:
-                atexit.unregister(self._atexit)
-            except Exception:
-                pass
-            self._atexit = None
-        if self._client is not None:
-            try:
-                self._client.close()
-            except OSError:
-                pass
-            self._client = None
-        if self._listen is not None:
-            try:
-                self._listen.close()
-            except OSError:
-                pass
-            self._listen = None
-        if self._sock_path_created and self.path:
-            try:
-                st = os.lstat(self.path)
-                if stat.S_ISSOCK(st.st_mode):
-                    os.unlink(self.path)
-            except OSError:
-                pass
-            self._sock_path_created = False
+        """Hook: give back what open() acquired (idempotent; also runs when
+        open() fails half-way). Subclasses release theirs, then call this."""
         for fd in self._own_fds:
             try:
                 os.close(fd)
@@ -593,9 +413,15 @@ class Chardev:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _where(self) -> str | None:
+        """What __repr__ shows after the backend (a path)."""
+        return self.path
+
     def __repr__(self) -> str:
-        extra = f" {self.pty_path}" if self.pty_path else (f" {self.path}" if self.path else "")
+        where = self._where()
+        extra = f" {where}" if where else ""
         return f"<Chardev {self.id} {self.backend}{extra}>"
+
 
 
 class ConsoleInput:
