@@ -252,7 +252,8 @@ class Chardev:
             view = view[n:]
 
     def _write_some(self, fd: int, data) -> int:
-        """Write what fits now; -> bytes written. Errors drop the data."""
+        """Write what fits now; -> bytes written. A write error is the
+        backend's ``_write_error`` (by default the rest is dropped)."""
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -296,7 +297,7 @@ class Chardev:
             return
         if self._pending:
             n = self._write_some(fd, self._pending)
-            if self._out_fd is None:      # the client went away while writing
+            if self._out_fd is None:      # _write_error dropped the output side (client gone)
                 return
             del self._pending[:n]
         if self._pending:
@@ -387,7 +388,7 @@ class Chardev:
             if not p.poll(wait * 1000):
                 return
             n = self._write_some(self._out_fd, self._pending)
-            if self._out_fd is None:      # the client went away while writing
+            if self._out_fd is None:      # _write_error dropped the output side (client gone)
                 return
             if n:
                 del self._pending[:n]
