@@ -110,6 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--pool", type=int, default=2)
+    ap.add_argument("--clock", choices=("realtime", "saved"), default="realtime",
+                    help="stratopy's -incoming clock= policy (docs/snapshot.md, "
+                         "\"The clone's clock\"); QEMU always restores the saved clock")
     ap.add_argument("--acpi-off", action="store_true",
                     help="stratopy's guest with acpi=off, as QEMU's (no VMGenID notification)")
     a = ap.parse_args()
@@ -130,12 +133,13 @@ def main() -> None:
         env["FIRST_KVM_RUN_FILE"] = os.path.join(stamps, "stamp.%d")
         server = subprocess.Popen(
             [os.path.join(common.REPO, "bin", "stratopy-server"), "-listen", f"unix:{sock}",
-             "-pool", str(a.pool), "-wait", "60000"] + s_args + ["-incoming", f"file:{s_tpl}"],
+             "-pool", str(a.pool), "-wait", "60000"] + s_args + ["-incoming", f"file:{s_tpl},clock={a.clock}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=env, start_new_session=True)
         load = os.getloadavg()[0]
         print(f"Linux guest, {MEM} RAM; load average {load:.2f} ({os.cpu_count()} CPUs); "
-              f"pool of {a.pool}{'; stratopy guest with acpi=off' if a.acpi_off else ''}")
+              f"pool of {a.pool}; stratopy clock={a.clock}"
+              f"{'; stratopy guest with acpi=off' if a.acpi_off else ''}")
         results: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
         firsts: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
         again: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
@@ -166,7 +170,7 @@ def main() -> None:
 
             own = shutil.copyfile(s_disk, os.path.join(work, f"l{i}.img"))
             args = [a2.replace(f"file={s_disk},", f"file={own},") for a2 in s_args]
-            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl}"],
+            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl},clock={a.clock}"],
                                      [os.path.join(common.REPO, "bin", "stratopy")], shim, stamps)
             firsts["cli"].append(f)
             second_answer("cli", vm)
@@ -179,7 +183,7 @@ def main() -> None:
             # (mapped=off): the guest then runs on populated memory, as QEMU's
             own = shutil.copyfile(s_disk, os.path.join(work, f"e{i}.img"))
             args = [a2.replace(f"file={s_disk},", f"file={own},") for a2 in s_args]
-            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl},mapped=off"],
+            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl},mapped=off,clock={a.clock}"],
                                      [os.path.join(common.REPO, "bin", "stratopy")], shim, stamps)
             firsts["eager"].append(f)
             second_answer("eager", vm)
