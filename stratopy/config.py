@@ -215,7 +215,7 @@ class DeviceConfig(_Frozen):
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
                  "max_bytes", "period", "guest_cid", "uds_path", "deflate_on_oom",
-                 "free_page_reporting")
+                 "free_page_reporting", "pci", "root_port")
 
     def __init__(
             self,
@@ -234,6 +234,8 @@ class DeviceConfig(_Frozen):
             uds_path: str | None = None,
             deflate_on_oom: bool = False,
             free_page_reporting: bool = False,
+            pci: tuple | None = None,
+            root_port: tuple | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -250,6 +252,10 @@ class DeviceConfig(_Frozen):
         _set(self, "uds_path", uds_path)
         _set(self, "deflate_on_oom", deflate_on_oom)
         _set(self, "free_page_reporting", free_page_reporting)
+        # q35 (stratopy.cli_pci): (bus, slot, function, multifunction) and,
+        # for a pcie-root-port, (port, chassis); None on the microvm
+        _set(self, "pci", pci)
+        _set(self, "root_port", root_port)
 
 
 class QmpConfig(_Frozen):
@@ -370,7 +376,7 @@ class MachineConfig(_Frozen):
 
     def transport_devices(self) -> tuple[DeviceConfig, ...]:
         """The devices that each need a virtio-mmio transport (all but virtconsole), in order."""
-        return tuple(d for d in self.devices if d.driver != CONSOLE)
+        return tuple(d for d in self.devices if d.driver not in (CONSOLE, "pcie-root-port"))
 
     def device(self, dev_id: str) -> DeviceConfig | None:
         """The device with this id, or None."""
