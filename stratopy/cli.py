@@ -269,7 +269,13 @@ def _run_vm(config, daemon, prebuilt=None) -> int:
         from stratopy.machine.control import attach_control
         from stratopy.machine.microvm import MicroVm
 
-        machine = MicroVm(config) if prebuilt is None else prebuilt
+        if prebuilt is not None:
+            machine = prebuilt
+        elif config.machine_type == "q35":
+            from stratopy.machine.q35 import Q35Vm
+            machine = Q35Vm(config)
+        else:
+            machine = MicroVm(config)
         control = None
         try:
             if prebuilt is not None:

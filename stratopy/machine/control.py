@@ -132,6 +132,10 @@ class MachineControl:
     def migrate(self, uri: str) -> None:
         from stratopy.migration.snapshot import take_template
 
+        if self.m.config.machine_type != "microvm":
+            raise QmpError(f"templates of a {self.m.config.machine_type} VM are not "
+                           f"supported yet (microvm only)")
+
         try:
             take_template(self.m, uri)
         except MigrationError as e:

@@ -51,9 +51,12 @@ Slot = slotmod.Slot
 class MicroVm:
     """A running (or about to run) microvm. The main thread runs ``run()``."""
 
+    MACHINE_TYPE = "microvm"      # machine/q35.py's Q35Vm builds on this class
+
     def __init__(self, config: MachineConfig):
-        if config.machine_type != "microvm":
-            raise ConfigError("-machine", f"{config.machine_type} is not supported yet (only microvm)")
+        if config.machine_type != self.MACHINE_TYPE:
+            raise ConfigError("-machine", f"{config.machine_type} needs its own machine class "
+                                          f"(this is {self.MACHINE_TYPE})")
         self.config = config
         self.state = VmState.CREATED
         self.loop = EventLoop()

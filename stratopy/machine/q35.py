@@ -1,0 +1,265 @@
+"""-machine q35: the standard x86 VM (PCIe, virtio-pci, ACPI), booted
+directly (no firmware), built on the microvm's vCPU, memory, event-loop and
+legacy-device code (``MicroVm``) with its own buses and tables:
+
+* RAM split around the 32-bit PCI hole (q35_layout), e820 with ECAM reserved;
+* ``pcie.0``: the Q35 host bridge at 00.0, reached through 0xCF8/0xCFC and
+  the ECAM window at 0xB0000000 (pci/bus.py); each ``-device
+  virtio-*-pci`` a VirtioPciFunction at its ``addr``; ``pcie-root-port``
+  bridges with their one device behind them;
+* BARs are placed by the guest (Linux assigns unassigned resources inside
+  the _CRS windows, as it does without firmware): ``_map_bar`` follows
+  every move onto the MMIO/PIO bus, and moves the queue doorbells'
+  ioeventfds with BAR 4;
+* MSI/MSI-X through KVM_SIGNAL_MSI (kvm/uapi_irq.py), INTx on GSIs 16-19
+  (level, shared: ``IntxRouter``);
+* 8250 serial, i8042 (reset), CMOS RTC at 0x70; ACPI: RSDP, XSDT, FADT,
+  MADT, MCFG, DSDT (acpi/q35.py) with the GED power button, so QMP
+  system_powerdown shuts the guest down.
+
+Not yet: templates (migrate / -incoming are refused with one line) and
+device_add into a root port (the port's hotplug registers are done:
+pci/root_port.py).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Callable
+
+from stratopy.arch.x86_64 import cpu, layout
+from stratopy.arch.x86_64 import q35_layout as q35
+from stratopy.config import MachineConfig
+from stratopy.devices.virtio.device import VIRTIO_ID_NET
+from stratopy.errors import ConfigError, StratoError
+from stratopy.logs import get_logger
+from stratopy.machine import slots as slotmod
+from stratopy.machine.microvm import MicroVm
+from stratopy.memory import GuestMemory
+
+log = get_logger(__name__)
+
+ROOT_PORT = "pcie-root-port"
+
+
+class IntxRouter:
+    """Level-triggered, shared INTx lines: a GSI is high while any function
+    wired to it asserts (KVM_IRQ_LINE on each 0 <-> 1 transition)."""
+
+    def __init__(self, irq_line: Callable[[int, int], None]):
+        self.irq_line = irq_line
+        self.count: dict[int, int] = {}
+
+    def line(self, gsi: int) -> Callable[[bool], None]:
+        def set_level(level: bool) -> None:
+            n = self.count.get(gsi, 0)
+            n = n + 1 if level else max(n - 1, 0)
+            self.count[gsi] = n
+            if level and n == 1:
+                self.irq_line(gsi, 1)
+            elif not level and n == 0:
+                self.irq_line(gsi, 0)
+        return set_level
+
+
+class Q35Vm(MicroVm):
+    MACHINE_TYPE = "q35"
+
+    def __init__(self, config: MachineConfig):
+        super().__init__(config)
+        self.pci = None                  # pci.bus.PciRoot
+        self.root_ports: dict[str, object] = {}
+        self.rtc = None
+        self.intx: IntxRouter | None = None
+        self._doorbells: dict[int, tuple] = {}   # id(function) -> (slot, registered base)
+        self.pci_functions: dict[int, object] = {}   # slot index -> VirtioPciFunction
+
+    # --- building ------------------------------------------------------------------
+    def build_for_boot(self) -> None:
+        import time
+        t0 = time.monotonic()
+        self._create_vm()
+        c = self.config
+        self.mem = GuestMemory.for_boot(q35.ram_layout(c.mem_size), mem_path=c.mem_path,
+                                        share=c.mem_share, prealloc=c.mem_prealloc,
+                                        dump_guest_core=c.dump_guest_core)
+        self._map_memory()
+        self._create_vcpus()
+        self._setup_legacy_devices()
+        self._setup_ged()
+        self._setup_pci()
+        entry = self._load_guest()
+        self._setup_boot_vcpus(entry)
+        self.timings["build"] = time.monotonic() - t0
+
+    def build_from_template(self, prepared=None) -> None:
+        raise ConfigError("-incoming", "templates of a q35 VM are not supported yet (microvm only)")
+
+    def _setup_legacy_devices(self) -> None:
+        from stratopy.devices.rtc import CmosRtc
+
+        super()._setup_legacy_devices()
+        self.rtc = CmosRtc()
+        self.pio.insert(q35.RTC_PORT, 2, self.rtc)
+
+    def _msi_sender(self) -> Callable[[int, int, int], None]:
+        from stratopy.kvm.uapi_irq import MsiSender
+        return MsiSender(self.vm.fd).send
+
+    def _setup_pci(self) -> None:
+        from stratopy.pci import bus as pbus
+        from stratopy.pci.root_port import RootPort
+
+        self.intx = IntxRouter(self.vm.irq_line)
+        self.pci = pbus.PciRoot(self._map_bar)
+        self.pio.insert(pbus.CONFIG_ADDRESS_PORT, 8, pbus.ConfigPorts(self.pci))
+        ecam = pbus.Ecam(self.pci, q35.ECAM_BUSES)
+        self.mmio.insert(q35.ECAM_BASE, ecam.size, ecam)
+        devices = self.config.devices
+        for d in devices:
+            if d.driver == ROOT_PORT:
+                port, chassis = d.root_port
+                rp = RootPort(port, chassis, self._msi_sender(), name=d.id)
+                _, slot, fn, mf = d.pci
+                rp.config.set_multifunction(mf)
+                self.pci.bus0.add(slot, fn, rp)
+                self.root_ports[d.id] = rp
+        self.slots = []
+        for index, d in enumerate(self.config.transport_devices()):
+            slot = slotmod.Slot(index, 0, 0, slotmod.OTHER, d)
+            self._plug_pci(slot)
+            self.slots.append(slot)
+
+    def _plug_pci(self, slot) -> None:
+        from stratopy.pci.virtio_pci import VirtioPciFunction
+
+        d = slot.config
+        bus, dev, fn, mf = d.pci
+        device, backend = self._make_device(slot)
+        slot.device, slot.backend = device, backend
+        if bus == "pcie.0":
+            gsi = q35.intx_gsi(dev, 0)
+        else:
+            # behind a root port, device 0's INTA is swizzled to the port's INTA
+            port_addr = self.root_ports[bus].devfn >> 3
+            gsi = q35.intx_gsi(port_addr, 0)
+        slot.irq = gsi
+        func = VirtioPciFunction(device, self.mem, self._msi_sender(), self.intx.line(gsi),
+                                 label=f"{d.driver} '{d.id}'")
+        func.config.set_multifunction(mf)
+        slot.transport = func.transport
+        self.pci_functions[slot.index] = func
+        if bus == "pcie.0":
+            self.pci.bus0.add(dev, fn, func)
+        else:
+            self.root_ports[bus].attach(func)
+        # one ioeventfd per queue doorbell; registered with KVM where BAR 4
+        # is mapped, and moved with it
+        fds = []
+        for q in range(len(device.queue_sizes)):
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._eventfds.append(efd)
+            self.loop.add_reader(efd, self._notify_cb(efd, slot, q))
+            fds.append(efd)
+        slot.notify_fds = tuple(fds)
+        self._doorbells[id(func)] = (slot, None)
+        if hasattr(device, "requeue"):
+            device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
+        if device.device_type == VIRTIO_ID_NET:
+            self._wire_net(slot)
+
+    def _map_bar(self, func, index: int, old: int | None, new: int | None) -> None:
+        """A BAR moved (guest config write, vCPU thread, device lock held)."""
+        from stratopy.pci import virtio_pci as vp
+
+        bar = func.config.bars[index]
+        target = self.pio if bar.is_io else self.mmio
+        region = func.regions.get(index)
+        if old is not None and region is not None:
+            try:
+                target.remove(old)
+            except KeyError:
+                pass
+        if index == vp.MODERN_BAR and id(func) in self._doorbells:
+            self._move_doorbells(func, new)
+        if new is not None and region is not None:
+            try:
+                target.insert(new, bar.size, region)
+            except ValueError as e:
+                # an overlap (a sizing write with decode on, or a guest bug):
+                # the BAR stays unmapped until the guest moves it
+                log.debug("%s BAR %d not mapped: %s", func.label, index, e)
+                func.mapped[index] = None
+                if index == vp.MODERN_BAR:
+                    self._move_doorbells(func, None)
+
+    def _move_doorbells(self, func, base: int | None) -> None:
+        from stratopy.pci import virtio_pci as vp
+
+        slot, registered = self._doorbells[id(func)]
+        for q, efd in enumerate(slot.notify_fds):
+            if registered is not None:
+                try:
+                    self.vm.register_ioeventfd(efd, registered + vp.NOTIFY_OFFSET
+                                               + q * vp.NOTIFY_MULTIPLIER, 2, deassign=True)
+                except StratoError:
+                    log.debug("deassigning a doorbell failed", exc_info=True)
+        ok = None
+        if base is not None:
+            try:
+                for q, efd in enumerate(slot.notify_fds):
+                    self.vm.register_ioeventfd(efd, base + vp.NOTIFY_OFFSET
+                                               + q * vp.NOTIFY_MULTIPLIER, 2)
+                ok = base
+            except StratoError as e:
+                # without the ioeventfd the write still reaches the transport
+                # as an MMIO exit (VirtioPciTransport.write): slower, correct
+                log.debug("doorbell ioeventfd at %#x refused: %s", base, e)
+        self._doorbells[id(func)] = (slot, ok)
+
+    # --- boot ------------------------------------------------------------------------
+    def kernel_cmdline(self) -> str:
+        from stratopy.kvm import backend as kvm_backend
+
+        parts = [self.config.kernel_cmdline.strip(), kvm_backend.extra_cmdline(self.backend)]
+        return " ".join(p for p in parts if p)
+
+    def _load_guest(self) -> int:
+        from stratopy.arch.x86_64 import boot, mptable
+
+        mem = self.mem
+        kernel = boot.load_kernel(mem, self.config.kernel)
+        initrd = None
+        if self.config.initrd:
+            below_4g = q35.ram_layout(self.config.mem_size)[0][1]
+            initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g,
+                                      kernel.initrd_addr_max)
+        boot.write_cmdline(mem, self.kernel_cmdline(), kernel.cmdline_max)
+        zp = bytearray(boot.build_zero_page(kernel, self.config.mem_size, initrd))
+        entries = q35.e820_map(self.config.mem_size)
+        zp[boot.BP_E820_ENTRIES] = len(entries)
+        for i, (addr, size, typ) in enumerate(entries):
+            struct.pack_into("<QQI", zp, boot.BP_E820_TABLE + 20 * i, addr, size, typ)
+        mem.write(layout.ZERO_PAGE_ADDR, bytes(zp))
+        addr, table = mptable.build(self.config.cpus)
+        mem.write(addr, table)
+        self._write_acpi_tables()
+        mem.write(layout.GDT_ADDR, cpu.gdt_bytes())
+        mem.write(layout.IDT_ADDR, bytes(8))
+        for gpa, data in cpu.page_tables():
+            mem.write(gpa, data)
+        return kernel.entry
+
+    def _write_acpi_tables(self) -> None:
+        from stratopy.acpi import q35 as acpi_q35
+
+        for gpa, data in acpi_q35.boot_blobs(self.config.cpus):
+            self.mem.write(gpa, data)
+
+    # --- hot-replace: not on q35 yet ---------------------------------------------------
+    def hot_bind(self, slot, config, backend) -> None:
+        raise StratoError("device_add is not supported on q35 yet")
+
+    def hot_unbind(self, slot) -> None:
+        raise StratoError("device_del is not supported on q35 yet")
