@@ -4,7 +4,6 @@ console, MSI-X, the CMOS RTC, ECAM, and an ACPI power-button shutdown."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -127,4 +126,3 @@ def test_system_powerdown_shuts_down_cleanly(q35vm):
         assert b"q35-persisted" in f.read()
 
 
-_unused = shutil

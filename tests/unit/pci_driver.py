@@ -4,7 +4,6 @@ virtio-pci transport the way Linux's virtio_pci_modern does."""
 
 from __future__ import annotations
 
-import struct
 
 from stratopy.devices.virtio.device import (
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1)
@@ -196,4 +195,3 @@ def make_platform(mem, ecam_base=0xB0000000):
     return root, pio, mmio
 
 
-_unused = struct
