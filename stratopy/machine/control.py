@@ -290,6 +290,10 @@ class MachineControl:
                    drive: str | None = None, netdev: str | None = None,
                    mac: str | None = None, serial: str | None = None, **_ignored) -> None:
         """Bind a registered backend into a free replaceable slot."""
+        if self.m.config.machine_type == "q35":
+            from stratopy.machine import q35_hotplug
+            return q35_hotplug.device_add(self, id, driver, _ignored.get("bus"), addr, drive,
+                                          netdev, mac, serial)
         kind = {"virtio-blk-device": slotmod.BLK, "virtio-blk-mmio": slotmod.BLK,
                 "virtio-net-device": slotmod.NET, "virtio-net-mmio": slotmod.NET}.get(driver)
         if kind is None:
@@ -342,6 +346,10 @@ class MachineControl:
     def device_del(self, id: str) -> None:  # noqa: A002
         """Unbind device ``id`` from its replaceable slot (the slot stays,
         empty) and emit DEVICE_DELETED."""
+        if self.m.config.machine_type == "q35":
+            from stratopy.machine import q35_hotplug
+            if q35_hotplug.device_del(self, id):
+                return
         for slot in self.m.slots:
             if slot.config is not None and slot.config.id == id:
                 if not slot.replaceable:

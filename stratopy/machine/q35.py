@@ -17,9 +17,9 @@ legacy-device code (``MicroVm``) with its own buses and tables:
   MADT, MCFG, DSDT (acpi/q35.py) with the GED power button, so QMP
   system_powerdown shuts the guest down.
 
-Not yet: templates (migrate / -incoming are refused with one line) and
-device_add into a root port (the port's hotplug registers are done:
-pci/root_port.py).
+Hotplug: QMP device_add / device_del of virtio-blk-pci / virtio-net-pci
+into a pcie-root-port (q35_hotplug.py). Not yet: templates (migrate /
+-incoming are refused with one line).
 """
 
 from __future__ import annotations
@@ -131,12 +131,15 @@ class Q35Vm(MicroVm):
             self._plug_pci(slot)
             self.slots.append(slot)
 
-    def _plug_pci(self, slot) -> None:
+    def _plug_pci(self, slot, made=None, hot: bool = False) -> None:
+        """Build ``slot``'s virtio-pci function and put it on its bus
+        (``made``: the (device, backend) pair, else made from the config;
+        ``hot``: a hot add into a root port, which then interrupts)."""
         from stratopy.pci.virtio_pci import VirtioPciFunction
 
         d = slot.config
         bus, dev, fn, mf = d.pci
-        device, backend = self._make_device(slot)
+        device, backend = made if made is not None else self._make_device(slot)
         slot.device, slot.backend = device, backend
         if bus == "pcie.0":
             gsi = q35.intx_gsi(dev, 0)
@@ -150,10 +153,6 @@ class Q35Vm(MicroVm):
         func.config.set_multifunction(mf)
         slot.transport = func.transport
         self.pci_functions[slot.index] = func
-        if bus == "pcie.0":
-            self.pci.bus0.add(dev, fn, func)
-        else:
-            self.root_ports[bus].attach(func)
         # one ioeventfd per queue doorbell; registered with KVM where BAR 4
         # is mapped, and moved with it
         fds = []
@@ -168,6 +167,64 @@ class Q35Vm(MicroVm):
             device.requeue = lambda q, fds=slot.notify_fds: os.eventfd_write(fds[q], 1)
         if device.device_type == VIRTIO_ID_NET:
             self._wire_net(slot)
+        if bus == "pcie.0":
+            self.pci.bus0.add(dev, fn, func)
+        elif hot:
+            self.root_ports[bus].plug(func)
+        else:
+            self.root_ports[bus].attach(func)
+
+    # --- hotplug (QMP device_add / device_del; machine/q35_hotplug.py) -------------
+    def hot_plug_pci(self, config, backend) -> None:
+        """Plug a virtio-blk/net-pci function holding the opened ``backend``
+        into its (empty) root port; the port interrupts the guest."""
+        from stratopy import config as cfgmod
+        from stratopy.machine import devices as devfactory
+
+        if config.driver == cfgmod.BLK:
+            from stratopy.devices.virtio.block import BlockDevice
+            device = BlockDevice(backend, serial=config.serial or "")
+        else:
+            from stratopy.devices.virtio.net import NetDevice
+            device = NetDevice(backend, mac=devfactory.mac_bytes(config.mac))
+        index = max((s.index for s in self.slots), default=-1) + 1
+        slot = slotmod.Slot(index, 0, 0, slotmod.OTHER, config, hot=True)
+        with self.loop.device_lock:
+            self._plug_pci(slot, (device, backend), hot=True)
+            self.slots.append(slot)
+
+    def hot_unplug_pci(self, slot) -> None:
+        """Surprise-remove ``slot``'s function from its root port: its BARs
+        and doorbells go, its backend is closed."""
+        port = self.root_ports[slot.config.pci[0]]
+        func = self.pci_functions.pop(slot.index)
+        with self.loop.device_lock:
+            port.unplug()
+            for index in list(func.mapped):
+                old = func.mapped.get(index)
+                if old is not None:
+                    func.mapped[index] = None
+                    self._map_bar(func, index, old, None)
+            self._doorbells.pop(id(func), None)
+            for efd in slot.notify_fds:
+                self.loop.remove_reader(efd)
+            if slot.device.device_type == VIRTIO_ID_NET and slot.backend is not None:
+                self.loop.remove_reader(slot.backend.fileno())
+            try:
+                slot.device.reset()
+            except Exception:  # noqa: BLE001 - the device is going away anyway
+                pass
+            self.slots.remove(slot)
+        for efd in slot.notify_fds:
+            if efd in self._eventfds:
+                self._eventfds.remove(efd)
+            os.close(efd)
+        close = getattr(slot.backend, "close", None)
+        if close is not None:
+            try:
+                close()
+            except OSError:
+                log.debug("closing a hot-unplugged backend failed", exc_info=True)
 
     def _map_bar(self, func, index: int, old: int | None, new: int | None) -> None:
         """A BAR moved (guest config write, vCPU thread, device lock held)."""
@@ -256,10 +313,3 @@ class Q35Vm(MicroVm):
 
         for gpa, data in acpi_q35.boot_blobs(self.config.cpus):
             self.mem.write(gpa, data)
-
-    # --- hot-replace: not on q35 yet ---------------------------------------------------
-    def hot_bind(self, slot, config, backend) -> None:
-        raise StratoError("device_add is not supported on q35 yet")
-
-    def hot_unbind(self, slot) -> None:
-        raise StratoError("device_del is not supported on q35 yet")

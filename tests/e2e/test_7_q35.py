@@ -24,6 +24,7 @@ EXPECTED = {
     "0000:00:04.0": ("0x1af4", "0x1044", "0x00ff00"),   # virtio-rng
     "0000:00:05.0": ("0x1b36", "0x000c", "0x060400"),   # pcie-root-port
     "0000:01:00.0": ("0x1af4", "0x1043", "0x078000"),   # virtio-serial behind it
+    "0000:00:06.0": ("0x1b36", "0x000c", "0x060400"),   # empty root port (hotplug)
 }
 
 
@@ -41,6 +42,7 @@ def q35_args(images, disk, ro, console_sock):
         "-device", "virtio-rng-pci,rng=rng0,id=rng0,bus=pcie.0,addr=0x4.0x0",
         "-device", "pcie-root-port,id=pcie.1,port=0x1,chassis=1,bus=pcie.0,addr=0x5",
         "-device", "virtio-serial-pci,id=vser0,bus=pcie.1,addr=0x0",
+        "-device", "pcie-root-port,id=pcie.2,port=0x2,chassis=2,bus=pcie.0,addr=0x6",
         "-chardev", f"socket,id=con0,path={console_sock},server,nowait",
         "-device", "virtconsole,chardev=con0,id=console0",
     ]
@@ -110,6 +112,47 @@ def test_cmos_rtc_and_ecam(q35vm):
     # extended config space (beyond 256 bytes) is reachable only through ECAM
     size = q35vm.run("stat -c %s /sys/bus/pci/devices/0000:00:03.0/config").strip()
     assert size == "4096", size
+
+
+def test_hotplug_disk_into_root_port(q35vm, workdir):
+    """QMP blockdev-add + device_add virtio-blk-pci into the empty root
+    port: the guest's pciehp finds it, the disk is readable; device_del
+    takes it away again."""
+    path = os.path.join(workdir, "q35-hot.img")
+    with open(path, "wb") as f:
+        f.write(b"HOTPLUGGED-DISK!" * 65536)            # 1 MiB
+    before = set(q35vm.run("ls /sys/block").split())
+    q = q35vm.qmp()
+    try:
+        r = q.cmd("blockdev-add", **{"node-name": "hot0", "driver": "raw",
+                                     "file": {"driver": "file", "filename": path},
+                                     "cache": {"direct": False}})
+        assert r == {"return": {}}, r
+        r = q.cmd("device_add", id="hot0", driver="virtio-blk-pci", drive="hot0",
+                  bus="pcie.2", addr="0x0")
+        assert r == {"return": {}}, r
+        new = set()
+        for _ in range(60):
+            new = set(q35vm.run("ls /sys/block").split()) - before
+            if new:
+                break
+            q35vm.run("sleep 2")
+        assert len(new) == 1, (before, new)
+        dev = new.pop()
+        data = q35vm.run(f"dd if=/dev/{dev} bs=16 count=1 2>/dev/null; echo")
+        assert "HOTPLUGGED-DISK!" in data, data
+        ids = q35vm.run("cat /sys/bus/pci/devices/0000:00:06.0/0000:*:00.0/device")
+        assert "0x1042" in ids, ids
+        r = q.cmd("device_del", id="hot0")
+        assert r == {"return": {}}, r
+        q.wait_event("DEVICE_DELETED", timeout=60)
+        for _ in range(60):
+            if dev not in q35vm.run("ls /sys/block").split():
+                break
+            q35vm.run("sleep 2")
+        assert dev not in q35vm.run("ls /sys/block").split()
+    finally:
+        q.close()
 
 
 def test_system_powerdown_shuts_down_cleanly(q35vm):
