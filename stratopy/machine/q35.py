@@ -53,12 +53,12 @@ class IntxRouter:
 
     def line(self, gsi: int) -> Callable[[bool], None]:
         def set_level(level: bool) -> None:
-            n = self.count.get(gsi, 0)
-            n = n + 1 if level else max(n - 1, 0)
+            before = self.count.get(gsi, 0)
+            n = before + 1 if level else max(before - 1, 0)
             self.count[gsi] = n
             if level and n == 1:
                 self.irq_line(gsi, 1)
-            elif not level and n == 0:
+            elif not level and before == 1:
                 self.irq_line(gsi, 0)
         return set_level
 

@@ -329,3 +329,19 @@ def test_bus_addresses_are_checked():
         b.add(31, 7, Fn())
     with pytest.raises(pcfg.ConfigError):
         b.add(32, 0, Fn())
+
+
+def test_intx_router_shares_a_line():
+    from stratopy.machine.q35 import IntxRouter
+
+    calls = []
+    r = IntxRouter(lambda gsi, lvl: calls.append((gsi, lvl)))
+    a, b = r.line(16), r.line(16)
+    a(True)
+    b(True)                        # already high: no second edge
+    a(False)                       # b still asserts
+    assert calls == [(16, 1)]
+    b(False)
+    assert calls == [(16, 1), (16, 0)]
+    r.line(17)(False)              # deasserting an idle line does nothing
+    assert calls == [(16, 1), (16, 0)]
