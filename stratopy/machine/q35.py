@@ -193,13 +193,28 @@ class Q35Vm(MicroVm):
             self._plug_pci(slot, (device, backend), hot=True)
             self.slots.append(slot)
 
-    def hot_unplug_pci(self, slot) -> None:
-        """Surprise-remove ``slot``'s function from its root port: its BARs
-        and doorbells go, its backend is closed."""
+    def request_hot_unplug(self, slot, done) -> None:
+        """QMP device_del: ask the guest to let go of ``slot``'s function
+        (attention button). When it has (power indicator off), the function
+        is taken out, torn down on the device thread, and ``done()`` runs
+        there (DEVICE_DELETED)."""
+        port = self.root_ports[slot.config.pci[0]]
+
+        def removed(func) -> None:           # vCPU thread, device lock held
+            self.loop.call_soon(lambda: (self.hot_unplug_pci(slot, surprise=False), done()))
+        with self.loop.device_lock:
+            port.on_removed = removed
+            port.request_unplug()
+
+    def hot_unplug_pci(self, slot, surprise: bool = True) -> None:
+        """Take ``slot``'s function out of its root port (``surprise``: at
+        once, without asking the guest): its BARs and doorbells go, its
+        backend is closed."""
         port = self.root_ports[slot.config.pci[0]]
         func = self.pci_functions.pop(slot.index)
         with self.loop.device_lock:
-            port.unplug()
+            if surprise:
+                port.unplug()
             for index in list(func.mapped):
                 old = func.mapped.get(index)
                 if old is not None:

@@ -4,9 +4,12 @@ into a ``pcie-root-port`` (PCIe native hotplug, as StratoVirt's q35).
 The backend is registered first (blockdev-add / netdev_add, as on the
 microvm); ``device_add`` builds the virtio-pci function and plugs it into
 the empty port (presence detect + link up + the port's MSI: the guest's
-pciehp enumerates it). ``device_del`` removes it at once (a surprise
-removal: presence and link down, same interrupt; the guest's driver goes
-away) and emits DEVICE_DELETED.
+pciehp enumerates it). ``device_del`` presses the port's attention button;
+the guest's pciehp unbinds the driver (after its 5 s grace) and turns the
+slot's power indicator off, which completes the removal: the function is
+torn down and DEVICE_DELETED emitted then, as QEMU does. (A surprise
+removal would leave Linux 6.1's virtio-pci spinning in its reset loop on a
+device that reads all ones.)
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def device_del(ctl, id: str) -> bool:
                                "DeviceNotFound")
             if slot.config.driver == cfgmod.BLK and slot.config.drive is not None:
                 ctl.released_nodes.add(slot.config.drive.id)
-            m.hot_unplug_pci(slot)
-            m.event_sink(qmpev.DEVICE_DELETED, qmpev.device_deleted_data(id))
+            m.request_hot_unplug(slot, lambda: m.event_sink(
+                qmpev.DEVICE_DELETED, qmpev.device_deleted_data(id)))
             return True
     return False

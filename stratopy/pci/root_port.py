@@ -39,6 +39,8 @@ FLAGS_SLOT = 1 << 8
 
 SLTCAP_ABP, SLTCAP_AIP, SLTCAP_PIP, SLTCAP_HPC, SLTCAP_NCCS = 1, 1 << 3, 1 << 4, 1 << 6, 1 << 18
 SLTCTL_ABPE, SLTCTL_PDCE, SLTCTL_HPIE, SLTCTL_DLLSCE = 1, 1 << 3, 1 << 5, 1 << 12
+SLTCTL_PIC = 3 << 8              # power indicator control
+SLTCTL_PIC_OFF = 3 << 8
 SLTSTA_ABP, SLTSTA_PDC, SLTSTA_CC, SLTSTA_PDS, SLTSTA_DLLSC = 1, 1 << 3, 1 << 4, 1 << 6, 1 << 8
 SLTSTA_EVENTS = SLTSTA_ABP | SLTSTA_PDC | SLTSTA_CC | SLTSTA_DLLSC
 LNKSTA_DLLLA = 1 << 13
@@ -94,6 +96,10 @@ class RootPort(PciFunction):
         cs.set_wmask(m + 8, 4, 0xFFFFFFFF)
         cs.set_wmask(m + 12, 2, 0xFFFF)
         self._asserted = 0              # slot events already signalled
+        # an orderly removal in progress (attention button pressed): called
+        # with the function once the guest has let go of it
+        self.on_removed: Callable[[PciFunction], None] | None = None
+        self.removal_pending = False
 
     # --- topology -------------------------------------------------------------
     @property
@@ -142,6 +148,16 @@ class RootPort(PciFunction):
         self._maybe_interrupt()
         return fn
 
+    def request_unplug(self) -> None:
+        """Orderly removal (QMP device_del): press the attention button.
+        The guest's pciehp waits 5 s, unbinds the driver, turns the power
+        indicator off; that write completes the removal (QEMU's rule for a
+        slot without a power controller): ``unplug`` and ``on_removed``."""
+        if self.occupant is None:
+            return
+        self.removal_pending = True
+        self.press_attention_button()
+
     def press_attention_button(self) -> None:
         self._set_slot_status(SLTSTA_ABP)
         self._maybe_interrupt()
@@ -172,6 +188,14 @@ class RootPort(PciFunction):
     def config_written(self, offset: int, size: int) -> None:
         # a write of the slot status/control or MSI may clear events or
         # enable interrupts for ones already pending
+        ctl = self.exp + EXP_SLTCTL
+        if (self.removal_pending and offset <= ctl + 1 and offset + size > ctl
+                and self._slot(EXP_SLTCTL) & SLTCTL_PIC == SLTCTL_PIC_OFF):
+            self.removal_pending = False
+            fn = self.unplug()
+            if fn is not None and self.on_removed is not None:
+                self.on_removed(fn)
+            return
         self._maybe_interrupt()
 
     # --- snapshot ---------------------------------------------------------------------

@@ -345,3 +345,23 @@ def test_intx_router_shares_a_line():
     assert calls == [(16, 1), (16, 0)]
     r.line(17)(False)              # deasserting an idle line does nothing
     assert calls == [(16, 1), (16, 0)]
+
+
+def test_root_port_orderly_removal():
+    sent, removed = [], []
+    port = rp.RootPort(2, 2, lambda v, a, d: sent.append(d))
+    e = port.exp
+    port.on_removed = removed.append
+    port.config_write(pcfg.COMMAND, 2, pcfg.COMMAND_MASTER)
+    port.config_write(port.msi + 2, 2, 1)
+    port.config_write(e + rp.EXP_SLTCTL, 2, rp.SLTCTL_HPIE | rp.SLTCTL_ABPE | rp.SLTCTL_PDCE)
+    fn = Fn()
+    port.attach(fn)
+    port.request_unplug()
+    assert len(sent) == 1 and port.config.get(e + rp.EXP_SLTSTA, 2) & rp.SLTSTA_ABP
+    port.config_write(e + rp.EXP_SLTSTA, 2, rp.SLTSTA_ABP)       # the guest acks
+    assert port.occupant is fn and removed == []                 # still there
+    ctl = port.config.get(e + rp.EXP_SLTCTL, 2)
+    port.config_write(e + rp.EXP_SLTCTL, 2, ctl | rp.SLTCTL_PIC_OFF)   # power LED off
+    assert removed == [fn] and port.occupant is None
+    assert not port.config.get(e + rp.EXP_SLTSTA, 2) & rp.SLTSTA_PDS
