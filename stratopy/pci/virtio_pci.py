@@ -28,6 +28,7 @@ from typing import Callable
 from stratopy.devices.virtio.device import (
     STATUS_DRIVER_OK, STATUS_FAILED, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
     VIRTIO_ID_RNG, VirtioDevice)
+from stratopy.devices.virtio import mmio as _m
 from stratopy.devices.virtio.mmio import INT_CONFIG, INT_USED_RING, U32, VirtioMmioTransport
 from stratopy.errors import TemplateError
 from stratopy.pci import config as pcfg
@@ -64,7 +65,6 @@ C_Q_DESCLO, C_Q_DESCHI, C_Q_AVAILLO, C_Q_AVAILHI, C_Q_USEDLO, C_Q_USEDHI = (
     0x20, 0x24, 0x28, 0x2C, 0x30, 0x34)
 
 # the mmio register each queue address dword maps to (same semantics)
-from stratopy.devices.virtio import mmio as _m  # noqa: E402
 _QADDR = {C_Q_DESCLO: _m.REG_QUEUE_DESC_LOW, C_Q_DESCHI: _m.REG_QUEUE_DESC_HIGH,
           C_Q_AVAILLO: _m.REG_QUEUE_DRIVER_LOW, C_Q_AVAILHI: _m.REG_QUEUE_DRIVER_HIGH,
           C_Q_USEDLO: _m.REG_QUEUE_DEVICE_LOW, C_Q_USEDHI: _m.REG_QUEUE_DEVICE_HIGH}
