@@ -223,6 +223,35 @@ class ConfigSpace:
             o = offset + i
             data[o] = ((data[o] & ~wm[o]) | (b & wm[o])) & ~(b & w1c[o]) & 0xFF
 
+    # --- snapshot -----------------------------------------------------------------
+    def state(self) -> dict:
+        return {"data": bytes(self.data).hex()}
+
+    def restore(self, state: dict) -> None:
+        """Apply a saved config space (untrusted): it must be this
+        function's (same ids, class, header type and capability chain)."""
+        from stratopy.errors import TemplateError
+
+        try:
+            data = bytes.fromhex(state["data"])
+        except (KeyError, TypeError, ValueError):
+            raise TemplateError("PCI config space state is malformed") from None
+        if len(data) != self.size:
+            raise TemplateError(f"PCI config space state has {len(data)} bytes, "
+                                f"the function has {self.size}")
+        mine = bytes(self.data)
+        for lo, hi, what in ((0, 4, "vendor/device id"), (8, 12, "revision/class")):
+            if data[lo:hi] != mine[lo:hi]:
+                raise TemplateError(f"PCI config space state field {what} is "
+                                    f"{data[lo:hi].hex()}, the function has {mine[lo:hi].hex()}")
+        if data[HEADER_TYPE] & 0x7F != mine[HEADER_TYPE] & 0x7F:
+            raise TemplateError("PCI config space state field header type differs")
+        old = self.data
+        self.data = bytearray(data)
+        if self.capabilities() != ConfigSpace.capabilities(_View(mine)):
+            self.data = old
+            raise TemplateError("PCI config space state field capabilities differ")
+
     # --- decoded views --------------------------------------------------------------
     @property
     def command(self) -> int:
@@ -251,3 +280,13 @@ class ConfigSpace:
         if addr == 0 or addr + bar.size > limit:
             return None
         return addr
+
+
+class _View:
+    """Bytes seen as a config space (for comparing capability chains)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def get(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.data[offset:offset + size], "little")

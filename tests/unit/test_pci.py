@@ -365,3 +365,23 @@ def test_root_port_orderly_removal():
     port.config_write(e + rp.EXP_SLTCTL, 2, ctl | rp.SLTCTL_PIC_OFF)   # power LED off
     assert removed == [fn] and port.occupant is None
     assert not port.config.get(e + rp.EXP_SLTSTA, 2) & rp.SLTSTA_PDS
+
+
+def test_config_space_state_round_trip_and_checks():
+    from stratopy.errors import TemplateError
+
+    a = Fn()
+    a.config_write(0x14, 4, 0xC0000000)
+    a.config_write(pcfg.COMMAND, 2, 0x2)
+    b = Fn()
+    b.config.restore(a.config.state())
+    assert b.config.bar_mapping(1) == 0xC0000000
+    other = vp.VirtioPciFunction(RngDevice(lambda n: b"x"), None, lambda *x: None, lambda lvl: None)
+    with pytest.raises(TemplateError, match="vendor/device"):
+        other.config.restore(a.config.state())
+    bad = bytearray(a.config.data)
+    bad[0x41] = 0x80                                  # another capability chain
+    with pytest.raises(TemplateError, match="capabilities"):
+        b.config.restore({"data": bytes(bad).hex()})
+    with pytest.raises(TemplateError, match="bytes"):
+        b.config.restore({"data": "00"})
