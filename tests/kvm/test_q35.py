@@ -52,3 +52,21 @@ def test_q35_refuses_templates(guests, start_vm, tmp_path):
     assert vm.wait_exit(TIMEOUT) != 0
     assert re.search(r"stratopy: -incoming: templates of a q35 VM are not supported yet",
                      vm.stderr), vm.stderr
+
+
+def test_ram_split_around_the_pci_hole(guests, start_vm):
+    """-m 3G on q35: RAM to 2 GiB, ECAM reserved at 0xb0000000, the last
+    GiB from 4 GiB up (e820 as the guest reads it), and that RAM holds
+    what the guest writes there."""
+    vm = start_vm(["-machine", "q35", "-kernel", guests["memcheck"], "-m", "3G",
+                   "-serial", "stdio", "-append", "base=0x100000000 mib=64"])
+    vm.wait_for(r"CHECK ok=1", TIMEOUT)
+    e820 = re.findall(r"E820 0x(\w+) 0x(\w+) (\d)", vm.output)
+    table = [(int(a, 16), int(s, 16), int(t)) for a, s, t in e820]
+    assert (0x100000, 0x80000000 - 0x100000, 1) in table
+    assert (0xB0000000, 0x10000000, 2) in table
+    assert (0x100000000, 0x40000000, 1) in table
+    assert not any(t == 1 and a < 0x100000000 < a + s for a, s, t in table)
+    vm.send("q")
+    vm.wait_for("EXIT", TIMEOUT)
+    assert vm.wait_exit(TIMEOUT) == 0
