@@ -179,7 +179,10 @@ class MachineControl:
 
     def _open_files(self):
         for s in self.m.slots:
-            if s.config is not None and s.kind == "blk" and s.backend is not None:
+            # every block device: the reserved slots' and the others (q35's
+            # hot-plugged disks, a microvm's disks beyond the reserved four)
+            if (s.config is not None and s.backend is not None
+                    and (s.kind == "blk" or s.config.driver == cfgmod.BLK)):
                 yield s.config.id, s.backend
         for name, (_, be) in self.drives.items():
             yield name, be

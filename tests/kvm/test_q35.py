@@ -70,3 +70,50 @@ def test_ram_split_around_the_pci_hole(guests, start_vm):
     vm.send("q")
     vm.wait_for("EXIT", TIMEOUT)
     assert vm.wait_exit(TIMEOUT) == 0
+
+
+def test_device_add_checks_on_q35(guests, start_vm, tmp_path):
+    """QMP device_add on q35 (VM paused with -S, no guest needed): the
+    refusals are one clear error each; a disk goes into an empty root port
+    once, not twice."""
+    disk = tmp_path / "hot.img"
+    disk.write_bytes(bytes(1 << 20))
+    vm = start_vm(q35_args(guests["pci_walk"], "-S",
+                           "-device", "pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x5"),
+                  qmp=True)
+    q = vm.qmp()
+    try:
+        def err(**kw):
+            r = q.cmd("device_add", **kw)
+            assert "error" in r, r
+            return r["error"]["desc"]
+
+        assert "cannot be hot-plugged on q35" in err(id="x", driver="virtio-rng-pci")
+        assert "no backend 'x'" in err(id="x", driver="virtio-blk-pci", bus="pcie.1")
+        r = q.cmd("blockdev-add", **{"node-name": "d0", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(disk)},
+                                     "cache": {"direct": False}})
+        assert r == {"return": {}}, r
+        assert "is not a pcie-root-port" in err(id="x", driver="virtio-blk-pci", drive="d0",
+                                                bus="pcie.0", addr="0x6")
+        assert "must be 0" in err(id="x", driver="virtio-blk-pci", drive="d0",
+                                  bus="pcie.1", addr="0x1")
+        r = q.cmd("device_add", id="x", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
+        assert r == {"return": {}}, r
+        assert "already in use" in err(id="x", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
+        # the plugged disk's file is in use: a writable second open is refused
+        r = q.cmd("blockdev-add", **{"node-name": "d1", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(disk)},
+                                     "cache": {"direct": False}})
+        assert "already in use by x" in r.get("error", {}).get("desc", ""), r
+        other = tmp_path / "other.img"
+        other.write_bytes(bytes(1 << 20))
+        r = q.cmd("blockdev-add", **{"node-name": "d2", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(other)},
+                                     "cache": {"direct": False}})
+        assert r == {"return": {}}, r
+        assert "occupied" in err(id="y", driver="virtio-blk-pci", drive="d2", bus="pcie.1")
+        r = q.cmd("migrate", uri=f"file:{tmp_path / 'tpl'}")
+        assert "templates of a q35 VM are not supported yet" in r["error"]["desc"], r
+    finally:
+        q.close()
