@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from typing import Callable
 
 from stratopy.arch.x86_64 import cpu, layout
 from stratopy.arch.x86_64 import q35_layout as q35
+from stratopy.cli_pci import ROOT_PORT
 from stratopy.config import MachineConfig
 from stratopy.devices.virtio.device import VIRTIO_ID_NET
 from stratopy.errors import ConfigError, StratoError
@@ -39,8 +41,6 @@ from stratopy.machine.microvm import MicroVm
 from stratopy.memory import GuestMemory
 
 log = get_logger(__name__)
-
-ROOT_PORT = "pcie-root-port"
 
 
 class IntxRouter:
@@ -77,7 +77,6 @@ class Q35Vm(MicroVm):
 
     # --- building ------------------------------------------------------------------
     def build_for_boot(self) -> None:
-        import time
         t0 = time.monotonic()
         self._create_vm()
         c = self.config
