@@ -35,6 +35,8 @@ def device_add(ctl, id: str, driver: str, bus, addr, drive, netdev, mac, serial)
         raise QmpError(f"device_add: invalid id '{str(id)[:40]}'")
     if id in ctl._live_ids() or any(s.config is not None and s.config.id == id for s in m.slots):
         raise QmpError(f"device_add: device id '{id}' is already in use")
+    if bus is None:
+        raise QmpError("device_add: bus is required on q35 (the id of an empty pcie-root-port)")
     port = m.root_ports.get(bus)
     if port is None:
         raise QmpError(f"device_add: bus '{bus}' is not a pcie-root-port "
@@ -44,7 +46,7 @@ def device_add(ctl, id: str, driver: str, bus, addr, drive, netdev, mac, serial)
     except ConfigError as e:
         raise QmpError(e.reason) from None
     if (slot_no, fn) != (0, 0):
-        raise QmpError(f"device_add: the slot number of a device in a root port must be 0")
+        raise QmpError("device_add: the slot number of a device in a root port must be 0")
     if port.occupant is not None:
         raise QmpError(f"device_add: root port '{bus}' is occupied")
     ref = (drive if base == cfgmod.BLK else netdev) or id

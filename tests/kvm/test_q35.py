@@ -94,6 +94,7 @@ def test_device_add_checks_on_q35(guests, start_vm, tmp_path):
                                      "file": {"driver": "file", "filename": str(disk)},
                                      "cache": {"direct": False}})
         assert r == {"return": {}}, r
+        assert "bus is required" in err(id="x", driver="virtio-blk-pci", drive="d0")
         assert "is not a pcie-root-port" in err(id="x", driver="virtio-blk-pci", drive="d0",
                                                 bus="pcie.0", addr="0x6")
         assert "must be 0" in err(id="x", driver="virtio-blk-pci", drive="d0",
