@@ -270,6 +270,14 @@ class VirtioPciFunction(PciFunction):
         nq = len(device.queue_sizes)
         noff = self._vendor_cap(CAP_NOTIFY, NOTIFY_OFFSET, NOTIFY_MULTIPLIER * max(nq, 1), extra=4)
         cs.set(noff + 16, 4, NOTIFY_MULTIPLIER)
+        # VIRTIO_PCI_CAP_PCI_CFG (§4.1.4.8): a window into the BARs through
+        # config space; bar, offset, length and the data dword are the
+        # driver's to write
+        self.pci_cfg = self._vendor_cap(CAP_PCI, 0, 0, extra=4)
+        cs.set(self.pci_cfg + 4, 1, 0)
+        cs.set_wmask(self.pci_cfg + 4, 1, 0xFF)
+        cs.set_wmask(self.pci_cfg + 8, 8, 0xFFFFFFFFFFFFFFFF)
+        cs.set_wmask(self.pci_cfg + 16, 4, 0xFFFFFFFF)
         self.msix = Msix(cs, nq + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET, send_msi)
         self._intx_out = intx
         self._intx_level = False        # what the transport asks for
@@ -290,6 +298,35 @@ class VirtioPciFunction(PciFunction):
     @property
     def device(self) -> VirtioDevice:
         return self.transport.device
+
+    def _cfg_window(self, offset: int, size: int):
+        """(region, offset in it, length) when [offset, offset+size) is the
+        PCI_CFG capability's data dword and the window is valid, else None."""
+        data = self.pci_cfg + 16
+        if not (offset >= data and offset + size <= data + 4):
+            return None
+        cs = self.config
+        bar, off, length = cs.get(self.pci_cfg + 4, 1), cs.get(self.pci_cfg + 8, 4), \
+            cs.get(self.pci_cfg + 12, 4)
+        region = self.regions.get(bar)
+        if region is None or length not in (1, 2, 4) or off & (length - 1):
+            return None
+        return region, off, length
+
+    def config_read(self, offset: int, size: int) -> int:
+        w = self._cfg_window(offset, size)
+        if w is not None:
+            region, off, length = w
+            value = int.from_bytes(region.read(off, length), "little")
+            self.config.set(self.pci_cfg + 16, length, value)
+        return self.config.read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        super().config_write(offset, size, value)
+        w = self._cfg_window(offset, size)
+        if w is not None:
+            region, off, length = w
+            region.write(off, self.config.get(self.pci_cfg + 16, length).to_bytes(length, "little"))
 
     def _intx(self, level: bool) -> None:
         """The transport's INTx request: reflected in STATUS.Interrupt

@@ -385,3 +385,25 @@ def test_config_space_state_round_trip_and_checks():
         b.config.restore({"data": bytes(bad).hex()})
     with pytest.raises(TemplateError, match="bytes"):
         b.config.restore({"data": "00"})
+
+
+def test_virtio_pci_cfg_window(platform):
+    """VIRTIO_PCI_CAP_PCI_CFG: BAR 4's common config read and written
+    through config space alone (no BAR mapping needed)."""
+    fn, drv, msis, intx = _rng_platform(platform)
+    cfg = drv.cfg
+    caps = [off for cid, off in capabilities(cfg, 0, 4, 0)
+            if cid == 0x09 and cfg.read(0, 4, 0, off + 3, 1) == vp.CAP_PCI]
+    assert len(caps) == 1
+    c = caps[0]
+    cfg.write(0, 4, 0, c + 4, vp.MODERN_BAR, 1)
+    cfg.write(0, 4, 0, c + 8, vp.C_NUMQ)          # offset
+    cfg.write(0, 4, 0, c + 12, 2)                 # length
+    assert cfg.read(0, 4, 0, c + 16, 2) == 1      # num_queues of virtio-rng
+    cfg.write(0, 4, 0, c + 8, vp.C_STATUS)
+    cfg.write(0, 4, 0, c + 12, 1)
+    cfg.write(0, 4, 0, c + 16, 1, 1)              # ACKNOWLEDGE through the window
+    assert fn.transport.status == 1
+    cfg.write(0, 4, 0, c + 12, 3)                 # bad length: nothing happens
+    cfg.write(0, 4, 0, c + 16, 0, 1)
+    assert fn.transport.status == 1
