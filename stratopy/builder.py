@@ -38,7 +38,10 @@ def machine_class(machine_type: str):
     if machine_type == "microvm":
         from stratopy.machine.microvm import MicroVm
         return MicroVm
-    raise ConfigError("-machine", f"{machine_type} is not supported yet (only microvm)")
+    if machine_type == "q35":
+        from stratopy.machine.q35 import Q35Vm
+        return Q35Vm
+    raise ConfigError("-machine", f"{machine_type} is not supported (microvm or q35)")
 
 
 def create_machine(config):
@@ -105,6 +108,11 @@ def prepare_template(config, incoming) -> PreparedTemplate:
     from stratopy.migration import facts, restore
 
     cls = machine_class(config.machine_type)
+    if not cls.templates:
+        # cli_parse refuses -incoming first; this holds for every caller
+        # (the template server's too)
+        raise ConfigError("-incoming", f"templates of a {config.machine_type} VM are not "
+                                       f"supported yet (microvm only)")
     ram = cls.ram_layout_of(config)
 
     def facts_of(placement: dict[str, int]) -> dict:

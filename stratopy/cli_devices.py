@@ -196,18 +196,22 @@ def _parse_object(text: str) -> RngObjectConfig:
 _UNSUPPORTED_DEVICE_HINT = {
     "virtserialport": "only virtconsole ports are supported",
     "vhost-user-fs-device": "virtio-fs is not supported",
-    "vfio-pci": "vfio needs q35, which is not supported yet",
+    "vfio-pci": "vfio is not supported",
 }
 
 
-def _parse_device(text: str) -> tuple[str, _Props]:
+def _parse_device(text: str, machine: str = "microvm") -> tuple[str, _Props]:
     o = "-device"
     driver, p = _typed(o, text, "device driver")
+    if machine == "q35":
+        from stratopy import cli_pci
+        cli_pci.check_pci_driver(driver)
+        return driver, p
     if driver not in DEVICE_DRIVERS:
         if driver in _UNSUPPORTED_DEVICE_HINT:
             reason = _UNSUPPORTED_DEVICE_HINT[driver]
         elif driver.endswith("-pci"):
-            reason = "PCI devices need q35, which is not supported yet"
+            reason = "PCI devices need -machine q35"
         else:
             reason = "unknown device"
         raise ConfigError(o, f"'{driver}': {reason} (microvm supports: {', '.join(DEVICE_DRIVERS)})")
@@ -251,8 +255,10 @@ def _mac(value: str) -> str:
     return mac
 
 
-def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[DeviceConfig, ...]:
+def _build_devices(texts, drives, netdevs, chardevs, rngs, claim,
+                   machine: str = "microvm") -> tuple[DeviceConfig, ...]:
     o = "-device"
+    pci_of: dict[str, tuple] = {}       # q35: device id -> (bus, slot, fn, multifunction)
     devices: list[DeviceConfig] = []
     ids: set[str] = set()
     serial_bus: str | None = None  # id of the virtio-serial-device
@@ -261,8 +267,21 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
     fds_in_use = {fd for nd in netdevs.values() for fd in (nd.fd, *nd.extra_fds) if fd is not None}
 
     for index, text in enumerate(texts):
-        driver, p = _parse_device(text)
+        driver, p = _parse_device(text, machine)
+        pci_name = None
+        if machine == "q35" and driver != CONSOLE:
+            from stratopy import cli_pci
+            if driver == cli_pci.ROOT_PORT:
+                devices.append(cli_pci.root_port_config(p, _id(o, driver, p.need("id"))))
+                if devices[-1].id in ids:
+                    raise ConfigError(o, f"device id '{devices[-1].id}' is used twice")
+                ids.add(devices[-1].id)
+                continue
+            pci_name, driver = driver, cli_pci.PCI_DRIVERS[driver]
         given_id = p.take("id")
+        if pci_name is not None:
+            pci_of[given_id or f"{driver}.{index}"] = cli_pci.take_placement(
+                p, f"{pci_name} '{given_id or index}'")
         if given_id is None:
             if driver in (BLK, CONSOLE):
                 raise ConfigError(o, f"{driver} requires id=")
@@ -371,4 +390,8 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim) -> tuple[Devic
             if d.driver == SERIAL else d
             for d in devices
         ]
+    if machine == "q35":
+        from stratopy import cli_pci
+        devices = [d.replace(pci=pci_of[d.id]) if d.id in pci_of else d for d in devices]
+        cli_pci.check_topology(devices)
     return tuple(devices)

@@ -253,12 +253,10 @@ def _parse_machine(text: str) -> dict:
     if mtype is None:
         raise ConfigError(o, "no machine type given (use -machine microvm)")
     mtype = mtype.lower()
-    if mtype == "q35":
-        raise ConfigError(o, "q35 is not supported yet (only microvm)")
     if mtype == "virt":
-        raise ConfigError(o, "virt is an aarch64 machine, not supported (only microvm)")
-    if mtype != "microvm":
-        raise ConfigError(o, f"unknown machine type '{mtype}' (only microvm)")
+        raise ConfigError(o, "virt is an aarch64 machine, not supported (microvm or q35)")
+    if mtype not in ("microvm", "q35"):
+        raise ConfigError(o, f"unknown machine type '{mtype}' (microvm or q35)")
     dump = p.take_bool(True, "dump-guest-core", "dump_guest_core")
     share = p.take_bool(False, "mem-share", "mem_share")
     accel = p.take("accel")
@@ -268,7 +266,7 @@ def _parse_machine(text: str) -> dict:
     if usb is not None and usb.lower() not in _BOOL_FALSE:
         raise ConfigError(o, "usb must be off")
     p.finish()
-    return {"machine_type": "microvm", "dump_guest_core": dump, "mem_share": share}
+    return {"machine_type": mtype, "dump_guest_core": dump, "mem_share": share}
 
 
 def _parse_smp(text: str) -> dict:
@@ -524,7 +522,10 @@ def _parse(argv: list[str]) -> MachineConfig:
         serial = serial_spec
     kw["serial"] = serial
 
-    devices = _build_devices(device_texts, drives, netdevs, chardevs, rngs, claim)
+    machine = kw.get("machine_type", "microvm")
+    devices = _build_devices(device_texts, drives, netdevs, chardevs, rngs, claim, machine)
+    if machine == "q35" and "incoming" in kw:
+        raise ConfigError("-incoming", "templates of a q35 VM are not supported yet (microvm only)")
 
     # stdio can be used once, and not when daemonized (StratoVirt's rules).
     stdio = [c for c in chardevs.values() if c.backend == "stdio"]

@@ -219,7 +219,7 @@ class DeviceConfig(_Frozen):
 
     __slots__ = ("driver", "id", "drive", "serial", "netdev", "mac", "chardev", "bus", "rng",
                  "max_bytes", "period", "guest_cid", "uds_path", "deflate_on_oom",
-                 "free_page_reporting", "vhostfd")
+                 "free_page_reporting", "vhostfd", "pci", "root_port")
 
     def __init__(
             self,
@@ -239,6 +239,8 @@ class DeviceConfig(_Frozen):
             deflate_on_oom: bool = False,
             free_page_reporting: bool = False,
             vhostfd: int | None = None,
+            pci: tuple | None = None,
+            root_port: tuple | None = None,
     ):
         _set(self, "driver", driver)
         _set(self, "id", id)
@@ -256,6 +258,10 @@ class DeviceConfig(_Frozen):
         _set(self, "deflate_on_oom", deflate_on_oom)
         _set(self, "free_page_reporting", free_page_reporting)
         _set(self, "vhostfd", vhostfd)
+        # q35 (stratopy.cli_pci): (bus, slot, function, multifunction) and,
+        # for a pcie-root-port, (port, chassis); None on the microvm
+        _set(self, "pci", pci)
+        _set(self, "root_port", root_port)
 
 
 class QmpConfig(_Frozen):
@@ -382,7 +388,7 @@ class MachineConfig(_Frozen):
 
     def transport_devices(self) -> tuple[DeviceConfig, ...]:
         """The devices that each need a virtio-mmio transport (all but virtconsole), in order."""
-        return tuple(d for d in self.devices if d.driver != CONSOLE)
+        return tuple(d for d in self.devices if d.driver not in (CONSOLE, "pcie-root-port"))
 
     def device(self, dev_id: str) -> DeviceConfig | None:
         """The device with this id, or None."""

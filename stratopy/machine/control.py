@@ -132,6 +132,10 @@ class MachineControl:
     def migrate(self, uri: str) -> None:
         from stratopy.migration.snapshot import take_template
 
+        if not self.m.templates:
+            raise QmpError(f"templates of a {self.m.config.machine_type} VM are not "
+                           f"supported yet (microvm only)")
+
         try:
             take_template(self.m, uri)
         except MigrationError as e:
@@ -175,7 +179,10 @@ class MachineControl:
 
     def _open_files(self):
         for s in self.m.slots:
-            if s.config is not None and s.kind == "blk" and s.backend is not None:
+            # every block device: the reserved slots' and the others (q35's
+            # hot-plugged disks, a microvm's disks beyond the reserved four)
+            if (s.config is not None and s.backend is not None
+                    and (s.kind == "blk" or s.config.driver == cfgmod.BLK)):
                 yield s.config.id, s.backend
         for name, (_, be) in self.drives.items():
             yield name, be
@@ -286,6 +293,10 @@ class MachineControl:
                    drive: str | None = None, netdev: str | None = None,
                    mac: str | None = None, serial: str | None = None, **_ignored) -> None:
         """Bind a registered backend into a free replaceable slot."""
+        if self.m.config.machine_type == "q35":
+            from stratopy.machine import q35_hotplug
+            return q35_hotplug.device_add(self, id, driver, _ignored.get("bus"), addr, drive,
+                                          netdev, mac, serial)
         kind = {"virtio-blk-device": slotmod.BLK, "virtio-blk-mmio": slotmod.BLK,
                 "virtio-net-device": slotmod.NET, "virtio-net-mmio": slotmod.NET}.get(driver)
         if kind is None:
@@ -338,6 +349,10 @@ class MachineControl:
     def device_del(self, id: str) -> None:  # noqa: A002
         """Unbind device ``id`` from its replaceable slot (the slot stays,
         empty) and emit DEVICE_DELETED."""
+        if self.m.config.machine_type == "q35":
+            from stratopy.machine import q35_hotplug
+            if q35_hotplug.device_del(self, id):
+                return
         for slot in self.m.slots:
             if slot.config is not None and slot.config.id == id:
                 if not slot.replaceable:

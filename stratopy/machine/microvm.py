@@ -35,8 +35,10 @@ class MicroVm(Machine):
     machine_type = "microvm"
 
     def __init__(self, config: MachineConfig):
-        if config.machine_type != "microvm":
-            raise ConfigError("-machine", f"{config.machine_type} is not supported yet (only microvm)")
+        # a subclass (machine/q35.py's Q35Vm) has its own machine_type
+        if config.machine_type != self.machine_type:
+            raise ConfigError("-machine", f"{config.machine_type} needs its own machine class "
+                                          f"(this is {self.machine_type})")
         super().__init__(config)
 
     @property

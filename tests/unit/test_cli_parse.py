@@ -317,8 +317,8 @@ ERRORS = [
     (["-m", "1G"], "-kernel", "required"),
     ([], "-kernel", "required"),
     # -machine
-    (K + ["-machine", "q35"], "-machine", "q35", "not supported yet", "only microvm"),
-    (K + ["-machine", "virt"], "-machine", "virt", "only microvm"),
+    (K + ["-machine", "q35", "-incoming", "file:/t"], "-incoming", "q35", "not supported yet"),
+    (K + ["-machine", "virt"], "-machine", "virt", "microvm or q35"),
     (K + ["-machine", "pc"], "-machine", "unknown machine type", "pc"),
     (K + ["-machine", "microvm,foo=on"], "-machine", "unknown property 'foo'"),
     (K + ["-machine", "microvm,dump-guest-core=maybe"], "-machine", "dump-guest-core", "maybe"),
@@ -428,7 +428,7 @@ ERRORS = [
     (K + ["-object", "rng-random,id=r,filename=/a", "-object", "rng-random,id=r,filename=/b"],
      "-object", "twice"),
     # -device
-    (K + ["-device", "virtio-blk-pci,id=b,drive=d"], "-device", "pci", "q35"),
+    (K + ["-device", "virtio-blk-pci,id=b,drive=d"], "-device", "pci", "-machine q35"),
     (K + ["-device", "e1000"], "-device", "unknown device", "virtio-blk-device"),
     (K + ["-device", "id=x"], "-device", "must start with the device driver"),
     (K + ["-drive", "id=d,file=f", "-device", "virtio-blk-device,drive=d,id=b,foo=1"],

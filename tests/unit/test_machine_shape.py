@@ -335,11 +335,27 @@ def test_lifecycle_transitions():
         m.teardown()
 
 
-def test_create_machine_refuses_other_machine_types():
+def test_create_machine_by_machine_type():
     from stratopy.errors import ConfigError
-    config = parse_args(["-kernel", "/boot/vmlinux"]).replace(machine_type="q35")
-    with pytest.raises(ConfigError, match="q35 is not supported"):
-        builder.create_machine(config)
+    from stratopy.machine.microvm import MicroVm
+    from stratopy.machine.q35 import Q35Vm
+    config = parse_args(["-kernel", "/boot/vmlinux"])
+    q = config.replace(machine_type="q35")
+    assert type(builder.create_machine(config)) is MicroVm
+    assert type(builder.create_machine(q)) is Q35Vm
+    with pytest.raises(ConfigError, match="q35 needs its own machine class"):
+        MicroVm(q)
+    with pytest.raises(ConfigError, match="virt is not supported"):
+        builder.create_machine(config.replace(machine_type="virt"))
+
+
+def test_prepare_template_refuses_q35(tmp_path):
+    # whoever asks (the CLI refuses -incoming first; the template server
+    # prepares through the builder): one line, before any file is opened
+    from stratopy.errors import ConfigError
+    q = parse_args(["-kernel", "/boot/vmlinux"]).replace(machine_type="q35")
+    with pytest.raises(ConfigError, match="templates of a q35 VM are not supported yet"):
+        builder.prepare_template(q, None)
 
 
 # --- the device manager ----------------------------------------------------------------
