@@ -91,7 +91,9 @@ _WHOLE_TOKEN = re.compile(
     rb'|"[^"\\\x00-\x1f\xfe\xff]*(?:\\[\x20-\xfd][^"\\\x00-\x1f\xfe\xff]*)*"'
     rb"|'[^'\\\x00-\x1f\xfe\xff]*(?:\\[\x20-\xfd][^'\\\x00-\x1f\xfe\xff]*)*'"
     rb"|[a-z]+(?=[^a-z])"
-    rb"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?=[ \t\r\n{}\[\],:])")
+    # QEMU's IN_ZERO has no exponent: "0e1" is 0 then a stray "e", "0.0e1" a number
+    rb"|-?(?:0(?:\.[0-9]+(?:[eE][+-]?[0-9]+)?)?"
+    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?=[ \t\r\n{}\[\],:])")
 _DIGITS = frozenset(b"0123456789")
 
 
