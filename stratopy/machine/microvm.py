@@ -105,11 +105,11 @@ class MicroVm(Machine):
         kernel = boot.load_kernel(mem, self.config.kernel)
         initrd = None
         if self.config.initrd:
-            below_4g = layout.ram_layout(self.config.mem_size)[0][1]
+            below_4g = self.ram_layout()[0][1]
             initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g,
                                       kernel.initrd_addr_max)
         boot.write_cmdline(mem, self.kernel_cmdline(), kernel.cmdline_max)
-        mem.write(layout.ZERO_PAGE_ADDR, boot.build_zero_page(kernel, self.config.mem_size, initrd))
+        mem.write(layout.ZERO_PAGE_ADDR, self.zero_page(kernel, initrd))
         addr, table = mptable.build(self.config.cpus)
         mem.write(addr, table)
         self._write_acpi_tables()
@@ -118,6 +118,12 @@ class MicroVm(Machine):
         for gpa, data in cpu.page_tables():
             mem.write(gpa, data)
         return kernel.entry
+
+    def zero_page(self, kernel, initrd) -> bytes:
+        """The boot_params page (its e820 map is boot.py's, for microvm's RAM)."""
+        from stratopy.arch.x86_64 import boot
+
+        return boot.build_zero_page(kernel, self.config.mem_size, initrd)
 
     def warm_started(self) -> None:
         # Every warm start (a template server's clones too) is a new machine:

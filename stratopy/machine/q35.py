@@ -29,7 +29,6 @@ import os
 import struct
 from typing import Callable
 
-from stratopy.arch.x86_64 import cpu, layout
 from stratopy.arch.x86_64 import q35_layout as q35
 from stratopy.cli_pci import ROOT_PORT
 from stratopy.config import MachineConfig
@@ -298,31 +297,17 @@ class Q35Vm(MicroVm):
         parts = [self.config.kernel_cmdline.strip(), kvm_backend.extra_cmdline(self.backend)]
         return " ".join(p for p in parts if p)
 
-    def load_guest(self) -> int:
-        from stratopy.arch.x86_64 import boot, mptable
+    def zero_page(self, kernel, initrd) -> bytes:
+        """microvm's boot_params with q35's e820 map (RAM around the PCI
+        hole, ECAM reserved)."""
+        from stratopy.arch.x86_64 import boot
 
-        mem = self.mem
-        kernel = boot.load_kernel(mem, self.config.kernel)
-        initrd = None
-        if self.config.initrd:
-            below_4g = q35.ram_layout(self.config.mem_size)[0][1]
-            initrd = boot.load_initrd(mem, self.config.initrd, kernel.end, below_4g,
-                                      kernel.initrd_addr_max)
-        boot.write_cmdline(mem, self.kernel_cmdline(), kernel.cmdline_max)
-        zp = bytearray(boot.build_zero_page(kernel, self.config.mem_size, initrd))
+        zp = bytearray(super().zero_page(kernel, initrd))
         entries = q35.e820_map(self.config.mem_size)
         zp[boot.BP_E820_ENTRIES] = len(entries)
         for i, (addr, size, typ) in enumerate(entries):
             struct.pack_into("<QQI", zp, boot.BP_E820_TABLE + 20 * i, addr, size, typ)
-        mem.write(layout.ZERO_PAGE_ADDR, bytes(zp))
-        addr, table = mptable.build(self.config.cpus)
-        mem.write(addr, table)
-        self._write_acpi_tables()
-        mem.write(layout.GDT_ADDR, cpu.gdt_bytes())
-        mem.write(layout.IDT_ADDR, bytes(8))
-        for gpa, data in cpu.page_tables():
-            mem.write(gpa, data)
-        return kernel.entry
+        return bytes(zp)
 
     def _write_acpi_tables(self) -> None:
         from stratopy.acpi import q35 as acpi_q35

@@ -35,14 +35,13 @@ source VM keeps its connections (its data path was only stopped).
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 
 from stratopy.devices.virtio.device import VirtioDevice
 from stratopy.devices.virtio.vhost import KERNEL_QUEUES
 from stratopy.devices.virtio.vsock import (
     EVENT_QUEUE, EVENT_QUEUE_SIZE, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE,
-    VIRTIO_ID_VSOCK, TransportResetEvents)
+    VIRTIO_ID_VSOCK, VsockShared)
 from stratopy.errors import DeviceError, TemplateError
 
 #: device-specific feature bits the transport can offer (virtio-mmio: 0..23)
@@ -60,7 +59,7 @@ class VhostVsockState:
     last_avail_idx: list[int] = field(default_factory=lambda: [0, 0])
 
 
-class VhostVsockDevice(TransportResetEvents, VirtioDevice):
+class VhostVsockDevice(VsockShared, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE)
     label = "vhost-vsock"
@@ -82,12 +81,6 @@ class VhostVsockDevice(TransportResetEvents, VirtioDevice):
         self.running = False                      # the kernel's data path is on
         self.paused = False                       # the VM is paused: keep it off
         self.reset_event_pending = False
-
-    def read_config(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size <= 0:
-            return bytes(max(size, 0))
-        cfg = struct.pack("<Q", self.guest_cid)
-        return (cfg[offset:offset + size] + bytes(size))[:size]
 
     # --- lifecycle -------------------------------------------------------------
     def activate(self, mem, queues: list, signal_used) -> None:

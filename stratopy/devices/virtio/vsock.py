@@ -106,11 +106,18 @@ class VsockState:
     acked_features: int = 0
 
 
-class TransportResetEvents:
-    """The event queue's one event, shared by the userspace and the vhost
-    device: after a restore the driver is owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
-    (its connections are gone) in the first buffer it posts on the event
-    queue. Mixed into a VirtioDevice that has ``reset_event_pending``."""
+class VsockShared:
+    """What the userspace and the vhost vsock device share, mixed into a
+    VirtioDevice that has ``guest_cid`` and ``reset_event_pending``: the
+    config space (the guest's cid), and the event queue's one event: after a
+    restore the driver is owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (its
+    connections are gone) in the first buffer it posts on the event queue."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size <= 0:
+            return bytes(max(size, 0))
+        cfg = struct.pack("<Q", self.guest_cid)
+        return (cfg[offset:offset + size] + bytes(size))[:size]
 
     def _send_reset_event(self) -> None:
         q = self._ready_queue(EVENT_QUEUE)
@@ -135,7 +142,7 @@ class TransportResetEvents:
         self.signal_used(EVENT_QUEUE)
 
 
-class VsockDevice(TransportResetEvents, VirtioDevice):
+class VsockDevice(VsockShared, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE)
     avail_features = 0
@@ -154,12 +161,6 @@ class VsockDevice(TransportResetEvents, VirtioDevice):
         self.reset_event_pending = False
 
     # --- transport hooks ---------------------------------------------------
-    def read_config(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size <= 0:
-            return bytes(max(size, 0))
-        cfg = struct.pack("<Q", self.guest_cid)
-        return (cfg[offset:offset + size] + bytes(size))[:size]
-
     def activate(self, mem, queues: list, signal_used) -> None:
         super().activate(mem, queues, signal_used)
         self._send_reset_event()
