@@ -162,7 +162,8 @@ def test_cache_root_env(monkeypatch, tmp_path):
 
 
 def test_missing_linux_source_names_the_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(guest, "LINUX_SOURCE_TARBALL", tmp_path / "nope.tar.xz")
+    # the constant is read where linux_source_version() lives
+    monkeypatch.setattr(guest.cache, "LINUX_SOURCE_TARBALL", tmp_path / "nope.tar.xz")
     with pytest.raises(StratoError, match="apt-get install linux-source-6.1") as e:
         guest.ensure_kernel()
     assert "\n" not in str(e.value)
