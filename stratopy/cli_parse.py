@@ -415,6 +415,14 @@ def parse_args(argv: list[str]) -> MachineConfig:
         raise ConfigError(option, reason) from None
 
 
+def _add_once(opt: str, kind: str, table: dict, item) -> None:
+    """File a backend (-drive, -netdev, -chardev, -object) under its id, which
+    must be new: devices refer to backends by id."""
+    if item.id in table:
+        raise ConfigError(opt, f"{kind} id '{item.id}' is defined twice")
+    table[item.id] = item
+
+
 def _parse(argv: list[str]) -> MachineConfig:
     tokens = _tokenize(list(argv))
 
@@ -447,25 +455,13 @@ def _parse(argv: list[str]) -> MachineConfig:
         elif opt == "-initrd":
             kw["initrd"] = _path(opt, "-initrd", value)
         elif opt == "-drive":
-            d = _parse_drive(value)
-            if d.id in drives:
-                raise ConfigError(opt, f"drive id '{d.id}' is defined twice")
-            drives[d.id] = d
+            _add_once(opt, "drive", drives, _parse_drive(value))
         elif opt == "-netdev":
-            n = _parse_netdev(value)
-            if n.id in netdevs:
-                raise ConfigError(opt, f"netdev id '{n.id}' is defined twice")
-            netdevs[n.id] = n
+            _add_once(opt, "netdev", netdevs, _parse_netdev(value))
         elif opt == "-chardev":
-            c = _parse_chardev(value)
-            if c.id in chardevs:
-                raise ConfigError(opt, f"chardev id '{c.id}' is defined twice")
-            chardevs[c.id] = c
+            _add_once(opt, "chardev", chardevs, _parse_chardev(value))
         elif opt == "-object":
-            r = _parse_object(value)
-            if r.id in rngs:
-                raise ConfigError(opt, f"object id '{r.id}' is defined twice")
-            rngs[r.id] = r
+            _add_once(opt, "object", rngs, _parse_object(value))
         elif opt == "-device":
             device_texts.append(value)
         elif opt == "-serial":
