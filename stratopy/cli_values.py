@@ -75,22 +75,23 @@ def _no_control(option: str, what: str, value: str) -> None:
         raise ConfigError(option, f"{what} contains {name}")
 
 
-def _id(option: str, what: str, value: str) -> str:
+def _bounded(option: str, label: str, noun: str, value: str, limit: int) -> str:
+    """An id or a path: not empty, at most ``limit`` characters, no control
+    characters; errors read ``<label>: <noun> ...``."""
     if not value:
-        raise ConfigError(option, f"{what}: id must not be empty")
-    if len(value) > MAX_ID_LEN:
-        raise ConfigError(option, f"{what}: id is longer than {MAX_ID_LEN} characters")
-    _no_control(option, f"{what}: id", value)
+        raise ConfigError(option, f"{label}: {noun} must not be empty")
+    if len(value) > limit:
+        raise ConfigError(option, f"{label}: {noun} is longer than {limit} characters")
+    _no_control(option, f"{label}: {noun}", value)
     return value
+
+
+def _id(option: str, what: str, value: str) -> str:
+    return _bounded(option, what, "id", value, MAX_ID_LEN)
 
 
 def _path(option: str, key: str, value: str) -> str:
-    if not value:
-        raise ConfigError(option, f"{key}: path must not be empty")
-    if len(value) > MAX_PATH_LEN:
-        raise ConfigError(option, f"{key}: path is longer than {MAX_PATH_LEN} characters")
-    _no_control(option, f"{key}: path", value)
-    return value
+    return _bounded(option, key, "path", value, MAX_PATH_LEN)
 
 
 def _sock_path(option: str, key: str, value: str) -> str:
