@@ -278,6 +278,15 @@ def run(argv: list[str]) -> int:
             daemon.remove_pidfile()
 
 
+def _terminated(t: _Terminated, daemon) -> int:
+    """A signal ended the VM before its loop ran: log it, tell a waiting
+    daemon parent, exit 0."""
+    log.warning("terminating on signal %d", t.signum)
+    if daemon is not None and daemon.reporting:
+        daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
+    return 0
+
+
 def _run_vm(config, daemon, prebuilt=None) -> int:
     """``prebuilt``: a machine already restored (a template server's clone,
     run_clone): it takes the same path from here to the first KVM_RUN as
@@ -346,20 +355,15 @@ def _run_vm(config, daemon, prebuilt=None) -> int:
             log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
             return code
         except _Terminated as t:
-            log.warning("terminating on signal %d", t.signum)
-            if daemon is not None and daemon.reporting:
-                daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
-            return 0
+            # here, before teardown: the daemon's parent hears of it first
+            return _terminated(t, daemon)
         finally:
             signals.raise_on_signal = False
             machine.teardown()
             if control is not None:
                 control.close()
     except _Terminated as t:
-        log.warning("terminating on signal %d", t.signum)
-        if daemon is not None and daemon.reporting:
-            daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
-        return 0
+        return _terminated(t, daemon)
     finally:
         signals.close()
 
