@@ -20,6 +20,7 @@ import ctypes
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 from stratopy.errors import GuestMemoryError, StratoError
 from stratopy.record import Record
@@ -63,6 +64,26 @@ def _close_all(regions: list) -> None:
         r.mm.close()
 
 
+def _map_layout(fd: int, layout: list[tuple[int, int]], flags: int, base: int,
+                fail: Callable[[OSError, int], StratoError]) -> list[Region]:
+    """A Region for each (gpa, size) of ``layout``, mapped read-write from
+    ``fd`` (-1: anonymous) at file offset ``base`` + the sizes before it.
+    If the host refuses one, what is mapped so far is unmapped and
+    ``fail(error, size of the refused region)`` is raised."""
+    regions: list[Region] = []
+    off = 0
+    for gpa, size in layout:
+        try:
+            mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=0 if fd < 0 else base + off)
+        except OSError as e:
+            _close_all(regions)
+            raise fail(e, size) from None
+        regions.append(Region(gpa, size, mm, off))
+        off += size
+    return regions
+
+
 def _map_failed(what: str, layout: list[tuple[int, int]], e: OSError) -> StratoError:
     """One line for a guest RAM mapping the host refuses: the size asked is
     below the host's RAM (checked earlier) but the address-space limit
@@ -94,18 +115,9 @@ class GuestMemory:
     def anonymous(cls, layout: list[tuple[int, int]], populate: bool = False) -> "GuestMemory":
         """Fresh zeroed RAM for the (gpa, size) ranges of ``layout``
         (``populate``: fault every page in now, MAP_POPULATE)."""
-        regions, off = [], 0
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
-        for gpa, size in layout:
-            try:
-                mm = mmap.mmap(-1, size, flags=flags,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as e:
-                _close_all(regions)
-                raise _map_failed("-m", layout, e) from None
-            regions.append(Region(gpa, size, mm, off))
-            off += size
-        return cls(regions)
+        return cls(_map_layout(-1, layout, flags, 0,
+                               lambda e, _size: _map_failed("-m", layout, e)))
 
     @classmethod
     def for_boot(cls, layout: list[tuple[int, int]], *, mem_path: str | None = None,
@@ -154,22 +166,13 @@ class GuestMemory:
     @classmethod
     def _map_shared(cls, fd: int, layout: list[tuple[int, int]], what: str,
                     populate: bool) -> "GuestMemory":
-        regions: list[Region] = []
-        off = 0
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-        try:
-            for gpa, size in layout:
-                mm = mmap.mmap(fd, size, flags=flags,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
-                regions.append(Region(gpa, size, mm, off))
-                off += size
-        except OSError as e:
-            for r in regions:
-                r.mm.close()
+        def fail(e: OSError, size: int) -> StratoError:
             hint = " (not enough free huge pages?)" if e.errno == 12 else ""
-            raise StratoError(f"{what}: cannot map {size >> 20} MiB of guest memory: "
-                              f"{e.strerror}{hint}") from None
-        mem = cls(regions)
+            return StratoError(f"{what}: cannot map {size >> 20} MiB of guest memory: "
+                               f"{e.strerror}{hint}")
+
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        mem = cls(_map_layout(fd, layout, flags, 0, fail))
         mem.shared = True
         return mem
 
@@ -205,17 +208,8 @@ class GuestMemory:
                     done += n
                 view.release()
             return mem
-        regions, off = [], 0
-        for gpa, size in layout:
-            try:
-                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base + off)
-            except OSError as e:
-                _close_all(regions)
-                raise _map_failed("the template's memory", layout, e) from None
-            regions.append(Region(gpa, size, mm, off))
-            off += size
-        return cls(regions)
+        return cls(_map_layout(fd, layout, mmap.MAP_PRIVATE, base,
+                               lambda e, _size: _map_failed("the template's memory", layout, e)))
 
     def close(self) -> None:
         for r in self.regions:
