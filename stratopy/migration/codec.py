@@ -179,6 +179,24 @@ def to_plain(obj: Any, hint: Any = None) -> Any:
         raise MigrationError("state: structure nested too deeply") from None
 
 
+def _elem_type(hint: Any, origin: Any, default: Any) -> Any:
+    """X of list[X] or tuple[X, ...] (``default`` for a bare list): the one
+    place that says which sequence types a state field may have, for the
+    encoder and the decoder alike."""
+    args = typing.get_args(hint)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        raise TypeError(f"unsupported tuple type {hint!r}: use tuple[X, ...]")
+    return args[0] if args else default
+
+
+def _value_type(hint: Any, default: Any) -> Any:
+    """V of dict[str, V] (``default`` for a bare dict); other keys are refused."""
+    args = typing.get_args(hint)
+    if args and args[0] is not str:
+        raise TypeError(f"unsupported dict type {hint!r}: keys must be str")
+    return args[1] if args else default
+
+
 def _enc_fail(path: str, msg: str) -> MigrationError:
     return MigrationError(f"cannot save state field {_fmt_path(path)}: {msg}")
 
@@ -195,24 +213,18 @@ def _enc(obj: Any, hint: Any, path: str, depth: int) -> Any:
         raise _enc_fail(path, f"None for a {_hint_name(hint)} field")
     origin = typing.get_origin(hint)
     if origin is list or origin is tuple:
-        args = typing.get_args(hint)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            raise TypeError(f"unsupported tuple type {hint!r}: use tuple[X, ...]")
+        el = _elem_type(hint, origin, None)
         if not isinstance(obj, (list, tuple)):
             raise _enc_fail(path, f"expected a list, got {type(obj).__name__}")
         if len(obj) > MAX_LIST:
             raise _enc_fail(path, f"{len(obj)} elements (limit {MAX_LIST})")
-        el = args[0] if args else None
         return [_enc(v, el, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
     if origin is dict:
-        args = typing.get_args(hint)
-        if args and args[0] is not str:
-            raise TypeError(f"unsupported dict type {hint!r}: keys must be str")
+        vt = _value_type(hint, None)
         if not isinstance(obj, dict):
             raise _enc_fail(path, f"expected a dict, got {type(obj).__name__}")
         if len(obj) > MAX_LIST:
             raise _enc_fail(path, f"{len(obj)} entries (limit {MAX_LIST})")
-        vt = args[1] if args else None
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
@@ -354,25 +366,19 @@ def _dec(tp: Any, data: Any, path: str, depth: int, dflt: bool) -> Any:
         raise _bad(path, f"expected {_hint_name(tp)}, got null")
     origin = typing.get_origin(tp)
     if origin is list or origin is tuple:
-        args = typing.get_args(tp)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            raise TypeError(f"unsupported tuple type {tp!r}: use tuple[X, ...]")
+        el = _elem_type(tp, origin, Any)
         if type(data) is not list:
             raise _bad(path, f"expected a list, got {_kind(data)}")
         if len(data) > MAX_LIST:
             raise _bad(path, f"list of {len(data)} elements (limit {MAX_LIST})")
-        el = args[0] if args else Any
         out = [_dec(el, v, f"{path}[{i}]", depth + 1, dflt) for i, v in enumerate(data)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
-        args = typing.get_args(tp)
-        if args and args[0] is not str:
-            raise TypeError(f"unsupported dict type {tp!r}: keys must be str")
+        vt = _value_type(tp, Any)
         if type(data) is not dict:
             raise _bad(path, f"expected an object, got {_kind(data)}")
         if len(data) > MAX_LIST:
             raise _bad(path, f"object of {len(data)} entries (limit {MAX_LIST})")
-        vt = args[1] if args else Any
         out = {}
         for k, v in data.items():
             if type(k) is not str:

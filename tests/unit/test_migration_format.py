@@ -9,6 +9,7 @@ import os
 import re
 import struct
 import threading
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -568,3 +569,15 @@ def test_status_thread_safe_start():
     for t in threads:
         t.join()
     assert wins == [1] and s.status is MigrationStatus.SETUP
+
+
+@pytest.mark.parametrize("hint", [tuple[int, int], tuple[int], dict[int, str]])
+def test_unsupported_container_types_are_refused_both_ways(hint):
+    """The encoder and the decoder accept the same container types (one rule,
+    codec._elem_type/_value_type): a fixed tuple or non-str keys are a
+    programming error in a state class, refused in both directions."""
+    value = {1: "a"} if typing.get_origin(hint) is dict else (1, 2)
+    with pytest.raises(TypeError, match="unsupported"):
+        codec.to_plain(value, hint)
+    with pytest.raises(TypeError, match="unsupported"):
+        codec.from_plain(hint, {"1": "a"} if isinstance(value, dict) else [1, 2])
