@@ -255,6 +255,16 @@ def _mac(value: str) -> str:
     return mac
 
 
+def _backend(o: str, kind: str, table: dict, ref: str, who: str, claim):
+    """The -drive/-netdev/-chardev ``ref`` a device names, claimed for ``who``
+    (one device each)."""
+    found = table.get(ref)
+    if found is None:
+        raise ConfigError(o, f"{who}: {kind} '{ref}' is not defined by -{kind}")
+    claim(kind, ref, who, o)
+    return found
+
+
 def _build_devices(texts, drives, netdevs, chardevs, rngs, claim,
                    machine: str = "microvm") -> tuple[DeviceConfig, ...]:
     o = "-device"
@@ -297,10 +307,7 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim,
             ref = p.need("drive")
             serial = p.take("serial")
             p.finish()
-            drive = drives.get(ref)
-            if drive is None:
-                raise ConfigError(o, f"{who}: drive '{ref}' is not defined by -drive")
-            claim("drive", ref, who, o)
+            drive = _backend(o, "drive", drives, ref, who, claim)
             if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
                 raise ConfigError(o, f"{who}: serial is longer than {MAX_BLK_SERIAL_LEN} characters")
             if serial is not None and drive.serial is not None and serial != drive.serial:
@@ -311,10 +318,7 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim,
             ref = p.need("netdev")
             mac_raw = p.take("mac")
             p.finish()
-            netdev = netdevs.get(ref)
-            if netdev is None:
-                raise ConfigError(o, f"{who}: netdev '{ref}' is not defined by -netdev")
-            claim("netdev", ref, who, o)
+            netdev = _backend(o, "netdev", netdevs, ref, who, claim)
             mac = None if mac_raw is None else _mac(mac_raw)
             devices.append(DeviceConfig(driver=NET, id=dev_id, netdev=netdev, mac=mac))
         elif driver == SERIAL:
@@ -336,10 +340,7 @@ def _build_devices(texts, drives, netdevs, chardevs, rngs, claim,
                 raise ConfigError(o, f"{who}: needs a virtio-serial-device before it on the command line")
             if serial_port is not None:
                 raise ConfigError(o, f"{who}: the virtio-serial-device already has a console ('{serial_port.id}')")
-            chardev = chardevs.get(ref)
-            if chardev is None:
-                raise ConfigError(o, f"{who}: chardev '{ref}' is not defined by -chardev")
-            claim("chardev", ref, who, o)
+            chardev = _backend(o, "chardev", chardevs, ref, who, claim)
             serial_port = DeviceConfig(driver=CONSOLE, id=dev_id, chardev=chardev, bus=serial_bus)
             devices.append(serial_port)
         elif driver == VSOCK:
