@@ -38,21 +38,10 @@ def baseline_kernel() -> str:
     cut = text.index(MARK)
     # the block runs to the end of the file
     base = text[:cut].rstrip("\n") + "\n"
-    version = guest.linux_source_version()
-    patches = guest._read_patches()
-    key = guest.kernel_cache_key(version, patches, base.encode())
-    kdir = guest.cache_root() / key
-    if not (kdir / "vmlinux").is_file():
-        with tempfile.TemporaryDirectory() as td:
-            frag = Path(td, "kernel.config")
-            frag.write_text(base)
-            orig = guest.fragment_path
-            guest.fragment_path = lambda: frag
-            try:
-                guest.build_kernel()
-            finally:
-                guest.fragment_path = orig
-    return str(kdir / "vmlinux")
+    with tempfile.TemporaryDirectory() as td:
+        frag = Path(td, "kernel.config")
+        frag.write_text(base)
+        return str(guest.build_kernel(fragment_file=frag).vmlinux)
 
 
 def boot(images, work, i: int, case: str, base_vmlinux: str) -> float:

@@ -189,17 +189,20 @@ def _read_patches() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in patch_paths()]
 
 
-def _kernel_inputs() -> tuple[str, list[tuple[str, bytes]], bytes]:
+def _kernel_inputs(fragment_file: Path | None = None) -> tuple[str, list[tuple[str, bytes]], bytes]:
+    """``fragment_file``: another config fragment than the recipe's (a
+    benchmark's baseline kernel); the key depends on its content only."""
     version = linux_source_version()
     patches = _read_patches()
-    fragment = fragment_path().read_bytes()
+    fragment = (fragment_file or fragment_path()).read_bytes()
     parse_config(fragment.decode())            # refuse a broken fragment early
     return version, patches, fragment
 
 
-def kernel_dir() -> Path:
-    """Cache directory of the kernel the current recipe produces."""
-    version, patches, fragment = _kernel_inputs()
+def kernel_dir(fragment_file: Path | None = None) -> Path:
+    """Cache directory of the kernel the current recipe produces (with
+    ``fragment_file`` instead of tools/guest/kernel.config, if given)."""
+    version, patches, fragment = _kernel_inputs(fragment_file)
     return cache_root() / kernel_cache_key(version, patches, fragment)
 
 

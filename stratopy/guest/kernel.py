@@ -78,9 +78,11 @@ def _ensure_source(version: str, patches: list[tuple[str, bytes]], log: _BuildLo
     return final / "linux-source-6.1"
 
 
-def build_kernel(force: bool = False) -> KernelImages:
-    """Build (unless cached) and return the kernel images."""
-    version, patches, fragment_bytes = _kernel_inputs()
+def build_kernel(force: bool = False, fragment_file: Path | None = None) -> KernelImages:
+    """Build (unless cached) and return the kernel images; ``fragment_file``
+    replaces tools/guest/kernel.config (bench/q35_boot.py's baseline)."""
+    fragment_file = fragment_file or fragment_path()
+    version, patches, fragment_bytes = _kernel_inputs(fragment_file)
     options = parse_config(fragment_bytes.decode())
     kdir = cache_root() / kernel_cache_key(version, patches, fragment_bytes)
     images = KernelImages(kdir / "vmlinux", kdir / "bzImage", kdir / "config")
@@ -99,7 +101,7 @@ def build_kernel(force: bool = False) -> KernelImages:
         log = _BuildLog(kdir / "build.log", "kernel")
         _progress(f"kernel: building {version} in {kdir} (log: {log.path})")
         log.note(f"source: {version}\npatches: {[n for n, _ in patches]}\n"
-                 f"fragment: {fragment_path()}")
+                 f"fragment: {fragment_file}")
         src = _ensure_source(version, patches, log)
         build = kdir / "build"
         if build.exists():
@@ -112,11 +114,11 @@ def build_kernel(force: bool = False) -> KernelImages:
                 [src / "scripts" / "config", "--file", build / ".config"]
                 + scripts_config_args(options), env=env)
         log.run("make olddefconfig", make + ["olddefconfig"], env=env)
-        _verify_config(options, build / ".config", log)
+        _verify_config(options, build / ".config", log, fragment_file)
         jobs = _jobs()
         log.run(f"make -j{jobs} vmlinux bzImage (several minutes)",
                 make + [f"-j{jobs}", "vmlinux", "bzImage"], env=env)
-        _verify_config(options, build / ".config", log)
+        _verify_config(options, build / ".config", log, fragment_file)
         outputs = {"vmlinux": build / "vmlinux",
                    "bzImage": build / "arch" / "x86" / "boot" / "bzImage",
                    "config": build / ".config"}
@@ -134,12 +136,13 @@ def build_kernel(force: bool = False) -> KernelImages:
     return images
 
 
-def _verify_config(options: Sequence[ConfigOption], config: Path, log: _BuildLog) -> None:
+def _verify_config(options: Sequence[ConfigOption], config: Path, log: _BuildLog,
+                   fragment_file: Path) -> None:
     bad = check_config(options, config.read_text())
     if bad:
         for b in bad:
             log.note(f"config check: missing {b}")
-        log.fail(f"{len(bad)} option(s) of {fragment_path().name} not in the final "
+        log.fail(f"{len(bad)} option(s) of {fragment_file.name} not in the final "
                  f".config (a dependency is missing): " + "; ".join(bad))
 
 

@@ -146,6 +146,25 @@ def test_kernel_dir_follows_the_repo_recipe(tmp_path, monkeypatch):
     assert len({d0, d1, d2}) == 3
 
 
+def test_another_fragment_gets_its_own_kernel(tmp_path, monkeypatch):
+    """build_kernel(fragment_file=...) (bench/q35_boot.py's baseline kernel):
+    keyed by that fragment's content, and found in the cache without a build."""
+    if not guest.LINUX_SOURCE_TARBALL.is_file():
+        pytest.skip("linux-source-6.1 not installed")
+    monkeypatch.setenv("STRATOPY_CACHE", str(tmp_path / "cache"))
+    frag = tmp_path / "base.config"
+    frag.write_text("CONFIG_64BIT=y\n")
+    kdir = guest.kernel_dir(frag)
+    assert kdir == guest.cache_root() / guest.kernel_cache_key(
+        guest.linux_source_version(), guest._read_patches(), frag.read_bytes())
+    assert kdir != guest.kernel_dir()
+    kdir.mkdir(parents=True)
+    for name in ("vmlinux", "bzImage", "config"):
+        (kdir / name).write_text(name)
+    images = guest.build_kernel(fragment_file=frag)     # cached: no make
+    assert images.vmlinux == kdir / "vmlinux" and images.config == kdir / "config"
+
+
 def test_rootfs_cache_key_tracks_busybox_and_init():
     k = guest.rootfs_cache_key("busybox-static 1:1.35.0 sha256=aa", b"#!/bin/sh\n")
     assert k == guest.rootfs_cache_key("busybox-static 1:1.35.0 sha256=aa", b"#!/bin/sh\n")
