@@ -18,17 +18,16 @@ whose guest gets TRANSPORT_RESET. The kernel's own vsock is not tested."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import sys
-import threading
 
 import pytest
 
 from tests import harness
 from tests.conftest import make_disk
-from tests.e2e.test_6_vsock import HostListener, echo_through_guest, host_connect, recv_exact
+from tests.e2e.test_6_vsock import (
+    check_clone, echo_bulk, guest_to_host, hold_guest_connection, host_connect, recv_exact)
 
 pytestmark = pytest.mark.linux
 
@@ -55,15 +54,8 @@ def test_vhost_vsock_with_the_guest_driver_and_a_template(images, workdir):
             assert ok.startswith(b"OK "), ok
             s.sendall(b"hello-vhost")
             assert recv_exact(s, 11) == b"hello-vhost"
-            bulk = os.urandom(BULK)      # beyond the credit: many kicks and interrupts
-            sender = threading.Thread(target=s.sendall, args=(bulk,), daemon=True)
-            sender.start()
-            assert recv_exact(s, BULK) == bulk
-            sender.join(60)
-        lst = HostListener(f"{uds}_6000", b"reply:")
-        out = vm.run("vsockecho connect 2 6000 hello-host", timeout=120)
-        assert lst.join() == b"hello-host"
-        assert out.strip() == "reply:hello-host", out
+            echo_bulk(s, BULK)      # beyond the credit: many kicks and interrupts
+        guest_to_host(vm, uds, "hello-host")
 
         # paused: a host connection waits for the guest, which answers after cont
         q = vm.qmp()
@@ -86,13 +78,7 @@ def test_vhost_vsock_with_the_guest_driver_and_a_template(images, workdir):
                 assert recv_exact(s, 10) == b"after-cont"
 
             # a template with a guest connection open
-            hold = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            hold.bind(f"{uds}_6010")
-            hold.listen(1)
-            hold.settimeout(120)
-            vm.send("vsockecho connect 2 6010 held >/tmp/held.out 2>&1 &\n")
-            held, _ = hold.accept()
-            assert recv_exact(held, 4) == b"held"
+            hold, held = hold_guest_connection(vm, uds)
             assert q.cmd("stop") == {"return": {}}
             assert q.cmd("migrate", uri=f"file:{tpl}") == {"return": {}}
             assert q.cmd("quit") == {"return": {}}
@@ -107,11 +93,4 @@ def test_vhost_vsock_with_the_guest_driver_and_a_template(images, workdir):
     shutil.copyfile(disk, clone_disk)
     clone_uds = os.path.join(workdir, "vhost-clone.sock")
     with vhost_vm(images, clone_disk, clone_uds, 4, ["-incoming", f"file:{tpl}"]) as clone:
-        out = clone.run("sleep 1; cat /tmp/held.out", timeout=120)
-        assert re.search(r"read: (Connection reset by peer|Transport endpoint is not "
-                         r"connected)", out), out
-        echo_through_guest(clone_uds, 5000, b"clone-echo")
-        lst = HostListener(f"{clone_uds}_6000", b"reply:")
-        out = clone.run("vsockecho connect 2 6000 from-clone", timeout=120)
-        assert lst.join() == b"from-clone"
-        assert out.strip() == "reply:from-clone", out
+        check_clone(clone, clone_uds)

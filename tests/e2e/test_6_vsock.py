@@ -114,6 +114,51 @@ def echo_through_guest(uds: str, port: int, message: bytes) -> None:
         assert recv_exact(s, len(message)) == message
 
 
+def echo_bulk(s: socket.socket, n: int) -> None:
+    """``n`` random bytes through a guest echo, sent while read back: more
+    than either side's credit, so both directions wait for credit updates."""
+    bulk = os.urandom(n)
+    sender = threading.Thread(target=s.sendall, args=(bulk,), daemon=True)
+    sender.start()
+    assert recv_exact(s, n) == bulk
+    sender.join(60)
+
+
+def guest_to_host(vm: harness.Vm, uds: str, message: str) -> None:
+    """The guest connects to host port 6000 (``<uds>_6000``), sends
+    ``message`` and prints the host's reply."""
+    lst = HostListener(f"{uds}_6000", b"reply:")
+    out = vm.run(f"vsockecho connect 2 6000 {message}", timeout=120)
+    assert lst.join() == message.encode()
+    assert out.strip() == f"reply:{message}", out
+
+
+def hold_guest_connection(vm: harness.Vm, uds: str) -> tuple[socket.socket, socket.socket]:
+    """A guest connection to host port 6010 that the host never answers,
+    open for a template: (the host listener, the accepted connection)."""
+    hold = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hold.bind(f"{uds}_6010")
+    hold.listen(1)
+    hold.settimeout(120)
+    vm.send("vsockecho connect 2 6010 held >/tmp/held.out 2>&1 &\n")
+    held, _ = hold.accept()
+    assert recv_exact(held, 4) == b"held"
+    return hold, held
+
+
+def check_clone(clone: harness.Vm, clone_uds: str) -> None:
+    """A clone of a template taken with hold_guest_connection open: that
+    connection was reset, the guest's listener on 5000 survived, and the
+    guest reaches the host through the clone's own uds-path."""
+    out = clone.run("sleep 1; cat /tmp/held.out", timeout=120)
+    # the sleeping read wakes with ECONNRESET, or finds the socket
+    # already closed (ENOTCONN), depending on when it runs: never EOF
+    assert re.search(r"read: (Connection reset by peer|Transport endpoint is not "
+                     r"connected)", out), out
+    echo_through_guest(clone_uds, 5000, b"clone-echo")
+    guest_to_host(clone, clone_uds, "from-clone")
+
+
 def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
     disk = make_disk(images, workdir, "vsock.img")
     uds = os.path.join(workdir, "vsock.sock")
@@ -133,23 +178,14 @@ def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
             assert int(ok[3:]) >= 1 << 30
             s.sendall(b"hello-guest")
             assert recv_exact(s, 11) == b"hello-guest"
-            # a few hundred KiB through the echo: more than either side's
-            # credit, so both directions wait for credit updates
-            bulk = os.urandom(BULK)
-            sender = threading.Thread(target=s.sendall, args=(bulk,), daemon=True)
-            sender.start()
-            assert recv_exact(s, BULK) == bulk
-            sender.join(60)
+            echo_bulk(s, BULK)      # a few hundred KiB through the echo
         # a port nobody listens on: the guest resets, the host socket closes
         s, ok = host_connect(uds, 5999)
         with s:
             assert ok == b""
 
         # --- guest -> host: <uds>_<port> ---------------------------------------
-        lst = HostListener(f"{uds}_6000", b"reply:")
-        out = vm.run("vsockecho connect 2 6000 hello-host", timeout=120)
-        assert lst.join() == b"hello-host"
-        assert out.strip() == "reply:hello-host", out
+        guest_to_host(vm, uds, "hello-host")
         lst = HostListener(f"{uds}_6001", None)
         out = vm.run(f"vsockecho send 2 6001 {BULK}", timeout=600)
         assert out.strip() == f"sent {BULK}", out
@@ -159,13 +195,7 @@ def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
         assert vm.last_status == 1 and "connect:" in out, out
 
         # --- template, with a guest connection open (the host never answers) ------
-        hold = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        hold.bind(f"{uds}_6010")
-        hold.listen(1)
-        hold.settimeout(120)
-        vm.send("vsockecho connect 2 6010 held >/tmp/held.out 2>&1 &\n")
-        held, _ = hold.accept()
-        assert recv_exact(held, 4) == b"held"
+        hold, held = hold_guest_connection(vm, uds)
         q = vm.qmp()
         try:
             assert q.cmd("stop") == {"return": {}}
@@ -184,13 +214,4 @@ def test_vsock_both_ways_with_credit_flow_and_template(images, workdir):
     clone_uds = os.path.join(workdir, "vsock-clone.sock")
     with harness.Vm(vsock_args(images, clone_disk, clone_uds, GUEST_CID + 1)
                     + ["-incoming", f"file:{tpl}"]) as clone:
-        out = clone.run("sleep 1; cat /tmp/held.out", timeout=120)
-        # the sleeping read wakes with ECONNRESET, or finds the socket
-        # already closed (ENOTCONN), depending on when it runs: never EOF
-        assert re.search(r"read: (Connection reset by peer|Transport endpoint is not "
-                         r"connected)", out), out
-        echo_through_guest(clone_uds, 5000, b"clone-echo")      # the listener survived
-        lst = HostListener(f"{clone_uds}_6000", b"reply:")
-        out = clone.run("vsockecho connect 2 6000 from-clone", timeout=120)
-        assert lst.join() == b"from-clone"
-        assert out.strip() == "reply:from-clone", out
+        check_clone(clone, clone_uds)
