@@ -35,38 +35,37 @@ def refuse_second(monkeypatch):
     return made
 
 
-def _check_unmapped(made) -> None:
+@pytest.fixture
+def memfd():
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 16 * MiB)
+    yield fd
+    os.close(fd)
+
+
+def _refusal(made, build) -> str:
+    """The one line ``build()`` fails with; what it mapped is unmapped."""
+    with pytest.raises(StratoError) as e:
+        build()
     assert len(made) == 1 and made[0][0].closed
+    return str(e.value)
 
 
 def test_anonymous(refuse_second):
-    with pytest.raises(StratoError) as e:
-        memory.GuestMemory.anonymous(LAYOUT)
-    assert str(e.value) == ("-m: cannot map 5 MiB of guest memory: Cannot allocate memory"
-                            " (address-space limit, ulimit -v, or overcommit policy?)")
-    _check_unmapped(refuse_second)
+    assert _refusal(refuse_second, lambda: memory.GuestMemory.anonymous(LAYOUT)) == (
+        "-m: cannot map 5 MiB of guest memory: Cannot allocate memory"
+        " (address-space limit, ulimit -v, or overcommit policy?)")
 
 
-def test_shared_names_the_refused_region(refuse_second):
-    fd = os.memfd_create("t", os.MFD_CLOEXEC)
-    try:
-        with pytest.raises(StratoError) as e:
-            memory.GuestMemory._map_shared(fd, LAYOUT, "mem-share", False)
-    finally:
-        os.close(fd)
-    assert str(e.value) == ("mem-share: cannot map 3 MiB of guest memory: "
-                            "Cannot allocate memory (not enough free huge pages?)")
-    _check_unmapped(refuse_second)
+def test_shared_names_the_refused_region(refuse_second, memfd):
+    msg = _refusal(refuse_second,
+                   lambda: memory.GuestMemory._map_shared(memfd, LAYOUT, "mem-share", False))
+    assert msg == ("mem-share: cannot map 3 MiB of guest memory: "
+                   "Cannot allocate memory (not enough free huge pages?)")
 
 
-def test_template_file_at_its_base_offset(refuse_second):
-    fd = os.memfd_create("t", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, 16 * MiB)
-        with pytest.raises(StratoError) as e:
-            memory.GuestMemory.from_fd(fd, LAYOUT, mapped=True, base=8 * MiB)
-    finally:
-        os.close(fd)
-    assert str(e.value).startswith("the template's memory: cannot map 5 MiB of guest memory")
-    _check_unmapped(refuse_second)
+def test_template_file_at_its_base_offset(refuse_second, memfd):
+    msg = _refusal(refuse_second,
+                   lambda: memory.GuestMemory.from_fd(memfd, LAYOUT, mapped=True, base=8 * MiB))
+    assert msg.startswith("the template's memory: cannot map 5 MiB of guest memory")
     assert refuse_second[0][1] == 8 * MiB
