@@ -63,11 +63,13 @@ I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 
 
-def ram_layout(mem_size: int) -> list[tuple[int, int]]:
-    """The (gpa, size) RAM regions for a guest of ``mem_size`` bytes."""
-    if mem_size <= MEM_BELOW_4G_MAX:
+def ram_layout(mem_size: int, below_4g_max: int = MEM_BELOW_4G_MAX) -> list[tuple[int, int]]:
+    """The (gpa, size) RAM regions for a guest of ``mem_size`` bytes: up to
+    ``below_4g_max`` from 0 (the microvm's 3 GiB; q35 passes its 2 GiB),
+    the rest from 4 GiB."""
+    if mem_size <= below_4g_max:
         return [(0, mem_size)]
-    return [(0, MEM_BELOW_4G_MAX), (MEM_ABOVE_4G_START, mem_size - MEM_BELOW_4G_MAX)]
+    return [(0, below_4g_max), (MEM_ABOVE_4G_START, mem_size - below_4g_max)]
 
 
 def virtio_slot(index: int) -> tuple[int, int]:

@@ -36,9 +36,7 @@ PCI_INTX_LINES = 4
 
 
 def ram_layout(mem_size: int) -> list[tuple[int, int]]:
-    if mem_size <= MEM_BELOW_4G_MAX:
-        return [(0, mem_size)]
-    return [(0, MEM_BELOW_4G_MAX), (layout.MEM_ABOVE_4G_START, mem_size - MEM_BELOW_4G_MAX)]
+    return layout.ram_layout(mem_size, MEM_BELOW_4G_MAX)
 
 
 def intx_gsi(slot: int, pin: int) -> int:
