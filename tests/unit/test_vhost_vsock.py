@@ -164,6 +164,13 @@ def make(kicks, cid=3, fake=None):
     return dev, backend, fake
 
 
+
+@pytest.mark.parametrize("cid", [0, 2, (1 << 32) - 1])
+def test_reserved_guest_cid_is_refused(kicks, cid):
+    """The same range as the userspace device (VsockShared._set_guest_cid)."""
+    with pytest.raises(ValueError, match="reserved or out of range"):
+        make(kicks, cid=cid)
+
 def expected_activation(drv, backend, kicks, acked, bases=(0, 0), cid=3, size=16):
     region = drv.mem.regions[0]
     seq = [("VHOST_SET_FEATURES", acked),

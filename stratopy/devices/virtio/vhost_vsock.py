@@ -69,9 +69,7 @@ class VhostVsockDevice(VsockShared, VirtioDevice):
 
     def __init__(self, guest_cid: int, backend) -> None:
         super().__init__()
-        if not MIN_GUEST_CID <= guest_cid <= MAX_GUEST_CID:
-            raise ValueError(f"guest cid {guest_cid} is reserved or out of range")
-        self.guest_cid = guest_cid
+        self._set_guest_cid(guest_cid)
         self.backend = backend
         # what the kernel offers, less what the transport cannot (VERSION_1
         # is always offered by the transport: the kernel must take it)

@@ -113,6 +113,11 @@ class VsockShared:
     restore the driver is owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (its
     connections are gone) in the first buffer it posts on the event queue."""
 
+    def _set_guest_cid(self, guest_cid: int) -> None:
+        if not MIN_GUEST_CID <= guest_cid <= MAX_GUEST_CID:
+            raise ValueError(f"guest cid {guest_cid} is reserved or out of range")
+        self.guest_cid = guest_cid
+
     def read_config(self, offset: int, size: int) -> bytes:
         if offset < 0 or size <= 0:
             return bytes(max(size, 0))
@@ -150,9 +155,7 @@ class VsockDevice(VsockShared, VirtioDevice):
 
     def __init__(self, guest_cid: int, muxer) -> None:
         super().__init__()
-        if not MIN_GUEST_CID <= guest_cid <= MAX_GUEST_CID:
-            raise ValueError(f"guest cid {guest_cid} is reserved or out of range")
-        self.guest_cid = guest_cid
+        self._set_guest_cid(guest_cid)
         self.muxer = muxer
         muxer.rx_kick = self.flush_rx
         self.tx_dropped = 0
