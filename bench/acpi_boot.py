@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import time
 
 import common
 from common import harness
@@ -24,10 +23,7 @@ def boot(images, work, i: int, acpi: bool) -> float:
     if not acpi:
         k = args.index("-append") + 1
         args[k] += " acpi=off"
-    t0 = time.monotonic()
-    with harness.Vm(args) as vm:
-        common.shell_ready(vm)
-        return time.monotonic() - t0
+    return common.boot_to_shell(lambda: harness.Vm(args))
 
 
 def main() -> None:

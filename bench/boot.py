@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 
 import common
 from common import harness
@@ -17,20 +16,12 @@ from common import harness
 
 def boot_stratopy(images, work, i) -> float:
     disk = common.copy_disk(images, work, f"s{i}.img")
-    t0 = time.monotonic()
-    with harness.Vm(harness.linux_args(images["vmlinux"], disk)) as vm:
-        common.shell_ready(vm)
-        dt = time.monotonic() - t0
-    return dt
+    return common.boot_to_shell(lambda: harness.Vm(harness.linux_args(images["vmlinux"], disk)))
 
 
 def boot_qemu(images, work, i) -> float:
     disk = common.copy_disk(images, work, f"q{i}.img")
-    t0 = time.monotonic()
-    with common.qemu_vm(common.qemu_args(images["vmlinux"], disk)) as vm:
-        common.shell_ready(vm)
-        dt = time.monotonic() - t0
-    return dt
+    return common.boot_to_shell(lambda: common.qemu_vm(common.qemu_args(images["vmlinux"], disk)))
 
 
 def first_byte(guest: str) -> float:

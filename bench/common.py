@@ -76,6 +76,16 @@ def shell_ready(vm: harness.Vm, timeout: float = 900) -> None:
     answers(vm, timeout=120)
 
 
+def boot_to_shell(start) -> float:
+    """Seconds from ``start()`` (which starts the VM: harness.Vm or
+    qemu_vm) to its shell answering; the VM is stopped afterwards, outside
+    the time."""
+    t0 = time.monotonic()
+    with start() as vm:
+        shell_ready(vm)
+        return time.monotonic() - t0
+
+
 _n = [1000]
 
 

@@ -21,7 +21,6 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -54,10 +53,7 @@ def boot(images, work, i: int, case: str, base_vmlinux: str) -> float:
     else:
         kernel = base_vmlinux if case == "microvm/base" else images["vmlinux"]
         args = harness.linux_args(kernel, disk)
-    t0 = time.monotonic()
-    with harness.Vm(args) as vm:
-        common.shell_ready(vm)
-        return time.monotonic() - t0
+    return common.boot_to_shell(lambda: harness.Vm(args))
 
 
 def main() -> None:
