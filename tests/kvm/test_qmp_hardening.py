@@ -3,7 +3,7 @@
 Each test starts the ``counter`` test guest through the ``start_vm`` fixture
 (which kills and reaps it) and talks to its QMP socket with socat, ncat or a
 raw socket. The bad inputs of issue 9 that need only one reply each are in
-test_qmp_clients.py's BAD_INPUTS.
+test_qmp_sessions.py's BAD_INPUTS.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tests.kvm.test_qmp_clients import (GREETING, TIMEOUT, TOOLS, Raw, compact, counter_vm,
-                                        pipe_through, read_count)
+from tests.kvm.qmp_util import (GREETING, TIMEOUT, TOOLS, Raw, compact, counter_vm,
+                                 pipe_through, read_count)
 
 pytestmark = pytest.mark.kvm
 
