@@ -204,7 +204,7 @@ class Daemonizer:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._pid_fd = fd
-            self._pid_ino = (st_fd.st_dev, st_fd.st_ino)
+            self._pid_ino = files.identity(st_fd)
             return
         raise StratoError(f"-pidfile: {path} keeps changing; cannot lock it")
 
@@ -213,12 +213,7 @@ class Daemonizer:
         fd, self._pid_fd = self._pid_fd, None
         if fd is None:
             return
-        try:
-            st = os.stat(self.pidfile)
-            if (st.st_dev, st.st_ino) == self._pid_ino:
-                os.unlink(self.pidfile)
-        except OSError:
-            pass
+        files.remove_if_same(self.pidfile, self._pid_ino)
         os.close(fd)
 
 

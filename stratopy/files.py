@@ -31,6 +31,7 @@ Errors are :class:`~stratopy.errors.ConfigError` naming the option.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -173,8 +174,9 @@ def free_socket_path(path: str) -> None:
                           | socket.SOCK_CLOEXEC)
     try:
         probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)                   # stale: its listener is gone
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)               # stale: its listener is gone
         return
     except BlockingIOError:
         pass                              # alive, its backlog is full
@@ -186,6 +188,19 @@ def free_socket_path(path: str) -> None:
 def identity(st: os.stat_result) -> tuple[int, int]:
     """What makes two paths the same file: (device, inode)."""
     return st.st_dev, st.st_ino
+
+
+def remove_if_same(path: str, ident: tuple[int, int] | None, *,
+                   follow_symlinks: bool = True) -> None:
+    """Remove ``path`` if it is still the file ``ident`` (:func:`identity`)
+    names: another process may have put its own file there since (a socket
+    or pidfile of ours is only ever removed by us). Errors are ignored: this
+    is clean-up at exit."""
+    try:
+        if identity(os.stat(path, follow_symlinks=follow_symlinks)) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def sharing_conflict(ident: tuple[int, int], readonly: bool,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
-import stat
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from stratopy import files
 from stratopy.errors import StratoError
 
 __all__ = ["UnixListener", "TcpListener", "ListenerSpec", "parse_listener"]
@@ -76,26 +77,15 @@ class _Listen:
             self.address = self.sock.getsockname()[:2]
 
     def _bind_unix(self, path: str) -> socket.socket:
-        if os.path.lexists(path):
-            st = os.lstat(path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StratoError(f"QMP socket {path}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(1.0)
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                try:
-                    os.unlink(path)  # stale: nothing listens on it
-                except FileNotFoundError:
-                    pass
-            except OSError as exc:
-                raise StratoError(f"QMP socket {path}: cannot check existing socket: "
-                                  f"{exc.strerror or exc}") from None
-            else:
-                raise StratoError(f"QMP socket {path}: already in use by another process")
-            finally:
-                probe.close()
+        try:
+            files.free_socket_path(path)     # a stale socket is removed
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StratoError(f"QMP socket {path}: already in use by another process") from None
+            if exc.errno == errno.EEXIST:
+                raise StratoError(f"QMP socket {path}: exists and is not a socket") from None
+            raise StratoError(f"QMP socket {path}: cannot check existing socket: "
+                              f"{exc.strerror or exc}") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with _umask_lock:
@@ -105,8 +95,7 @@ class _Listen:
                 finally:
                     os.umask(old)
             os.chmod(path, 0o600)
-            st = os.stat(path)
-            self.path, self.ident = path, (st.st_dev, st.st_ino)
+            self.path, self.ident = path, files.identity(os.stat(path))
             sock.listen(_BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
@@ -138,10 +127,5 @@ class _Listen:
         except OSError:
             pass
         if self.path is not None:
-            try:
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self.ident:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+            files.remove_if_same(self.path, self.ident, follow_symlinks=False)
             self.path = None

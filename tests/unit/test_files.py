@@ -274,3 +274,29 @@ def test_sharing_conflict_names_the_other_user():
     assert files.sharing_conflict((1, 2), False, users) == "ro"
     assert files.sharing_conflict((1, 3), True, users) == "rw"
     assert files.sharing_conflict((2, 3), False, users) is None
+
+
+# --- remove_if_same: the QMP socket and the pidfile at exit ----------------------
+
+def test_remove_if_same_spares_a_file_put_there_since(tmp_path):
+    p = tmp_path / "pid"
+    p.write_text("1\n")
+    ours = files.identity(os.stat(p))
+    p.rename(tmp_path / "old")               # (kept: its inode is not reused)
+    p.write_text("2\n")                      # another process's file now
+    files.remove_if_same(str(p), ours)
+    assert p.read_text() == "2\n"
+    files.remove_if_same(str(p), files.identity(os.stat(p)))
+    assert not p.exists()
+    files.remove_if_same(str(p), ours)       # gone already: no error
+
+
+def test_remove_if_same_without_following_a_symlink(tmp_path):
+    target = tmp_path / "sock"
+    target.write_text("")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    files.remove_if_same(str(link), files.identity(os.stat(target)), follow_symlinks=False)
+    assert link.is_symlink()                 # the link is not the file we made
+    files.remove_if_same(str(link), files.identity(os.lstat(link)), follow_symlinks=False)
+    assert not link.is_symlink() and target.exists()
