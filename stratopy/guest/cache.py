@@ -189,6 +189,10 @@ def _read_patches() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in patch_paths()]
 
 
+# --------------------------------------------------------------------------
+# The current recipe's keys: where its images are cached
+# --------------------------------------------------------------------------
+
 def _kernel_inputs(fragment_file: Path | None = None) -> tuple[str, list[tuple[str, bytes]], bytes]:
     """``fragment_file``: another config fragment than the recipe's (a
     benchmark's baseline kernel); the key depends on its content only."""
