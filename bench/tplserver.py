@@ -135,11 +135,19 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def stamp_cpu_ns(path: str) -> int | None:
-    """The process's CPU time at its first KVM_RUN (the shim's third field)."""
+def minflt(pid: int) -> int:
+    """Minor page faults of every thread of ``pid`` so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def stamp_usage(path: str) -> tuple[int, int] | None:
+    """(CPU time in ns, minor faults) of the process at its first KVM_RUN
+    (the shim's third and fourth fields)."""
     try:
         with open(path) as f:
-            return int(f.read().split()[2])
+            fields = f.read().split()
+        return int(fields[2]), int(fields[3])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -293,11 +301,11 @@ def main() -> None:
         p.wait(TIMEOUT)
         p, path = start_server(idle_tmpl, idle_args, work, shim, n, "concurrent")
         servers.append(p)
-        cfirst, cans, server_cpu, clone_cpu = [], [], [], []
+        cfirst, cans, server_cpu, clone_cpu, clone_flt = [], [], [], [], []
         for _ in range(a.bursts):
             wait_pool(path, n, p)
             time.sleep(0.2)                # the last member's restore has ended
-            before = {m: cpu_ns(m) for m in client.call(
+            before = {m: (cpu_ns(m), minflt(m)) for m in client.call(
                 path, {"execute": "query-pool"})["return"]["ready"]}
             s0 = cpu_ns(p.pid)
             results, s1 = concurrent_clones(path, work, n, p.pid)
@@ -305,9 +313,10 @@ def main() -> None:
             for f, s, pid in results:
                 cfirst.append(f)
                 cans.append(s)
-                at_run = stamp_cpu_ns(os.path.join(work, f"stamp.{pid}"))
+                at_run = stamp_usage(os.path.join(work, f"stamp.{pid}"))
                 if pid in before and at_run is not None:
-                    clone_cpu.append((at_run - before[pid]) / 1e9)
+                    clone_cpu.append((at_run[0] - before[pid][0]) / 1e9)
+                    clone_flt.append(at_run[1] - before[pid][1])
                 kill(pid)
         print(f"template server, {n} concurrent requests, idle memcheck guest (pool of {n}, "
               f"filled before each burst):")
@@ -317,6 +326,8 @@ def main() -> None:
               f"{common.median(clone_cpu) * 1000:.2f} ms (request -> its first KVM_RUN, all "
               f"its threads, median); {n} x (server + clone) / {os.cpu_count()} CPUs = "
               f"{n * (common.median(server_cpu) + common.median(clone_cpu)) * 1000 / os.cpu_count():.1f} ms")
+        print(f"  minor page faults per clone, request -> first KVM_RUN: median "
+              f"{common.median(clone_flt):.0f}")
         p.send_signal(signal.SIGTERM)
         p.wait(TIMEOUT)
         if a.only:
