@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 
+from stratopy.errors import StratoError
 from stratopy.tplserver import request, wire
 
 REQUEST_WAIT = 1.0       # s a handed connection may take to bring its request
@@ -92,7 +93,6 @@ def idle_thread(fn):
 
 def _member(chan, prepared, pool_config, inherited_fds, template_config, idle) -> int:
     from stratopy import builder, cli
-    from stratopy.errors import StratoError
 
     # Its own session: a signal to the server's terminal or process group
     # does not reach the clones, which outlive the server.
@@ -114,7 +114,7 @@ def _member(chan, prepared, pool_config, inherited_fds, template_config, idle) -
         except BaseException:
             machine.teardown()
             raise
-        _warm(template_config)
+        _warm(machine, template_config)
         return machine
     try:
         machine = idle_thread(restore) if idle else restore()
@@ -187,10 +187,12 @@ def _next_connection(reader: wire.Reader):
         return sock, wire.Reader(sock, buf, fds[1:])
 
 
-def _warm(template_config) -> None:
-    """A request's path up to the attach, run once on a made-up request
-    between two socketpairs: the channel message with an fd, the request
-    read, parsed and checked, the reply's JSON. The first run after fork()
+def _warm(machine, template_config) -> None:
+    """A request's path, run once on a made-up request between two
+    socketpairs: the channel message with an fd, the request read, parsed
+    and checked, a stdio chardev opened and closed, the clone's config and
+    control object made (and dropped), the reply's JSON; not what changes
+    the machine. The first run after fork()
     writes the pages it touches (reference counts, the interpreter's inline
     caches, allocator pools: copy-on-write faults of ~5-10 us each under
     PVM); run here, while the member is not yet in the pool, a request finds
@@ -215,9 +217,10 @@ def _warm(template_config) -> None:
                 msg, fds = got
                 wire.close_fds(fds)
                 try:
-                    request.parse(msg, len(fds), template_config)
-                except request.RequestError:
-                    pass          # (a template whose netdevs share one fd here)
+                    parts = request.parse(msg, len(fds), template_config)
+                    _warm_start(machine, parts, k1.fileno())
+                except (StratoError, request.RequestError):
+                    pass          # only a warm-up
                 _answer(sock, {"return": {"pid": os.getpid()}}, msg.get("id"))
             wire.close_fds(reader.take()[1])
     except (OSError, wire.WireError):
@@ -225,6 +228,20 @@ def _warm(template_config) -> None:
     finally:
         for s in (c1, c2, k1, k2):
             s.close()
+
+
+def _warm_start(machine, parts, fd: int) -> None:
+    from stratopy import files
+    from stratopy.chardev import Chardev
+    from stratopy.machine.control import MachineControl
+
+    ch = Chardev(parts.serial, stdin_fd=fd, stdout_fd=fd)
+    ch.open()
+    ch.close()
+    machine.config.replace(serial=parts.serial, qmp=parts.qmp)
+    MachineControl(machine)
+    if machine.config.drives:
+        files.check_drives(machine.config.drives)
 
 
 def _read_request(conn: socket.socket, reader: wire.Reader):
@@ -268,8 +285,6 @@ def _answer(conn: socket.socket, obj: dict, request_id=None) -> None:
 def _serve(chan, machine, conn, reader, template_config, signals):
     """One handed connection: None if the member stays in the pool, else
     the clone's exit code."""
-    from stratopy.errors import StratoError
-
     try:
         try:
             got = _read_request(conn, reader)
