@@ -133,19 +133,22 @@ def preload() -> None:
 
 
 class Server:
-    def __init__(self, listen: str, pool: int, wait: float, config):
-        from stratopy import builder
-
+    def __init__(self, listen: str, pool: int, wait: float, config, prepared=None):
+        """``prepared``: the template opened and checked (None: done here;
+        the unit tests give a stand-in and fork no member)."""
         self.path, self.pool_size, self.wait = listen, pool, wait
         self.template = config
         # Pool members restore without per-VM parts; the request brings them.
         self.pool_config = config.replace(serial=None, qmp=(), daemonize=False, pidfile=None)
         t0 = time.monotonic()
-        self.prepared = builder.prepare_template(self.pool_config, config.incoming)
-        from stratopy.migration import memfile
+        if prepared is None:
+            from stratopy import builder
+            from stratopy.migration import memfile
 
-        op = self.prepared.opened
-        memfile.verify_chunks(op.memory_fd, op.memory_path, op.record, self.prepared.ram)
+            prepared = builder.prepare_template(self.pool_config, config.incoming)
+            op = prepared.opened
+            memfile.verify_chunks(op.memory_fd, op.memory_path, op.record, prepared.ram)
+        self.prepared = prepared
         self.prepare_s = time.monotonic() - t0
         self.members: list[Member] = []
         self.clients: list[Client] = []

@@ -340,6 +340,28 @@ def test_members_wait_jailed_with_their_vcpu_threads(counter_template, server):
         assert _status(pid, t)["Seccomp_filters"].strip() == "1"
 
 
+def test_a_refill_restores_idle_and_its_clone_runs_at_normal_priority(counter_template,
+                                                                        server):
+    """A refill's restore runs under SCHED_IDLE in a thread of its own
+    (tplserver.member.idle_thread: an unprivileged process cannot leave
+    SCHED_IDLE): the refilled member's main thread stays SCHED_OTHER, and
+    the clone it becomes runs the guest with every thread SCHED_OTHER."""
+    args, tpl, v0 = counter_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
+    first = s.wait_ready(1)[0]
+    s.clone()
+    refilled = s.wait_ready(1)[0]
+    assert refilled != first
+    assert os.sched_getscheduler(refilled) == os.SCHED_OTHER
+    pid, ser = s.clone()
+    assert pid == refilled
+    assert serial_count(ser) > v0
+    tasks = os.listdir(f"/proc/{pid}/task")
+    assert len(tasks) >= 2, tasks            # main and vCPU 0's at least
+    for t in tasks:
+        assert os.sched_getscheduler(int(t)) == os.SCHED_OTHER, (t, _status(pid, t)["Name"])
+
+
 def _tap_names(pid: int) -> list[str]:
     """The taps process ``pid`` holds (fdinfo of its /dev/net/tun fds)."""
     out = []
