@@ -152,7 +152,8 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
     """``n`` requests at once, each from its own client process (forked
     before, released together by closing a pipe), each with its serial on
     a socketpair; -> ([(request -> first KVM_RUN, request -> answer, pid)],
-    the server's CPU time (ns, cpu_ns) once every clone is handed out).
+    the server's CPU time (ns, cpu_ns) once every clone is handed out, each
+    client process's CPU time in s: its request and reading the answer).
     The clients do not poll for the stamps while clones start (20 polling
     threads took CPU from the clones they measure); they are read after."""
     go_r, go_w = os.pipe()
@@ -196,8 +197,10 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
     # held off while requests are served, has not started yet)
     handed = [f.readline() for _, f in files]
     server_cpu = cpu_ns(server_pid) if server_pid else 0
+    client_cpu = []
     for (k, f), line in zip(files, handed):
-        _, status = os.waitpid(k, 0)
+        _, status, ru = os.wait4(k, 0)
+        client_cpu.append(ru.ru_utime + ru.ru_stime)
         rest = f.read().decode()
         f.close()
         if status != 0 or not line or not rest:
@@ -213,7 +216,7 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
                     raise RuntimeError(f"clone {pid}: no first-KVM_RUN stamp")
                 time.sleep(0.01)
         out.append(((first - t0) / 1e9, (t1 - t0) / 1e9, pid))
-    return out, server_cpu
+    return out, server_cpu, client_cpu
 
 
 def kill(pid: int) -> None:
@@ -297,14 +300,15 @@ def main() -> None:
         p.wait(TIMEOUT)
         p, path = start_server(idle_tmpl, idle_args, work, shim, n, "concurrent")
         servers.append(p)
-        cfirst, cans, server_cpu, clone_cpu, clone_flt = [], [], [], [], []
+        cfirst, cans, server_cpu, clone_cpu, clone_flt, client_cpu = [], [], [], [], [], []
         for _ in range(a.bursts):
             wait_pool(path, n, p)
             time.sleep(0.2)                # the last member's restore has ended
             before = {m: (cpu_ns(m), minflt(m)) for m in client.call(
                 path, {"execute": "query-pool"})["return"]["ready"]}
             s0 = cpu_ns(p.pid)
-            results, s1 = concurrent_clones(path, work, n, p.pid)
+            results, s1, ccpu = concurrent_clones(path, work, n, p.pid)
+            client_cpu += ccpu
             server_cpu.append((s1 - s0) / n / 1e9)
             for f, s, pid in results:
                 cfirst.append(f)
@@ -323,7 +327,9 @@ def main() -> None:
               f"its threads, median); {n} x (server + clone) / {os.cpu_count()} CPUs = "
               f"{n * (common.median(server_cpu) + common.median(clone_cpu)) * 1000 / os.cpu_count():.1f} ms")
         print(f"  minor page faults per clone, request -> first KVM_RUN: median "
-              f"{common.median(clone_flt):.0f}")
+              f"{common.median(clone_flt):.0f}; CPU per client process (Python, forked "
+              f"before the burst: its request, then reading the answer): median "
+              f"{common.median(client_cpu) * 1000:.2f} ms")
         p.send_signal(signal.SIGTERM)
         p.wait(TIMEOUT)
         if a.only:

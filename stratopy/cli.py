@@ -293,6 +293,14 @@ def _announce(config) -> None:
         log.info("config: %s", _config_summary(config))
 
 
+def _terminated(t, daemon) -> int:
+    """A signal during the start-up: the start ends, exit code 0."""
+    log.warning("terminating on signal %d", t.signum)
+    if daemon is not None and daemon.reporting:
+        daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
+    return 0
+
+
 def _run_vm(config, daemon) -> int:
     signals = _Signals()
     try:
@@ -320,10 +328,7 @@ def _run_vm(config, daemon) -> int:
                 log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
         return _run_built(machine, daemon, signals, build)
     except _Terminated as t:
-        log.warning("terminating on signal %d", t.signum)
-        if daemon is not None and daemon.reporting:
-            daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
-        return 0
+        return _terminated(t, daemon)
     finally:
         signals.close()
 
@@ -370,10 +375,7 @@ def _run_built(machine, daemon, signals, build=None) -> int:
         log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
         return code
     except _Terminated as t:
-        log.warning("terminating on signal %d", t.signum)
-        if daemon is not None and daemon.reporting:
-            daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
-        return 0
+        return _terminated(t, daemon)
     finally:
         signals.raise_on_signal = False
         machine.teardown()
@@ -415,9 +417,8 @@ def run_clone(machine, signals) -> int:
                 files.check_drives(machine.config.drives)
             return _run_built(machine, None, signals)
         except _Terminated as t:
-            log.warning("terminating on signal %d", t.signum)
             machine.teardown()
-            return 0
+            return _terminated(t, None)
         finally:
             signals.close()
     except StratoError as e:
