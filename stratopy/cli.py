@@ -333,11 +333,11 @@ def _run_vm(config, daemon) -> int:
         signals.close()
 
 
-def _run_built(machine, daemon, signals, build=None) -> int:
+def _run_built(machine, daemon, signals, build=None, started=None) -> int:
     """A created machine from ``build()`` (None: a template server's clone,
     restored already) to its end: signals routed to its loop, QMP
-    listeners, the seccomp filter, the vCPUs started, the device loop;
-    torn down whatever happens."""
+    listeners, the seccomp filter, the vCPUs started (then ``started()``),
+    the device loop; torn down whatever happens."""
     from stratopy.machine.control import attach_control
 
     config = machine.config
@@ -356,6 +356,8 @@ def _run_built(machine, daemon, signals, build=None) -> int:
         if not config.disable_seccomp:
             _jail()
         machine.start()
+        if started is not None:
+            started()
         gc.enable()     # see main()
         if config.incoming is not None and config.start_paused:
             log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
@@ -402,11 +404,20 @@ def prepare_clone(config):
     return signals
 
 
-def run_clone(machine, signals) -> int:
+def run_clone(machine, signals, started=None) -> int:
     """A template server's clone (stratopy.tplserver.member): ``machine`` is
     restored and has its per-VM parts, ``signals`` is prepare_clone's; from
     here on it is an ordinary VM, run as ``main`` runs a ``-incoming`` one
-    from its first KVM_RUN on (exit code returned)."""
+    from its first KVM_RUN on (exit code returned). ``started(error)`` is
+    called once: with None as soon as the vCPUs are released (so the reply
+    to the request wakes nobody before they run), or with why the start
+    failed (a QMP socket that cannot be bound...)."""
+    told = []
+
+    def tell(error) -> None:
+        if started is not None and not told:
+            told.append(error)
+            started(error)
     gc.disable()
     try:
         try:
@@ -415,16 +426,19 @@ def run_clone(machine, signals) -> int:
                 from stratopy import files
 
                 files.check_drives(machine.config.drives)
-            return _run_built(machine, None, signals)
+            return _run_built(machine, None, signals, started=lambda: tell(None))
         except _Terminated as t:
             machine.teardown()
+            tell(f"the clone was ended by signal {t.signum} before it started")
             return _terminated(t, None)
         finally:
             signals.close()
     except StratoError as e:
+        tell(str(e))
         print(f"stratopy: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
+        tell("the clone failed before it started")
         gc.enable()
 
 

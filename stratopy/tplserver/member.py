@@ -21,8 +21,9 @@ Life of a member (its own process, its own session):
    with what it did not consume); a query-pool goes back unanswered (the
    server knows the pool). A clone request: its drives, serial and QMP are
    opened and attached (MicroVm.attach_clone_parts), ``{"return": {"pid":
-   PID}}`` to the client, ``{"gone": ...}`` to the server, and the member
-   is a clone.
+   PID}}`` to the client and ``{"gone": ...}`` to the server once its
+   vCPUs are released (cli.run_clone's ``started``), and the member is a
+   clone.
 4. run: stratopy.cli.run_clone, the CLI's path from a restore on (QMP
    listeners, vCPU start, device loop): from there on it is an ordinary
    stratopy VM; its exit code is the process's.
@@ -282,48 +283,54 @@ def _answer(conn: socket.socket, obj: dict, request_id=None) -> None:
         pass
 
 
+def _stay(chan, reader: wire.Reader, conn, reply: dict | None = None, request_id=None) -> None:
+    """The member stays in the pool: the connection goes back to the server
+    first (so the pool counts this member again before the client, answered,
+    can ask anew), then the one reply line, if any."""
+    _hand_back(chan, reader, "back")
+    if reply is not None:
+        _answer(conn, reply, request_id)
+    conn.close()
+
+
 def _serve(chan, machine, conn, reader, template_config, signals):
     """One handed connection: None if the member stays in the pool, else
     the clone's exit code."""
     try:
-        try:
-            got = _read_request(conn, reader)
-        except wire.WireError as e:
-            _hand_back(chan, reader, "back")
-            _answer(conn, wire.error(str(e)))
-            return None
-        if got is None:
-            _hand_back(chan, reader, "back")   # nothing complete in time: the server reads on
-            return None
-        msg, fds = got
-        if msg.get("execute") == "query-pool":
-            reader.buf[:0] = wire.encode(msg)   # the server answers it
-            reader.fds[:0] = fds
-            _hand_back(chan, reader, "back")
-            return None
-        try:
-            parts = request.parse(msg, len(fds), template_config)
-        except request.RequestError as e:
-            wire.close_fds(fds)
-            _hand_back(chan, reader, "back")   # first: the pool counts this member again
-            _answer(conn, wire.error(str(e)), msg.get("id"))
-            return None
-        try:
-            _attach(machine, parts, fds, msg)
-        except StratoError as e:
-            _answer(conn, wire.error(str(e)), msg.get("id"))
-            _hand_back(chan, reader, "gone")
-            machine.teardown()
-            signals.close()
-            return 1
-        _answer(conn, {"return": {"pid": os.getpid()}}, msg.get("id"))
+        got = _read_request(conn, reader)
+    except wire.WireError as e:
+        return _stay(chan, reader, conn, wire.error(str(e)))
+    if got is None:
+        return _stay(chan, reader, conn)     # nothing complete in time: the server reads on
+    msg, fds = got
+    if msg.get("execute") == "query-pool":
+        reader.buf[:0] = wire.encode(msg)    # the server answers it
+        reader.fds[:0] = fds
+        return _stay(chan, reader, conn)
+    try:
+        parts = request.parse(msg, len(fds), template_config)
+    except request.RequestError as e:
+        wire.close_fds(fds)
+        return _stay(chan, reader, conn, wire.error(str(e)), msg.get("id"))
+
+    def started(error) -> None:
+        # called once the vCPUs are released: the client and the server
+        # these lines wake do not run before the guest does
+        _answer(conn, {"return": {"pid": os.getpid()}} if error is None else wire.error(error),
+                msg.get("id"))
         _hand_back(chan, reader, "gone")
-    finally:
         conn.close()
-    chan.close()
+        chan.close()
+    try:
+        _attach(machine, parts, fds, msg)
+    except StratoError as e:
+        started(str(e))
+        machine.teardown()
+        signals.close()
+        return 1
     from stratopy import cli
 
-    return cli.run_clone(machine, signals)
+    return cli.run_clone(machine, signals, started)
 
 
 def _reply(chan, obj: dict) -> None:
