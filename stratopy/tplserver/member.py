@@ -267,7 +267,7 @@ def _hand_back(chan, reader: wire.Reader, key: str) -> None:
     from it and not consumed."""
     rest, fds = reader.take()
     try:
-        wire.send(chan, {key: {"buf": rest}}, fds)
+        wire.send(chan, {key: {"buf": wire.pack(rest)}}, fds)
     except OSError:
         pass                 # the server is gone: it has nothing to give back to
     wire.close_fds(fds)

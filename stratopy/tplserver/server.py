@@ -380,10 +380,11 @@ class Server:
             head, fds = wire.encode(c.head[0]), c.head[1]
         rest, more = c.reader.take()
         fds = fds + more
+        buf = head + rest
         try:
-            wire.send(m.chan, {"conn": {"buf": wire.pack(head) + rest}}, [c.conn.fileno()] + fds)
+            wire.send(m.chan, {"conn": {"buf": wire.pack(buf)}}, [c.conn.fileno()] + fds)
         except OSError:
-            c.reader = wire.Reader(c.conn, head + wire.unpack("buf", rest), fds)
+            c.reader = wire.Reader(c.conn, buf, fds)
             return False
         wire.close_fds(fds)                  # the member has its own copies
         c.head, c.wants = None, False

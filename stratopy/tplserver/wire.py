@@ -10,6 +10,7 @@ MAX_LINE or more than MAX_FDS fds is an error, never a growing buffer.
 from __future__ import annotations
 
 import array
+import binascii
 import json
 import os
 import socket
@@ -17,7 +18,8 @@ import socket
 MAX_LINE = 64 * 1024
 MAX_FDS = 16
 # between the server and a member: a connection handed over with what was
-# read from it (up to MAX_LINE bytes, escaped) and its fds
+# read from it (a line and what came after it in the same reads: a few
+# times MAX_LINE at most, base64) and its fds
 CHAN_LINE = 8 * MAX_LINE
 CHAN_FDS = MAX_FDS + 1
 
@@ -102,26 +104,26 @@ class Reader:
         close_fds(self.fds)
         self.fds = []
 
-    def take(self) -> tuple[str, list[int]]:
+    def take(self) -> tuple[bytes, list[int]]:
         """What was read and not consumed yet, to go with the connection to
-        another process (``handoff``); the reader is left empty."""
-        rest, fds = pack(bytes(self.buf)), self.fds
+        another process (``pack`` it); the reader is left empty."""
+        rest, fds = bytes(self.buf), self.fds
         self.buf.clear()
         self.fds = []
         return rest, fds
 
 
 def pack(data: bytes) -> str:
-    """Bytes as a JSON string (latin-1: every byte one character)."""
-    return data.decode("latin-1")
+    """Bytes as a JSON string (base64)."""
+    return binascii.b2a_base64(data, newline=False).decode() if data else ""
 
 
 def unpack(where: str, text) -> bytes:
-    if not isinstance(text, str) or len(text) > MAX_LINE * 2:
+    if not isinstance(text, str) or len(text) > CHAN_LINE:
         raise WireError(f"{where}: not a buffer")
     try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
+        return binascii.a2b_base64(text) if text else b""
+    except (binascii.Error, ValueError):
         raise WireError(f"{where}: not a buffer") from None
 
 

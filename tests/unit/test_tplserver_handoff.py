@@ -212,3 +212,23 @@ def test_idle_thread_runs_under_sched_idle_and_leaves_the_caller_as_it_was():
     assert os.sched_getscheduler(0) == before
     with pytest.raises(KeyError, match="gone"):
         member.idle_thread(lambda: {}["gone"])
+
+
+def test_what_the_member_did_not_read_comes_back_byte_for_byte(server):
+    """Bytes behind the first request (UTF-8, ~37 KiB, the line not
+    complete yet) go back to the server with the connection as they were:
+    the query-pool they start is answered with its id, echoed exactly."""
+    s = server()
+    pid = s.query_pool()["ready"][0]
+    tag = "é\u2603\"\\" * (wire.MAX_LINE // 16)
+    second = json.dumps({"execute": "query-pool", "id": tag}, ensure_ascii=False).encode()
+    assert len(second) < wire.MAX_LINE
+    with connect(s, b'{"execute":"clone","arguments":{"color":1},"id":1}\n' + second) as c:
+        _, sock, reader = handed(s, pid)
+        assert member._serve(s.ends[pid], None, sock, reader, TEMPLATE, None) is None
+        s.step(lambda: s.query_pool()["ready"] == [pid], "the member did not come back")
+        c.sendall(b"\n")
+        s.step(lambda: s.clients[0].reader.buf == b"", "the line was not read")
+        first, reply = lines(c, 2)
+    assert "unknown field 'color'" in first["error"]["desc"]
+    assert reply["id"] == tag and reply["return"]["ready"] == [pid]
