@@ -309,8 +309,9 @@ class Server:
         """A new connection, not read: a request goes to a member as it is
         (dispatch), a query-pool is the server's to read and answer (handed
         to a member, it would cost it CPU and dirty its pages). Told apart by
-        a look at the bytes waiting (MSG_PEEK), not parsed: what is not
-        plainly a request is read by the server, which hands on what it must."""
+        a look at the bytes waiting (MSG_PEEK), not parsed: what names
+        query-pool (or is EOF) is read here, the rest goes on; a member that
+        finds a query-pool after all gives it back unanswered."""
         try:
             data = c.conn.recv(4096, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
