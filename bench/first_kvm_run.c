@@ -4,8 +4,9 @@
  * ioctl() through ctypes, QEMU directly; both go through libc's symbol).
  *
  * FIRST_KVM_RUN_FILE=PATH  write "<CLOCK_MONOTONIC ns> <CLOCK_REALTIME ns>
- *                          <CLOCK_PROCESS_CPUTIME_ID ns>\n" (the last: CPU
- *                          time of all the process's threads so far)
+ *                          <CLOCK_PROCESS_CPUTIME_ID ns> <minor faults>\n"
+ *                          (CPU time and minor page faults of all the
+ *                          process's threads so far, getrusage)
  *                          to PATH at the first KVM_RUN (before it enters
  *                          the kernel), once per process. A "%d" in
  *                          PATH becomes the pid: every clone forked by
@@ -24,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -37,13 +39,16 @@ static void stamp(void)
     clock_gettime(CLOCK_MONOTONIC, &mono);
     clock_gettime(CLOCK_REALTIME, &real);
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
     const char *path = getenv("FIRST_KVM_RUN_FILE");
     if (path && *path) {
-        char line[96];
-        int n = snprintf(line, sizeof line, "%lld %lld %lld\n",
+        char line[128];
+        int n = snprintf(line, sizeof line, "%lld %lld %lld %ld\n",
                          (long long)mono.tv_sec * 1000000000LL + mono.tv_nsec,
                          (long long)real.tv_sec * 1000000000LL + real.tv_nsec,
-                         (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);
+                         (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec,
+                         ru.ru_minflt);
         char own[4096];
         if (strstr(path, "%d")) {
             snprintf(own, sizeof own, path, (int)getpid());

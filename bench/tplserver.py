@@ -123,23 +123,44 @@ def one_clone(path: str, work: str, answer: bytes | None = ANSWER["counter"]):
         mine.close()
 
 
+def warm_client() -> None:
+    """A request's client code run once on a socketpair (no server)."""
+    from stratopy.tplserver import wire
+
+    a, b = socket.socketpair()
+    with a, b:
+        wire.send(a, {"execute": "clone", "arguments": {"serial": {"fd": 0}}}, [b.fileno()])
+        r = wire.Reader(b)
+        r.feed()
+        _, fds = r.line()
+        wire.close_fds(fds)
+        wire.send(b, {"return": {"pid": 1}})
+        r = wire.Reader(a)
+        r.feed()
+        r.line()
+
+
 def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` so far (ns; /proc/PID/task/*/schedstat)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass                          # a thread that ended meanwhile
-    return total
+    """CPU time of ``pid`` so far, all its threads, those that ended too (ns;
+    its CLOCK_PROCESS_CPUTIME_ID, the clock the shim stamps: clock_getcpuclockid's
+    id, ((~pid) << 3) | 2). /proc/PID/task/*/schedstat misses the threads
+    that ended: a pool member's restore thread (tplserver.member.idle_thread)."""
+    return time.clock_gettime_ns(((~pid) << 3) | 2)
 
 
-def stamp_cpu_ns(path: str) -> int | None:
-    """The process's CPU time at its first KVM_RUN (the shim's third field)."""
+def minflt(pid: int) -> int:
+    """Minor page faults of every thread of ``pid`` so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def stamp_usage(path: str) -> tuple[int, int] | None:
+    """(CPU time in ns, minor faults) of the process at its first KVM_RUN
+    (the shim's third and fourth fields)."""
     try:
         with open(path) as f:
-            return int(f.read().split()[2])
+            fields = f.read().split()
+        return int(fields[2]), int(fields[3])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -148,9 +169,16 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
     """``n`` requests at once, each from its own client process (forked
     before, released together by closing a pipe), each with its serial on
     a socketpair; -> ([(request -> first KVM_RUN, request -> answer, pid)],
-    the server's CPU time (ns, cpu_ns) once every clone is handed out).
+    the server's CPU time (ns, cpu_ns) once every clone is handed out, each
+    client's CPU time in s from its request to the reply).
     The clients do not poll for the stamps while clones start (20 polling
-    threads took CPU from the clones they measure); they are read after."""
+    threads took CPU from the clones they measure); they are read after.
+    Each client runs its request's code once on a socketpair before the
+    burst (warm_client): a freshly forked client's first request otherwise
+    costs it ~2 ms of copy-on-write faults, CPU taken from the clones."""
+    import gc
+
+    gc.freeze()                 # the clients' collections do not write the bench's heap
     go_r, go_w = os.pipe()
     kids = []
     for _ in range(n):
@@ -161,13 +189,17 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
             try:
                 os.close(go_w)
                 os.close(res_r)
+                gc.disable()
+                warm_client()
                 os.read(go_r, 1)
                 mine, theirs = socket.socketpair()
+                c0 = time.process_time_ns()
                 t0 = time.monotonic_ns()
                 pid = client.request_clone(path, {"serial": {"fd": 0}}, [theirs.fileno()],
                                            timeout=TIMEOUT)
+                c1 = time.process_time_ns()
                 theirs.close()
-                os.write(res_w, f"{pid} {t0}\n".encode())
+                os.write(res_w, f"{pid} {t0} {c1 - c0}\n".encode())
                 mine.sendall(b"c")
                 mine.settimeout(TIMEOUT)
                 buf = b""
@@ -192,13 +224,15 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
     # held off while requests are served, has not started yet)
     handed = [f.readline() for _, f in files]
     server_cpu = cpu_ns(server_pid) if server_pid else 0
+    client_cpu = []
     for (k, f), line in zip(files, handed):
         _, status = os.waitpid(k, 0)
         rest = f.read().decode()
         f.close()
         if status != 0 or not line or not rest:
             raise RuntimeError("a concurrent request failed")
-        pid, t0 = map(int, line.split())
+        pid, t0, ccpu = map(int, line.split())
+        client_cpu.append(ccpu / 1e9)
         t1 = int(rest)
         first = None
         deadline = time.monotonic() + TIMEOUT
@@ -209,7 +243,7 @@ def concurrent_clones(path: str, work: str, n: int, server_pid: int = 0):
                     raise RuntimeError(f"clone {pid}: no first-KVM_RUN stamp")
                 time.sleep(0.01)
         out.append(((first - t0) / 1e9, (t1 - t0) / 1e9, pid))
-    return out, server_cpu
+    return out, server_cpu, client_cpu
 
 
 def kill(pid: int) -> None:
@@ -293,21 +327,23 @@ def main() -> None:
         p.wait(TIMEOUT)
         p, path = start_server(idle_tmpl, idle_args, work, shim, n, "concurrent")
         servers.append(p)
-        cfirst, cans, server_cpu, clone_cpu = [], [], [], []
+        cfirst, cans, server_cpu, clone_cpu, clone_flt, client_cpu = [], [], [], [], [], []
         for _ in range(a.bursts):
             wait_pool(path, n, p)
             time.sleep(0.2)                # the last member's restore has ended
-            before = {m: cpu_ns(m) for m in client.call(
+            before = {m: (cpu_ns(m), minflt(m)) for m in client.call(
                 path, {"execute": "query-pool"})["return"]["ready"]}
             s0 = cpu_ns(p.pid)
-            results, s1 = concurrent_clones(path, work, n, p.pid)
+            results, s1, ccpu = concurrent_clones(path, work, n, p.pid)
+            client_cpu += ccpu
             server_cpu.append((s1 - s0) / n / 1e9)
             for f, s, pid in results:
                 cfirst.append(f)
                 cans.append(s)
-                at_run = stamp_cpu_ns(os.path.join(work, f"stamp.{pid}"))
+                at_run = stamp_usage(os.path.join(work, f"stamp.{pid}"))
                 if pid in before and at_run is not None:
-                    clone_cpu.append((at_run - before[pid]) / 1e9)
+                    clone_cpu.append((at_run[0] - before[pid][0]) / 1e9)
+                    clone_flt.append(at_run[1] - before[pid][1])
                 kill(pid)
         print(f"template server, {n} concurrent requests, idle memcheck guest (pool of {n}, "
               f"filled before each burst):")
@@ -317,6 +353,10 @@ def main() -> None:
               f"{common.median(clone_cpu) * 1000:.2f} ms (request -> its first KVM_RUN, all "
               f"its threads, median); {n} x (server + clone) / {os.cpu_count()} CPUs = "
               f"{n * (common.median(server_cpu) + common.median(clone_cpu)) * 1000 / os.cpu_count():.1f} ms")
+        print(f"  minor page faults per clone, request -> first KVM_RUN: median "
+              f"{common.median(clone_flt):.0f}; CPU per client (Python, request -> reply): "
+              f"median "
+              f"{common.median(client_cpu) * 1000:.2f} ms")
         p.send_signal(signal.SIGTERM)
         p.wait(TIMEOUT)
         if a.only:

@@ -126,7 +126,7 @@ def host_ram() -> int:
         return 0
 
 
-def _check_host(config) -> None:
+def _check_host(config, drives: bool = True) -> None:
     """What the (pure) parser cannot know, checked before anything is built:
     guest RAM the host does not have, and -drive files (their kind, and two
     drives on one file)."""
@@ -136,7 +136,7 @@ def _check_host(config) -> None:
     if ram and config.mem_size > ram:
         raise ConfigError("-m", f"{config.mem_size >> 20} MiB is more than this host's RAM "
                                 f"({ram >> 20} MiB)")
-    if config.drives:
+    if drives and config.drives:
         from stratopy import files
 
         files.check_drives(config.drives)
@@ -278,45 +278,44 @@ def run(argv: list[str]) -> int:
             daemon.remove_pidfile()
 
 
-def _terminated(t: _Terminated, daemon) -> int:
-    """A signal ended the VM before its loop ran: log it, tell a waiting
-    daemon parent, exit 0."""
+def _announce(config) -> None:
+    """The process name and the first log lines (the summary only when it
+    is logged: building it is a cost in every clone's start)."""
+    if config.name:
+        from stratopy.daemon import set_process_name
+
+        set_process_name(config.name)
+    if log.isEnabledFor(logs.INFO):
+        from stratopy import __version__
+
+        log.info("stratopy %s starting%s, pid %d", __version__,
+                 f" VM '{config.name}'" if config.name else "", os.getpid())
+        log.info("config: %s", _config_summary(config))
+
+
+def _terminated(t, daemon) -> int:
+    """A signal during the start-up: the start ends, exit code 0."""
     log.warning("terminating on signal %d", t.signum)
     if daemon is not None and daemon.reporting:
         daemon.fail(f"terminating on signal {t.signum} during start-up", 1)
     return 0
 
 
-def _run_vm(config, daemon, prebuilt=None) -> int:
-    """``prebuilt``: a machine already restored (a template server's clone,
-    run_clone): it takes the same path from here to the first KVM_RUN as
-    ``-incoming``."""
-    from stratopy import __version__
-
+def _run_vm(config, daemon) -> int:
     signals = _Signals()
     try:
         _setup_logging(config)
         if daemon is not None:
             daemon.write_pidfile()
-        if config.name:
-            from stratopy.daemon import set_process_name
-
-            set_process_name(config.name)
-        log.info("stratopy %s starting%s, pid %d", __version__,
-                 f" VM '{config.name}'" if config.name else "", os.getpid())
-        log.info("config: %s", _config_summary(config))
-
+        _announce(config)
         _check_host(config)
 
         from stratopy import builder
-        from stratopy.machine.control import attach_control
 
-        machine = builder.create_machine(config) if prebuilt is None else prebuilt
-        control = None
-        try:
-            if prebuilt is not None:
-                log.info("VM restored by the template server from %s", config.incoming.path)
-            elif config.incoming is not None:
+        machine = builder.create_machine(config)
+
+        def build() -> None:
+            if config.incoming is not None:
                 builder.build_from_template(machine)
                 log.info("VM built from template %s in %.1f ms", config.incoming.path,
                          machine.timings.get("build", 0.0) * 1000)
@@ -327,58 +326,119 @@ def _run_vm(config, daemon, prebuilt=None) -> int:
 
                 log.info("kernel command line: %s", one_line(machine.kernel_cmdline()))
                 log.info("VM built in %.1f ms", machine.timings.get("build", 0.0) * 1000)
-            # From here on QMP clients may connect: a signal takes the normal
-            # way (SHUTDOWN event) once the loop runs, however early it came.
-            signals.attach(machine)
-            signals.raise_on_signal = False
-            # QMP sockets exist before the first guest instruction runs.
-            control = attach_control(machine)
-            if not config.disable_seccomp:
-                _jail()
-            machine.start()
-            gc.enable()     # see main()
-            if config.incoming is not None and config.start_paused:
-                log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
-            log.info("VM started, vCPUs %s",
-                     "paused (-S): waiting for 'cont'" if machine.state.value == "paused"
-                     else "running")
-            if daemon is not None:
-                log.info("daemonized%s", f", pidfile {daemon.pidfile}" if daemon.pidfile else "")
-                daemon.ready()
-            if os.environ.get("STRATOPY_TIMINGS"):
-                _report_timings(machine)
-            code = machine.run()
-            if machine.failure is not None:
-                if config.log_file:
-                    log.error("%s", machine.failure)
-                print(f"stratopy: {machine.failure}", file=sys.stderr, flush=True)
-            log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
-            return code
-        except _Terminated as t:
-            # here, before teardown: the daemon's parent hears of it first
-            return _terminated(t, daemon)
-        finally:
-            signals.raise_on_signal = False
-            machine.teardown()
-            if control is not None:
-                control.close()
+        return _run_built(machine, daemon, signals, build)
     except _Terminated as t:
         return _terminated(t, daemon)
     finally:
         signals.close()
 
 
-def run_clone(machine) -> int:
+def _run_built(machine, daemon, signals, build=None, started=None) -> int:
+    """A created machine from ``build()`` (None: a template server's clone,
+    restored already) to its end: signals routed to its loop, QMP
+    listeners, the seccomp filter, the vCPUs started (then ``started()``),
+    the device loop; torn down whatever happens."""
+    from stratopy.machine.control import attach_control
+
+    config = machine.config
+    control = None
+    try:
+        if build is not None:
+            build()
+        else:
+            log.info("VM restored by the template server from %s", config.incoming.path)
+        # From here on QMP clients may connect: a signal takes the normal
+        # way (SHUTDOWN event) once the loop runs, however early it came.
+        signals.attach(machine)
+        signals.raise_on_signal = False
+        # QMP sockets exist before the first guest instruction runs.
+        control = attach_control(machine)
+        if not config.disable_seccomp:
+            _jail()
+        machine.start()
+        if started is not None:
+            started()
+        gc.enable()     # see main()
+        if config.incoming is not None and config.start_paused:
+            log.info("-S is ignored with -incoming (as in StratoVirt): the VM resumes")
+        log.info("VM started, vCPUs %s",
+                 "paused (-S): waiting for 'cont'" if machine.state.value == "paused"
+                 else "running")
+        if daemon is not None:
+            log.info("daemonized%s", f", pidfile {daemon.pidfile}" if daemon.pidfile else "")
+            daemon.ready()
+        if os.environ.get("STRATOPY_TIMINGS"):
+            _report_timings(machine)
+        code = machine.run()
+        if machine.failure is not None:
+            if config.log_file:
+                log.error("%s", machine.failure)
+            print(f"stratopy: {machine.failure}", file=sys.stderr, flush=True)
+        log.info("VM ended: %s, exit code %d", machine.shutdown_reason or "unknown", code)
+        return code
+    except _Terminated as t:
+        return _terminated(t, daemon)
+    finally:
+        signals.raise_on_signal = False
+        machine.teardown()
+        if control is not None:
+            control.close()
+
+
+Terminated = _Terminated       # a signal before the loop runs (tplserver.member)
+
+
+def prepare_clone(config):
+    """What a template server's clone needs before its first KVM_RUN that
+    depends only on the template, done by the pool member before the
+    request (tplserver.member): the signal handlers (a SIGTERM from here on
+    raises Terminated, as during a CLI start), the logging set-up, the host
+    RAM check. The handle goes to run_clone."""
+    signals = _Signals()
+    try:
+        _setup_logging(config)
+        _check_host(config, drives=False)
+    except BaseException:
+        signals.close()
+        raise
+    return signals
+
+
+def run_clone(machine, signals, started=None) -> int:
     """A template server's clone (stratopy.tplserver.member): ``machine`` is
-    restored and has its per-VM parts; from here on it is an ordinary VM,
-    run exactly as ``main`` runs a ``-incoming`` one (exit code returned)."""
+    restored and has its per-VM parts, ``signals`` is prepare_clone's; from
+    here on it is an ordinary VM, run as ``main`` runs a ``-incoming`` one
+    from its first KVM_RUN on (exit code returned). ``started(error)`` is
+    called once: with None as soon as the vCPUs are released (so the reply
+    to the request wakes nobody before they run), or with why the start
+    failed (a QMP socket that cannot be bound...)."""
+    told = []
+
+    def tell(error) -> None:
+        if started is not None and not told:
+            told.append(error)
+            started(error)
     gc.disable()
     try:
-        return _run_vm(machine.config, None, prebuilt=machine)
+        try:
+            _announce(machine.config)
+            if machine.config.drives:
+                from stratopy import files
+
+                files.check_drives(machine.config.drives)
+            return _run_built(machine, None, signals, started=lambda: tell(None))
+        except _Terminated as t:
+            machine.teardown()
+            tell(f"the clone was ended by signal {t.signum} before it started")
+            return _terminated(t, None)
+        finally:
+            signals.close()
     except StratoError as e:
+        tell(str(e))
         print(f"stratopy: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
+        tell("the clone failed before it started")
         gc.enable()
 
 

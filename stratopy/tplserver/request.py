@@ -110,22 +110,41 @@ def console_chardevs(template: cfgmod.MachineConfig) -> set:
             if d.driver in (cfgmod.SERIAL, cfgmod.CONSOLE) and d.chardev is not None}
 
 
-def _netdevs(items, nfds: int, template) -> dict:
+def _each(field: str, items, known, what: str, keys: set | None = None):
+    """(where, id, item) for each object of the list ``items``: its "id" one
+    of ``known`` (the template's ``what``s), each given once; ``keys``: the
+    fields it may have."""
     if not isinstance(items, list):
-        raise RequestError("netdevs: must be a list")
-    by_id = {nd.id: nd for nd in template.netdevs}
-    out: dict = {}
+        raise RequestError(f"{field}: must be a list")
+    seen: set = set()
     for i, item in enumerate(items):
-        where = f"netdevs[{i}]"
+        where = f"{field}[{i}]"
         if not isinstance(item, dict):
             raise RequestError(f"{where}: must be an object")
-        _only(where, item, {"id", "ifname", "fd", "fds"})
-        nd_id = item.get("id")
-        if nd_id not in by_id:
-            have = ", ".join(sorted(by_id)) or "none"
-            raise RequestError(f"{where}: the template has no netdev {nd_id!r} (it has: {have})")
-        if nd_id in out:
-            raise RequestError(f"{where}: netdev '{nd_id}' is given twice")
+        if keys is not None:
+            _only(where, item, keys)
+        item_id = item.get("id")
+        if item_id not in known:
+            have = ", ".join(sorted(known)) or "none"
+            raise RequestError(f"{where}: the template has no {what} {item_id!r} (it has: {have})")
+        if item_id in seen:
+            raise RequestError(f"{where}: {what.split()[-1]} '{item_id}' is given twice")
+        seen.add(item_id)
+        yield where, item_id, item
+
+
+def _all_given(field: str, out: dict, known, what: str, why: str) -> dict:
+    missing = sorted(set(known) - set(out))
+    if missing:
+        raise RequestError(f"{field}: the template's {what} '{missing[0]}' is not given ({why})")
+    return out
+
+
+def _netdevs(items, nfds: int, template) -> dict:
+    by_id = {nd.id: nd for nd in template.netdevs}
+    out: dict = {}
+    for where, nd_id, item in _each("netdevs", items, by_id, "netdev",
+                                    {"id", "ifname", "fd", "fds"}):
         given = [k for k in ("ifname", "fd", "fds") if k in item]
         if len(given) != 1:
             raise RequestError(f"{where}: give one of 'ifname', 'fd' or 'fds'")
@@ -146,29 +165,13 @@ def _netdevs(items, nfds: int, template) -> dict:
                 raise RequestError(f"{where}.fds: must be a list of 1 to {MAX_QUEUES} fd indexes")
             idx = [_fd_index(f"{where}.fds[{j}]", x, nfds) for j, x in enumerate(fds)]
         out[nd_id] = by_id[nd_id].replace(ifname=None, fd=idx[0], extra_fds=tuple(idx[1:]))
-    missing = sorted(set(by_id) - set(out))
-    if missing:
-        raise RequestError(f"netdevs: the template's netdev '{missing[0]}' is not given "
-                           f"(each clone needs its own tap)")
-    return out
+    return _all_given("netdevs", out, by_id, "netdev", "each clone needs its own tap")
 
 
 def _consoles(items, nfds: int, template) -> dict:
-    if not isinstance(items, list):
-        raise RequestError("chardevs: must be a list")
-    ids = console_chardevs(template)
     out: dict = {}
-    for i, item in enumerate(items):
-        where = f"chardevs[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(f"{where}: must be an object")
-        ch_id = item.get("id")
-        if ch_id not in ids:
-            have = ", ".join(sorted(ids)) or "none"
-            raise RequestError(f"{where}: the template has no virtconsole chardev {ch_id!r} "
-                               f"(it has: {have})")
-        if ch_id in out:
-            raise RequestError(f"{where}: chardev '{ch_id}' is given twice")
+    for where, ch_id, item in _each("chardevs", items, console_chardevs(template),
+                                    "virtconsole chardev"):
         spec = {k: v for k, v in item.items() if k != "id"}
         cfg, fds = _serial(spec, nfds, where)
         out[ch_id] = (cfg.replace(id=ch_id), fds)
@@ -176,31 +179,15 @@ def _consoles(items, nfds: int, template) -> dict:
 
 
 def _drives(items, nfds: int, template) -> dict:
-    if not isinstance(items, list):
-        raise RequestError("drives: must be a list")
     by_id = {d.id: d for d in template.drives}
     out: dict = {}
-    for i, item in enumerate(items):
-        where = f"drives[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(f"{where}: must be an object")
-        _only(where, item, {"id", "file", "fd"})
-        drive_id = item.get("id")
-        if drive_id not in by_id:
-            have = ", ".join(sorted(by_id)) or "none"
-            raise RequestError(f"{where}: the template has no drive {drive_id!r} (it has: {have})")
-        if drive_id in out:
-            raise RequestError(f"{where}: drive '{drive_id}' is given twice")
+    for where, drive_id, item in _each("drives", items, by_id, "drive", {"id", "file", "fd"}):
         if ("file" in item) == ("fd" in item):
             raise RequestError(f"{where}: give one of 'file' or 'fd'")
         file = (_string(f"{where}.file", item["file"]) if "file" in item
                 else f"fd:{_fd_index(f'{where}.fd', item['fd'], nfds)}")
         out[drive_id] = by_id[drive_id].replace(file=file)
-    missing = sorted(set(by_id) - set(out))
-    if missing:
-        raise RequestError(f"drives: the template's drive '{missing[0]}' is not given "
-                           f"(each clone needs its own)")
-    return out
+    return _all_given("drives", out, by_id, "drive", "each clone needs its own")
 
 
 def _serial(spec, nfds: int, where: str = "serial"):

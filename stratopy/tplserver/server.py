@@ -45,22 +45,28 @@ REFILL_HOLDOFF = 0.02      # s after a hand-out before refilling (the clone star
 class Member:
     def __init__(self, pid: int, chan: socket.socket):
         self.pid, self.chan = pid, chan
-        self.reader = wire.Reader(chan)
+        self.reader = wire.Reader(chan, max_line=wire.CHAN_LINE, max_fds=wire.CHAN_FDS)
         self.ready = False
-        self.client: Client | None = None       # whose request it is serving
-        self.request_id = None                   # that request's "id", echoed
+        self.low = False           # restoring under SCHED_IDLE (member.idle_thread)
+        self.client: Client | None = None       # whose connection it holds
 
 
 class Client:
+    """A connection. The server reads it only while no member holds it: a
+    fresh one goes to a ready member unread (the member reads, checks and
+    answers the request itself); the server reads one when no member is
+    ready (a ``query-pool`` is answered, a request waits), or when a member
+    gives it back with what it has not consumed."""
+
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self.reader = wire.Reader(conn)
-
-
-class Pending:
-    def __init__(self, client: Client, msg: dict, fds: list[int]):
-        self.client, self.msg, self.fds = client, msg, fds
-        self.since = time.monotonic()
+        self.registered = False
+        self.head = None           # (msg, fds): a request read, waiting for a member
+        self.since = time.monotonic()       # waiting for a member since
+        self.wants = False         # a request for a member (read or not)
+        self.fresh = True          # not looked at yet (_peek)
+        self.member: Member | None = None
 
 
 def _with_id(reply: dict, request_id) -> dict:
@@ -127,26 +133,29 @@ def preload() -> None:
 
 
 class Server:
-    def __init__(self, listen: str, pool: int, wait: float, config):
-        from stratopy import builder
-
+    def __init__(self, listen: str, pool: int, wait: float, config, prepared=None):
+        """``prepared``: the template opened and checked (None: done here;
+        the unit tests give a stand-in and fork no member)."""
         self.path, self.pool_size, self.wait = listen, pool, wait
         self.template = config
         # Pool members restore without per-VM parts; the request brings them.
         self.pool_config = config.replace(serial=None, qmp=(), daemonize=False, pidfile=None)
         t0 = time.monotonic()
-        self.prepared = builder.prepare_template(self.pool_config, config.incoming)
-        from stratopy.migration import memfile
+        if prepared is None:
+            from stratopy import builder
+            from stratopy.migration import memfile
 
-        op = self.prepared.opened
-        memfile.verify_chunks(op.memory_fd, op.memory_path, op.record, self.prepared.ram)
+            prepared = builder.prepare_template(self.pool_config, config.incoming)
+            op = prepared.opened
+            memfile.verify_chunks(op.memory_fd, op.memory_path, op.record, prepared.ram)
+        self.prepared = prepared
         self.prepare_s = time.monotonic() - t0
         self.members: list[Member] = []
         self.clients: list[Client] = []
-        self.pending: list[Pending] = []
         self.failed_starts = 0
         self.last_failure = ""
         self.last_handout = 0.0
+        self.handed_out = 0
         self.stopping = False
         self.sel = selectors.DefaultSelector()
         self.listener = self._listen(listen)
@@ -190,20 +199,25 @@ class Server:
         fds = [self.listener.fileno(), self.wake_r, self.wake_w, self.sel.fileno()]
         fds += [m.chan.fileno() for m in self.members]
         fds += [c.conn.fileno() for c in self.clients]
-        fds += [fd for p in self.pending for fd in p.fds]
+        fds += [fd for c in self.clients for fd in c.reader.fds]
+        fds += [fd for c in self.clients if c.head is not None for fd in c.head[1]]
         return fds
 
-    def _spawn(self) -> None:
+    def _spawn(self, low: bool) -> None:
         from stratopy.tplserver import member
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         inherited = self._inherited() + [parent.fileno()]
+        # what the server made since the last fork joins the frozen heap: a
+        # member's collections then never walk (and write) inherited objects
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
-            member.run(child, self.prepared, self.pool_config, inherited, self.template)
+            member.run(child, self.prepared, self.pool_config, inherited, self.template, low)
         child.close()
         parent.setblocking(False)
         m = Member(pid, parent)
+        m.low = low
         self.members.append(m)
         self.sel.register(parent, selectors.EVENT_READ, lambda m=m: self._member_readable(m))
 
@@ -213,20 +227,26 @@ class Server:
         requests wait 200 ms for their first KVM_RUN): at most RESTORE_JOBS
         members restore at a time, and none starts while requests are being
         served or for REFILL_HOLDOFF after the last hand-out, unless the
-        requests waiting outnumber the members that could serve them."""
+        requests waiting outnumber the members that could serve them.
+        Refills after the first fill restore under SCHED_IDLE, so they take
+        only CPU no clone wants; such a restore may crawl on a busy host, so
+        a request waiting for a member does not count on one: it gets a
+        restore at normal priority."""
         if self.stopping or self.failed_starts >= MAX_FAILED_STARTS:
             return
         idle = [m for m in self.members if m.client is None]
         restoring = [m for m in idle if not m.ready]
+        urgent = [m for m in restoring if not m.low]
         ready = len(idle) - len(restoring)
         busy = (any(m.client is not None for m in self.members)
                 or time.monotonic() - self.last_handout < REFILL_HOLDOFF)
-        starved = len(self.pending) > ready + len(restoring)
-        if busy and not starved:
+        need = len(self._waiting()) - ready - len(urgent)
+        if busy and need <= 0:
             return
-        room = RESTORE_JOBS - len(restoring)
-        for _ in range(min(room, self.pool_size - len(idle))):
-            self._spawn()
+        low = need <= 0 and self.handed_out > 0
+        room = RESTORE_JOBS - (len(restoring) if low else len(urgent))
+        for _ in range(min(room, max(self.pool_size - len(idle), need))):
+            self._spawn(low)
 
     def _drop_member(self, m: Member) -> None:
         self.members.remove(m)
@@ -243,15 +263,19 @@ class Server:
             self.last_failure = str(e)
         while got is not None:
             msg, fds = got
-            wire.close_fds(fds)
+            if "gone" in msg or "back" in msg:
+                # the member answered the request itself (or left it to us)
+                self._given_back(m, msg, fds)
+                if "gone" in msg:
+                    self.last_handout = time.monotonic()
+                    self.handed_out += 1
+                    self._drop_member(m)     # a clone now (or failed): no longer ours
+                    return
+            else:
+                wire.close_fds(fds)
             if "ready" in msg and not m.ready:
                 m.ready = True
                 self.failed_starts = 0
-            elif m.client is not None and ("return" in msg or "error" in msg):
-                self._reply(m.client, _with_id(msg, m.request_id))
-                m.client = None
-                self._drop_member(m)     # handed out (or failed): no longer ours
-                return
             elif "error" in msg:
                 self.last_failure = msg["error"].get("desc", "")
             got = m.reader.line()
@@ -260,8 +284,10 @@ class Server:
                 self.failed_starts += 1
                 print(f"stratopy-server: a pool member failed to restore: "
                       f"{self.last_failure or 'it died'}", file=sys.stderr, flush=True)
-            if m.client is not None:
-                self._reply(m.client, wire.error("the pool member died before it started"))
+            c = m.client
+            if c is not None:
+                self._reply(c, wire.error("the pool member died before it started"))
+                self._given_back(m, {}, [])
             self._drop_member(m)         # died: refill() replaces it
 
     # --- clients -----------------------------------------------------------------
@@ -277,41 +303,125 @@ class Server:
         conn.setblocking(False)
         c = Client(conn)
         self.clients.append(c)
-        self.sel.register(conn, selectors.EVENT_READ, lambda c=c: self._client_readable(c))
+        self._peek(c)
+
+    def _peek(self, c: Client) -> None:
+        """A new connection, not read: a request goes to a member as it is
+        (dispatch), a query-pool is the server's to read and answer (handed
+        to a member, it would cost it CPU and dirty its pages). Told apart by
+        a look at the bytes waiting (MSG_PEEK), not parsed: what names
+        query-pool (or is EOF) is read here, the rest goes on; a member that
+        finds a query-pool after all gives it back unanswered."""
+        try:
+            data = c.conn.recv(4096, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            c.wants = False                   # nothing yet: look again when readable
+            self._watch(c)
+            return
+        except OSError:
+            data = b""
+        c.fresh = False
+        self._unwatch(c)
+        if b"query-pool" in data or not data:
+            c.wants = False                   # read here (EOF: closed here)
+            self._watch(c)
+            self._client_readable(c)
+        else:
+            c.wants, c.since = True, time.monotonic()
+
+    def _watch(self, c: Client) -> None:
+        if not c.registered:
+            c.conn.setblocking(False)
+            self.sel.register(c.conn, selectors.EVENT_READ, lambda c=c: self._client_readable(c))
+            c.registered = True
+
+    def _unwatch(self, c: Client) -> None:
+        if c.registered:
+            self.sel.unregister(c.conn)
+            c.registered = False
 
     def _client_readable(self, c: Client) -> None:
+        if c.fresh:
+            self._peek(c)
+            return
         try:
             c.reader.feed()
-            while True:
-                got = c.reader.line()
-                if got is None:
-                    break
-                msg, fds = got
-                if msg.get("execute") == "query-pool":
-                    wire.close_fds(fds)
-                    self._reply(c, _with_id({"return": self.query_pool()}, msg.get("id")))
-                    continue
-                try:
-                    request.parse(msg, len(fds), self.template)
-                except request.RequestError as e:
-                    wire.close_fds(fds)
-                    self._reply(c, _with_id(wire.error(str(e)), msg.get("id")))
-                    continue
-                self.pending.append(Pending(c, msg, fds))
         except wire.WireError as e:
             self._reply(c, wire.error(str(e)))
-        if c.reader.eof:
+        self._client_lines(c)
+
+    def _client_lines(self, c: Client) -> None:
+        """Answer what the server answers itself (query-pool, framing errors);
+        stop at the first request for a member, which waits in ``head``."""
+        while c.head is None and c in self.clients:
+            try:
+                got = c.reader.line()
+            except wire.WireError as e:
+                self._reply(c, wire.error(str(e)))
+                continue
+            if got is None:
+                break
+            msg, fds = got
+            if msg.get("execute") == "query-pool":
+                wire.close_fds(fds)
+                self._reply(c, _with_id({"return": self.query_pool()}, msg.get("id")))
+                continue
+            c.head, c.since, c.wants = (msg, fds), time.monotonic(), True
+            self._unwatch(c)          # read no more until a member takes it
+        if c.reader.eof and c.head is None and c in self.clients:
             self._close_client(c)
+
+    def _handoff(self, c: Client, m: Member) -> bool:
+        """Give ``c``'s connection, with what was read from it and not
+        answered, to ``m``; the server keeps its own copy, unwatched, to
+        answer if the member dies holding it."""
+        head = b""
+        fds: list[int] = []
+        if c.head is not None:
+            head, fds = wire.encode(c.head[0]), c.head[1]
+        rest, more = c.reader.take()
+        fds = fds + more
+        buf = head + rest
+        try:
+            wire.send(m.chan, {"conn": {"buf": wire.pack(buf)}}, [c.conn.fileno()] + fds)
+        except OSError:
+            c.reader = wire.Reader(c.conn, buf, fds)
+            return False
+        wire.close_fds(fds)                  # the member has its own copies
+        c.head, c.wants = None, False
+        self._unwatch(c)
+        c.member, m.client = m, c
+        return True
+
+    def _given_back(self, m: Member, msg: dict, fds: list[int]) -> None:
+        """A member is done with a connection: it answered the request (a
+        clone, or an error line) or left it to the server (a query-pool,
+        nothing complete read in time); what it did not consume comes back."""
+        c, m.client = m.client, None
+        if c is None or c not in self.clients:
+            wire.close_fds(fds)
+            return
+        c.member = None
+        try:
+            buf = wire.unpack("buf", (msg.get("back") or msg.get("gone") or {}).get("buf", ""))
+        except wire.WireError:
+            buf = b""
+        c.reader = wire.Reader(c.conn, buf, fds)
+        self._watch(c)
+        self._client_lines(c)
 
     def _close_client(self, c: Client) -> None:
         if c in self.clients:
             self.clients.remove(c)
-            self.sel.unregister(c.conn)
+            self._unwatch(c)
             c.conn.close()
             c.reader.close()
-        for p in [p for p in self.pending if p.client is c]:
-            self.pending.remove(p)
-            wire.close_fds(p.fds)
+            if c.head is not None:
+                wire.close_fds(c.head[1])
+                c.head = None
+        if c.member is not None:
+            c.member.client = None
+            c.member = None
 
     @staticmethod
     def _send(conn: socket.socket, obj: dict) -> bool:
@@ -332,23 +442,24 @@ class Server:
         if c in self.clients and not self._send(c.conn, obj):
             self._close_client(c)
 
+    def _waiting(self) -> list:
+        return [c for c in self.clients if c.wants and c.member is None]
+
     def dispatch(self) -> None:
         now = time.monotonic()
-        for p in list(self.pending):
+        for c in self._waiting():
+            if c not in self.clients or not c.wants:
+                continue
             ready = next((m for m in self.members if m.ready and m.client is None), None)
             if ready is not None:
-                self.pending.remove(p)
-                try:
-                    wire.send(ready.chan, p.msg, p.fds)
-                except OSError:
-                    self.pending.insert(0, p)
+                if not self._handoff(c, ready):
                     self._drop_member(ready)
-                    continue
-                finally:
-                    if p not in self.pending:
-                        wire.close_fds(p.fds)      # the member has its own copies
-                ready.client, ready.request_id = p.client, p.msg.get("id")
-                self.last_handout = time.monotonic()
+                continue
+            if c.head is None:
+                # no member for it: read it here (a query-pool is answered
+                # at once; a request waits in head for a member)
+                c.wants = False
+                self._watch(c)
                 continue
             why = None
             if self.wait == 0:
@@ -356,13 +467,17 @@ class Server:
             elif self.failed_starts >= MAX_FAILED_STARTS:
                 why = ("the pool is empty and cannot grow: pool members fail to restore"
                        + (f" ({self.last_failure})" if self.last_failure else ""))
-            elif now - p.since > self.wait:
+            elif now - c.since > self.wait:
                 why = f"no pool member was ready within {self.wait * 1000:.0f} ms"
             if why is not None:
-                self.pending.remove(p)
-                wire.close_fds(p.fds)
-                self._reply(p.client, _with_id(wire.error(why), p.msg.get("id")))
-        if self.pending:
+                msg, fds = c.head
+                c.head, c.wants = None, False
+                wire.close_fds(fds)
+                self._reply(c, _with_id(wire.error(why), msg.get("id")))
+                if c in self.clients:
+                    self._watch(c)
+                    self._client_lines(c)
+        if self._waiting():
             self.refill()        # requests wait: a member must be restoring for them
 
     def query_pool(self) -> dict:
@@ -405,7 +520,7 @@ class Server:
                 self.refill()
                 idle = sum(1 for m in self.members if m.client is None)
                 # short naps while a refill is deferred or requests wait
-                nap = 0.01 if self.pending or idle < self.pool_size else 0.5
+                nap = 0.01 if self._waiting() or idle < self.pool_size else 0.5
                 for key, _ in self.sel.select(timeout=nap):
                     key.data()
                 self.reap()
@@ -422,10 +537,9 @@ class Server:
         except OSError:
             pass
         self.listener.close()
-        for p in self.pending:
-            wire.close_fds(p.fds)
-            self._reply(p.client, wire.error("the server is stopping"))
-        self.pending = []
+        for c in self._waiting():
+            if c.head is not None:
+                self._reply(c, _with_id(wire.error("the server is stopping"), c.head[0].get("id")))
         for c in list(self.clients):
             self._close_client(c)
         idle = [m for m in self.members if m.client is None]

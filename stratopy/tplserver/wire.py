@@ -10,12 +10,18 @@ MAX_LINE or more than MAX_FDS fds is an error, never a growing buffer.
 from __future__ import annotations
 
 import array
+import binascii
 import json
 import os
 import socket
 
 MAX_LINE = 64 * 1024
 MAX_FDS = 16
+# between the server and a member: a connection handed over with what was
+# read from it (a line and what came after it in the same reads: a few
+# times MAX_LINE at most, base64) and its fds
+CHAN_LINE = 8 * MAX_LINE
+CHAN_FDS = MAX_FDS + 1
 
 
 class WireError(Exception):
@@ -23,7 +29,7 @@ class WireError(Exception):
 
 
 def send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
-    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    data = encode(obj)
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         sent = sock.sendmsg([data], anc)
@@ -44,17 +50,19 @@ def close_fds(fds) -> None:
 class Reader:
     """Lines (with their fds) from one socket; ``feed`` after each readable."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, buf: bytes = b"", fds=(),
+                 max_line: int = MAX_LINE, max_fds: int = MAX_FDS):
         self.sock = sock
-        self.buf = bytearray()
-        self.fds: list[int] = []
+        self.max_line, self.max_fds = max_line, max_fds
+        self.buf = bytearray(buf)
+        self.fds: list[int] = list(fds)
         self.eof = False
 
     def feed(self) -> None:
         """One recvmsg (the socket may be blocking or not)."""
         try:
             data, anc, _flags, _addr = self.sock.recvmsg(
-                MAX_LINE, socket.CMSG_SPACE(MAX_FDS * 4))
+                MAX_LINE, socket.CMSG_SPACE(self.max_fds * 4))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -67,17 +75,17 @@ class Reader:
         if not data:
             self.eof = True
         self.buf += data
-        if len(self.fds) > MAX_FDS:
-            raise WireError(f"more than {MAX_FDS} file descriptors")
+        if len(self.fds) > self.max_fds:
+            raise WireError(f"more than {self.max_fds} file descriptors")
 
     def line(self) -> tuple[dict, list[int]] | None:
         """The next complete message and its fds, or None. WireError (the
         line is consumed, its fds closed) if it is not one JSON object."""
         end = self.buf.find(b"\n")
         if end < 0:
-            if len(self.buf) > MAX_LINE:
+            if len(self.buf) > self.max_line:
                 self.buf.clear()
-                raise WireError(f"request longer than {MAX_LINE} bytes")
+                raise WireError(f"request longer than {self.max_line} bytes")
             return None
         raw = bytes(self.buf[:end])
         del self.buf[:end + 1]
@@ -95,6 +103,32 @@ class Reader:
     def close(self) -> None:
         close_fds(self.fds)
         self.fds = []
+
+    def take(self) -> tuple[bytes, list[int]]:
+        """What was read and not consumed yet, to go with the connection to
+        another process (``pack`` it); the reader is left empty."""
+        rest, fds = bytes(self.buf), self.fds
+        self.buf.clear()
+        self.fds = []
+        return rest, fds
+
+
+def pack(data: bytes) -> str:
+    """Bytes as a JSON string (base64)."""
+    return binascii.b2a_base64(data, newline=False).decode() if data else ""
+
+
+def unpack(where: str, text) -> bytes:
+    if not isinstance(text, str) or len(text) > CHAN_LINE:
+        raise WireError(f"{where}: not a buffer")
+    try:
+        return binascii.a2b_base64(text) if text else b""
+    except (binascii.Error, ValueError):
+        raise WireError(f"{where}: not a buffer") from None
+
+
+def encode(obj: dict) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
 def error(desc: str) -> dict:

@@ -340,6 +340,44 @@ def test_members_wait_jailed_with_their_vcpu_threads(counter_template, server):
         assert _status(pid, t)["Seccomp_filters"].strip() == "1"
 
 
+def test_a_refill_restores_idle_and_its_clone_runs_at_normal_priority(counter_template,
+                                                                        server):
+    """A refill's restore runs under SCHED_IDLE in a thread of its own
+    (tplserver.member.idle_thread: an unprivileged process cannot leave
+    SCHED_IDLE): the refilled member's main thread stays SCHED_OTHER, and
+    the clone it becomes runs the guest with every thread SCHED_OTHER."""
+    args, tpl, v0 = counter_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
+    first = s.wait_ready(1)[0]
+    s.clone()
+    refilled = s.wait_ready(1)[0]
+    assert refilled != first
+    assert os.sched_getscheduler(refilled) == os.SCHED_OTHER
+    pid, ser = s.clone()
+    assert pid == refilled
+    assert serial_count(ser) > v0
+    tasks = os.listdir(f"/proc/{pid}/task")
+    assert len(tasks) >= 2, tasks            # main and vCPU 0's at least
+    for t in tasks:
+        assert os.sched_getscheduler(int(t)) == os.SCHED_OTHER, (t, _status(pid, t)["Name"])
+
+
+def test_a_clone_that_cannot_start_answers_its_error_not_a_pid(counter_template, server,
+                                                               tmp_path):
+    """The reply goes once the vCPUs are released (cli.run_clone's
+    ``started``), so a start that fails before that (its QMP socket cannot
+    be bound) is the request's one error line, not a pid of a clone that is
+    already gone; the server serves on."""
+    args, tpl, v0 = counter_template
+    s = server(args + ["-incoming", f"file:{tpl}"], pool=1)
+    member = s.wait_ready(1)[0]
+    with pytest.raises(client.CloneError, match="no-such-dir"):
+        s.clone(qmp=str(tmp_path / "no-such-dir" / "q.sock"))
+    wait_gone(member)
+    pid, ser = s.clone()
+    assert serial_count(ser) > v0
+
+
 def _tap_names(pid: int) -> list[str]:
     """The taps process ``pid`` holds (fdinfo of its /dev/net/tun fds)."""
     out = []

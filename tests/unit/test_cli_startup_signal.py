@@ -28,6 +28,7 @@ class _Daemon:
 class _Machine:
     def __init__(self, events: list):
         self.events = events
+        self.config = _config()
 
     def teardown(self) -> None:
         self.events.append(("teardown",))
