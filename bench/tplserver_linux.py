@@ -238,7 +238,7 @@ def main() -> None:
         if rec is not None:
             rec.stop()
             print(f"guest instructions emulated per answer (mean of {a.runs}; "
-                  f"kvm:kvm_emulate_insn, 1 in {guest_insns.PERIOD} sampled):")
+                  f"kvm:kvm_emulate_insn):")
             print(rec.report(images["vmlinux"], {lbl: a.runs for lbl in
                                                  (f"{n}: {w}" for n in results
                                                   for w in ("first answer", "again"))}))
