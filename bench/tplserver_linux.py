@@ -4,7 +4,8 @@
 against QEMU 7.2 `-incoming` of the same guest (same vmlinux, rootfs, RAM)
 and the lean CLI (`bin/stratopy -incoming`), alternating, in one run.
 
-    python3 bench/tplserver_linux.py [--runs 7] [--pool 2] [--acpi-off]
+    python3 bench/tplserver_linux.py [--runs 7] [--pool 2] [--clock saved] [--acpi-off]
+                                     [--profile]
 
 Each monitor warm-starts from its own template of a Linux booted to its
 shell (one cold boot each, then `migrate`): stratopy's `file:DIR`, QEMU's
@@ -30,6 +31,7 @@ import sys
 import time
 
 import common
+import guest_insns
 from common import harness
 
 import tplserver as tb
@@ -80,10 +82,11 @@ def qemu_template(images, work: str) -> tuple[str, str]:
 
 
 def timed_answer(args: list[str], program: list[str], shim: str,
-                 stamps: str) -> tuple[float, float, harness.Vm]:
-    """(exec -> first KVM_RUN, exec -> the shell answers, the Vm). The
-    command goes in once the guest runs (a byte that reaches QEMU before its
-    restore is lost with the template's UART state)."""
+                 stamps: str) -> tuple[float, float, harness.Vm, tuple[int, int]]:
+    """(exec -> first KVM_RUN, exec -> the shell answers, the Vm, (command
+    sent, answered) in CLOCK_MONOTONIC ns). The command goes in once the
+    guest runs (a byte that reaches QEMU before its restore is lost with the
+    template's UART state)."""
     before = set(os.listdir(stamps))
     env = {"LD_PRELOAD": shim, "FIRST_KVM_RUN_FILE": os.path.join(stamps, "stamp.%d")}
     t0 = time.monotonic_ns()
@@ -99,11 +102,13 @@ def timed_answer(args: list[str], program: list[str], shim: str,
             if time.monotonic() > deadline or vm.proc.poll() not in (None, 0):
                 raise RuntimeError(f"{program[0]}: no first KVM_RUN; {vm.stderr[-500:]}")
             time.sleep(0.0005)
+        sent = time.monotonic_ns()
         common.answers(vm, timeout=TIMEOUT)
     except BaseException:
         vm.kill()
         raise
-    return (min(first) - t0) / 1e9, (time.monotonic_ns() - t0) / 1e9, vm
+    done = time.monotonic_ns()
+    return (min(first) - t0) / 1e9, (done - t0) / 1e9, vm, (sent, done)
 
 
 def main() -> None:
@@ -115,13 +120,20 @@ def main() -> None:
                          "\"The clone's clock\"); QEMU always restores the saved clock")
     ap.add_argument("--acpi-off", action="store_true",
                     help="stratopy's guest with acpi=off, as QEMU's (no VMGenID notification)")
+    ap.add_argument("--profile", action="store_true",
+                    help="count the guest instructions PVM emulates in each answer, by "
+                         "guest function (bench/guest_insns.py: perf, root; the tracepoint slows "
+                         "every VM on the host: not for the timings)")
     a = ap.parse_args()
+    if a.profile and not guest_insns.available():
+        sys.exit("--profile needs perf and root")
     common.compile_bytecode()
     images = harness.guest_images()
     work = common.workdir()
     stamps = os.path.join(work, "stamps")
     os.mkdir(stamps)
     server = None
+    rec = guest_insns.Recorder(work) if a.profile else None
     try:
         shim = tb.warmstart.build_shim(work)
         s_tpl, s_disk, s_args = stratopy_template(images, work, a.acpi_off)
@@ -144,24 +156,29 @@ def main() -> None:
         firsts: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
         again: dict[str, list[float]] = {"server": [], "cli": [], "eager": [], "qemu": []}
 
-        def second_answer(name: str, vm) -> None:
+        def second_answer(name: str, vm, first_window: tuple[int, int], pid: int) -> None:
             """The same command once more: the serial round trip itself,
             without the restore's aftermath."""
-            t = time.monotonic()
+            t = time.monotonic_ns()
             common.answers(vm, timeout=TIMEOUT)
-            again[name].append(time.monotonic() - t)
+            again[name].append((time.monotonic_ns() - t) / 1e9)
+            if rec is not None:
+                rec.window(f"{name}: first answer", pid, *first_window)
+                rec.window(f"{name}: again", pid, t, time.monotonic_ns())
+        if rec is not None:
+            rec.start()
         for i in range(a.runs):
             ready = tb.wait_pool(sock, a.pool, server)
             time.sleep(0.5)                       # the refill's restores have ended
             own = shutil.copyfile(s_disk, os.path.join(work, f"c{i}.img"))
-            f, dt, vm = timed_answer(["-server", f"unix:{sock}", "-drive",
-                                      f"id=rootfs,file={own}"],
-                                     [os.path.join(common.REPO, "bin", "stratopy-clone")],
-                                     shim, stamps)
+            f, dt, vm, w = timed_answer(["-server", f"unix:{sock}", "-drive",
+                                         f"id=rootfs,file={own}"],
+                                        [os.path.join(common.REPO, "bin", "stratopy-clone")],
+                                        shim, stamps)
             firsts["server"].append(f)
-            second_answer("server", vm)
             pool = tb.client.call(sock, {"execute": "query-pool"})["return"]
             pid = (set(ready) - set(pool["ready"] + pool["restoring"])).pop()   # the clone
+            second_answer("server", vm, w, pid)
             assert "template-marker" in vm.run("cat /tmp/marker", timeout=TIMEOUT)
             tb.kill(pid)
             vm.kill()
@@ -170,10 +187,11 @@ def main() -> None:
 
             own = shutil.copyfile(s_disk, os.path.join(work, f"l{i}.img"))
             args = [a2.replace(f"file={s_disk},", f"file={own},") for a2 in s_args]
-            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl},clock={a.clock}"],
-                                     [os.path.join(common.REPO, "bin", "stratopy")], shim, stamps)
+            f, dt, vm, w = timed_answer(args + ["-incoming", f"file:{s_tpl},clock={a.clock}"],
+                                        [os.path.join(common.REPO, "bin", "stratopy")],
+                                        shim, stamps)
             firsts["cli"].append(f)
-            second_answer("cli", vm)
+            second_answer("cli", vm, w, vm.proc.pid)
             assert "template-marker" in vm.run("cat /tmp/marker", timeout=TIMEOUT)
             vm.kill()
             results["cli"].append(dt)
@@ -183,21 +201,23 @@ def main() -> None:
             # (mapped=off): the guest then runs on populated memory, as QEMU's
             own = shutil.copyfile(s_disk, os.path.join(work, f"e{i}.img"))
             args = [a2.replace(f"file={s_disk},", f"file={own},") for a2 in s_args]
-            f, dt, vm = timed_answer(args + ["-incoming", f"file:{s_tpl},mapped=off,clock={a.clock}"],
-                                     [os.path.join(common.REPO, "bin", "stratopy")], shim, stamps)
+            f, dt, vm, w = timed_answer(args + ["-incoming",
+                                                f"file:{s_tpl},mapped=off,clock={a.clock}"],
+                                        [os.path.join(common.REPO, "bin", "stratopy")],
+                                        shim, stamps)
             firsts["eager"].append(f)
-            second_answer("eager", vm)
+            second_answer("eager", vm, w, vm.proc.pid)
             assert "template-marker" in vm.run("cat /tmp/marker", timeout=TIMEOUT)
             vm.kill()
             results["eager"].append(dt)
             os.unlink(own)
 
             own = shutil.copyfile(q_disk, os.path.join(work, f"q{i}.img"))
-            f, dt, vm = timed_answer(common.qemu_args(images["vmlinux"], own, mem=MEM)
-                                     + ["-incoming", f"exec:cat {q_tpl}"], [common.QEMU],
-                                     shim, stamps)
+            f, dt, vm, w = timed_answer(common.qemu_args(images["vmlinux"], own, mem=MEM)
+                                        + ["-incoming", f"exec:cat {q_tpl}"], [common.QEMU],
+                                        shim, stamps)
             firsts["qemu"].append(f)
-            second_answer("qemu", vm)
+            second_answer("qemu", vm, w, vm.proc.pid)
             assert "template-marker" in vm.run("cat /tmp/marker", timeout=TIMEOUT)
             vm.kill()
             results["qemu"].append(dt)
@@ -215,7 +235,16 @@ def main() -> None:
             for name, label in labels:
                 xs = res[name]
                 print(f"  {label:34s} {common.fmt(xs)}  {common.median(xs) / qemu:5.2f}x QEMU")
+        if rec is not None:
+            rec.stop()
+            print(f"guest instructions emulated per answer (mean of {a.runs}; "
+                  f"kvm:kvm_emulate_insn):")
+            print(rec.report(images["vmlinux"], {lbl: a.runs for lbl in
+                                                 (f"{n}: {w}" for n in results
+                                                  for w in ("first answer", "again"))}))
     finally:
+        if rec is not None:
+            rec.stop()
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:

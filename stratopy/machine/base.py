@@ -83,6 +83,9 @@ class Machine:
         self._shutdown_once = threading.Lock()
         self.timings: dict[str, float] = {}
         self._torn_down = False
+        # (saved kvm_clock_data, clock= policy) of a restore, set again at
+        # start(): see start()
+        self._restored_clock: tuple[bytes, str] | None = None
 
     # --- what the device manager holds, under the names QMP and the CLI use ---
     @property
@@ -255,6 +258,7 @@ class Machine:
         self.require(VmState.CREATED)
         clock = self.config.incoming.clock if self.config.incoming is not None else "realtime"
         vcpu_state.restore_vm(self.vm, state.vm, clock)
+        self._restored_clock = (state.vm.clock, clock)
         for vcpu, st in zip(self.vcpus, state.vcpus):
             vcpu_state.restore_vcpu(vcpu, st)
         self.devices.restore(state.devices)
@@ -277,6 +281,17 @@ class Machine:
         if not self.built:
             raise LifecycleError("the VM is not built")
         install_kick_handler()
+        if self._restored_clock is not None:
+            # kvm-clock runs from the restore's KVM_SET_CLOCK on, vCPUs
+            # stopped or not: a template server's pool member restored long
+            # before its request would start with the time it waited in the
+            # pool on its clock (clock=saved), and the guest would first run
+            # every timer due meanwhile (writeback, journal commits: disk
+            # I/O before it reads the serial; docs/performance.md). Set it
+            # again now, as QEMU's kvmclock does when the VM starts running.
+            raw, policy = self._restored_clock
+            self._restored_clock = None
+            self.vm.set_clock(raw, advance_to_now=policy == "realtime")
         for ch in self.chardevs:
             ch.attach(self.loop, self._chardev_input(ch))
         for vcpu in self.vcpus[len(self.runners):]:     # prestarted ones exist

@@ -72,3 +72,42 @@ def test_set_clock_policy_from_the_restore_path(vm):
         moved = _clock(vm) - saved
         assert expected_ns <= moved < expected_ns + SLACK_NS, (policy, moved / 1e9)
     assert ctypes.sizeof(uapi.kvm_clock_data) == len(st.clock)
+
+
+def test_start_sets_the_saved_clock_again(vm, monkeypatch):
+    # A template server's pool member is restored long before its request:
+    # kvm-clock runs from the restore on, so without setting it again at
+    # start() a clone restored with clock=saved would find the time it
+    # waited in the pool on its clock (and run every timer that fell due
+    # meanwhile first). (With clock=realtime it is the host's time either way.)
+    from stratopy.cli_parse import parse_args
+    from stratopy.machine import vcpu_state
+    from stratopy.machine.base import Machine, VmState
+
+    vm.create_irqchip()
+    vm.create_pit2()
+    st = vcpu_state.save_vm(vm)
+    saved = 7 * 10**9
+    st.clock = _saved_an_hour_ago(saved)
+
+    class State:            # the parts of a MachineState restore_state reads
+        vcpus = ()
+        devices = "DEVICES"
+    State.vm = st
+
+    m = Machine(parse_args(["-kernel", "/boot/vmlinux", "-m", "64",
+                            "-incoming", "file:/nonexistent,clock=saved"]))
+    monkeypatch.setattr(m.devices, "restore", lambda devices: None)
+    try:
+        m.vm = vm
+        m.restore_state(State)
+        waited = 1.0                        # in the pool
+        time.sleep(waited)
+        m.built = True
+        m.start()                           # no vCPUs: only the clock and the state
+        assert m.state is VmState.RUNNING
+        moved = _clock(vm) - saved
+        assert 0 <= moved < waited * 10**9 / 2, moved / 1e9
+    finally:
+        m.vm = None
+        m.teardown()
