@@ -186,7 +186,7 @@ class VirtioPciTransport(VirtioMmioTransport):
             v = self.driver_features_sel
         elif reg == C_GF:
             sel = self.driver_features_sel
-            v = self.acked_features >> 32 * sel & U32 if sel < 2 else 0
+            v = self.device.acked_features >> 32 * sel & U32 if sel < 2 else 0
         elif reg == C_MSIX:
             v = self.msix_config
         elif reg == C_NUMQ:

@@ -55,8 +55,7 @@ def _tree() -> MachineState:
                    avail_ring=0x11000, used_ring=0x12000, next_avail=3, next_used=3)
     blk = VirtioSlotState(index=0, kind="blk", driver="virtio-blk-device", id="root",
                           transport_type="virtio-mmio",
-                          transport=MmioState(status=15, acked_features=1 << 32,
-                                              queues=[q]),
+                          transport=MmioState(status=15, queues=[q]),
                           device_type="virtio-blk",
                           device=BlockState(acked_features=1 << 32, capacity=64))
     net = VirtioSlotState(index=4, kind="net", driver="", id="",

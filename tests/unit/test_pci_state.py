@@ -137,6 +137,7 @@ def test_virtio_pci_state_round_trip_and_msix_after_restore(platform):
     msis = []
     fn2 = _rng_fn(mem, msis)
     root2.bus0.add(4, 0, fn2)
+    fn2.device.restore(fn.device.state())          # the device first, as the manager does
     fn2.restore(st, "p")
     root2.update_bars(fn2)
     assert fn2.transport.queue_vectors == [1] and fn2.device.activated
@@ -182,6 +183,7 @@ def test_intx_level_comes_back(platform):
     assert st.intx_level and st.common.interrupt_status == 1
     again = []
     fn2 = _rng_fn(platform[3], intx=again)
+    fn2.device.restore(fn.device.state())
     fn2.restore(st, "p")
     assert again == [True]                         # the line is driven again
     assert fn2.config.get(pcfg.STATUS, 2) & pcfg.STATUS_INTERRUPT
