@@ -307,7 +307,9 @@ class DeviceManager:
         for i, (saved, slot) in enumerate(zip(state.virtio, slots)):
             driver = slot.config.driver if slot.config else ""
             if saved.index != slot.index or saved.driver != driver or saved.kind != slot.kind:
-                raise TemplateError("", attribute=f"virtio-mmio slot {slot.index}",
+                where = f"virtio-pci function {slot.index}" if pci else \
+                    f"virtio-mmio slot {slot.index}"
+                raise TemplateError("", attribute=where,
                                     expected=saved.driver or f"empty {saved.kind}",
                                     found=driver or f"empty {slot.kind}")
             transport = PCI_TRANSPORT if pci else MMIO_TRANSPORT

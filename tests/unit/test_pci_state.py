@@ -314,6 +314,15 @@ def test_device_manager_refuses_moved_functions_and_ports(machines):
         machines(port="0x2").devices.restore(saved)
 
 
+def test_no_template_while_a_device_del_is_pending(machines):
+    from stratopy.errors import MigrationError
+
+    m = machines()
+    m.devices.pci.root_ports["pcie.1"].removal_pending = True
+    with pytest.raises(MigrationError, match="device_del of the device in root port 'pcie.1'"):
+        m.devices.state()
+
+
 @pytest.mark.parametrize("mutate, needle", [
     (lambda s: setattr(s.pci, "config_address", 0x3), r"devices\.pci\.config_address: 0x3"),
     (lambda s: setattr(s, "pci", None), r"devices\.pci: the template's machine has no PCI"),
