@@ -359,3 +359,15 @@ def test_pci_state_round_trip():
     with pytest.raises(TemplateError, match=r"x\.root_ports"):
         from_plain(PciState, {"config_address": 0, "host_bridge": {"data": ""},
                               "root_ports": {}}, "x")
+
+
+def test_i8042_is_in_the_tree(machines):
+    """The i8042's (empty) state is a node of the tree, decoded strictly."""
+    plain = json.loads(json.dumps(to_plain(_saved(machines()))))
+    assert plain["i8042"] == {}
+    plain["i8042"] = {"reset_pending": 1}
+    with pytest.raises(TemplateError, match=r"devices\.i8042"):
+        from_plain(DevicesState, plain, "devices")
+    del plain["i8042"]
+    with pytest.raises(TemplateError, match=r"devices.*i8042"):
+        from_plain(DevicesState, plain, "devices")
