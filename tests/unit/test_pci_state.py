@@ -371,3 +371,21 @@ def test_i8042_is_in_the_tree(machines):
     del plain["i8042"]
     with pytest.raises(TemplateError, match=r"devices.*i8042"):
         from_plain(DevicesState, plain, "devices")
+
+
+def test_intx_line_counts_are_recounted(machines):
+    """Not saved: a restored function asserting INTx raises its line again
+    through the router (count 1, KVM_IRQ_LINE level 1)."""
+    m = machines()
+    dm = m.devices
+    drv = VirtioPciDriver(ConfigAccess(dm.pio), dm.mmio, m.mem, 4)
+    drv.init(msix=False)
+    q = drv.queues[0]
+    q.add([(drv.alloc(16), 16, True)])
+    q.kick()
+    gsi = dm.slots[0].irq
+    assert m.vm.lines == [(gsi, 1)]
+    saved = _through_json(DevicesState, dm.state(), "devices")
+    m2 = machines()
+    m2.devices.restore(saved)
+    assert m2.vm.lines == [(gsi, 1)] and m2.devices.pci.intx.count[gsi] == 1
