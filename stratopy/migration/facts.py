@@ -149,9 +149,11 @@ def compare(template: dict, current: dict) -> None:
         for t in tdevs:
             if t.get("id") not in cids:
                 if t.get("hot"):
-                    hints.append(f"device '{t.get('id')}' was hot-replaced into "
-                                 f"{_slot_name(t.get('slot'))} before the snapshot and must be "
-                                 f"on the restore command line")
+                    # q35: hot-plugged into a root port, at its PCI place
+                    where = (f"hot-plugged at {t['pci']}" if isinstance(t.get("pci"), str)
+                             else f"hot-replaced into {_slot_name(t.get('slot'))}")
+                    hints.append(f"device '{t.get('id')}' was {where} before the snapshot and "
+                                 f"must be on the restore command line")
                 else:
                     hints.append(f"device '{t.get('id')}' is missing")
         for c in cdevs:

@@ -101,3 +101,36 @@ def test_machine_types_do_not_cross(guests, start_vm, q35_template, tmp_path):
     clone = start_vm(q35_rng_args(guests) + ["-incoming", f"file:{mtpl}"])
     line = refused(clone)
     assert "machine type differs" in line and "'microvm'" in line, line
+
+
+def test_hot_plugged_disk_is_in_the_template(guests, start_vm, tmp_path):
+    """A virtio-blk-pci hot-plugged into the root port (QMP, VM paused with
+    -S) is in the template: the clone's command line must carry it behind
+    that port, and without it the clone is refused."""
+    disk = tmp_path / "hot.img"
+    disk.write_bytes(bytes(1 << 20))
+    vm = start_vm(q35_rng_args(guests) + ["-S"], qmp=True)
+    q = vm.qmp(TIMEOUT)
+    try:
+        r = q.cmd("blockdev-add", **{"node-name": "d0", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(disk)},
+                                     "cache": {"direct": False}})
+        assert r == {"return": {}}, r
+        r = q.cmd("device_add", id="hot0", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
+        assert r == {"return": {}}, r
+    finally:
+        q.close()
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    vm.kill()
+    line = refused(start_vm(q35_rng_args(guests) + ["-incoming", f"file:{tpl}"]))
+    assert "device 'hot0' was hot-plugged at pcie.1 addr 0x0.0x0" in line, line
+    clone = start_vm(q35_rng_args(guests) + [
+        "-drive", f"id=d0,file={disk},direct=off",
+        "-device", "virtio-blk-pci,drive=d0,id=hot0,bus=pcie.1,addr=0x0",
+        "-incoming", f"file:{tpl}"])
+    clone.wait_for(r"MSIX ON", TIMEOUT)         # -S held it before its first instruction
+    request(clone, 1)
+    clone.send("q")
+    clone.wait_for(r"EXIT", TIMEOUT)
+    exited_cleanly(clone)
