@@ -34,7 +34,6 @@ from stratopy.pci.state import PciState, RootPortState
 log = get_logger(__name__)
 
 
-
 def check_placement(saved, slot, path: str) -> None:
     """A virtio-pci slot's bus, address and multifunction bit are the
     command line's (the guest found the function there): ``saved`` is
