@@ -108,11 +108,6 @@ def prepare_template(config, incoming) -> PreparedTemplate:
     from stratopy.migration import facts, restore
 
     cls = machine_class(config.machine_type)
-    if not cls.templates:
-        # cli_parse refuses -incoming first; this holds for every caller
-        # (the template server's too)
-        raise ConfigError("-incoming", f"templates of a {config.machine_type} VM are not "
-                                       f"supported yet (microvm only)")
     ram = cls.ram_layout_of(config)
 
     def facts_of(placement: dict[str, int]) -> dict:

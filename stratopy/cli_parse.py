@@ -520,8 +520,6 @@ def _parse(argv: list[str]) -> MachineConfig:
 
     machine = kw.get("machine_type", "microvm")
     devices = _build_devices(device_texts, drives, netdevs, chardevs, rngs, claim, machine)
-    if machine == "q35" and "incoming" in kw:
-        raise ConfigError("-incoming", "templates of a q35 VM are not supported yet (microvm only)")
 
     # stdio can be used once, and not when daemonized (StratoVirt's rules).
     stdio = [c for c in chardevs.values() if c.backend == "stdio"]

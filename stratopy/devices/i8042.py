@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from stratopy.errors import TemplateError
-from stratopy.record import Record
+from stratopy.record import StateRecord
 
 I8042_BASE = 0x60
 I8042_SIZE = 5
@@ -25,9 +25,11 @@ OFF_COMMAND = 4
 CMD_RESET_CPU = 0xFE
 
 
-class I8042State(Record):
-    """The controller keeps no state worth saving. (No fields; written out,
-    not a dataclass: stratopy.record.)"""
+class I8042State(StateRecord):
+    """The controller keeps no state worth saving; it is in the snapshot
+    tree (``DevicesState.i8042``, an empty object) so that every device
+    follows the persist protocol, and a field added later has its place.
+    (Written out, not a dataclass: stratopy.record.)"""
 
     __slots__ = ()
 

@@ -56,8 +56,6 @@ class Machine:
     """A VM of some machine type; the main thread runs ``run()``."""
 
     machine_type = ""
-    #: whether its VMs can be templates (migrate / -incoming): q35 not yet
-    templates = True
 
     def __init__(self, config: MachineConfig):
         self.config = config

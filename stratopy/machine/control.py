@@ -132,10 +132,6 @@ class MachineControl:
     def migrate(self, uri: str) -> None:
         from stratopy.migration.snapshot import take_template
 
-        if not self.m.templates:
-            raise QmpError(f"templates of a {self.m.config.machine_type} VM are not "
-                           f"supported yet (microvm only)")
-
         try:
             take_template(self.m, uri)
         except MigrationError as e:

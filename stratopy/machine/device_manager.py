@@ -11,8 +11,10 @@ teardown; and ``state()``/``restore()`` over all of them (``DevicesState``,
 machine/schema.py).
 
 A virtio device never knows its transport: the transport is built around
-it here (``VirtioMmioTransport`` today), and its state is a separate piece
-of the schema.
+it here -- ``VirtioMmioTransport`` in a microvm slot, or a virtio-pci
+function by the PCI part (``self.pci``: machine/pci_devices.py, which also
+owns the PCI buses, BAR mapping and doorbells) -- and its state is a
+separate piece of the schema (``transport_type``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from stratopy.machine.schema import DevicesState, VirtioSlotState
 log = get_logger(__name__)
 
 MMIO_TRANSPORT = "virtio-mmio"
+PCI_TRANSPORT = "virtio-pci"
 
 
 class DeviceManager:
@@ -50,7 +53,8 @@ class DeviceManager:
         self.serial_chardev = None
         self.i8042: I8042Device | None = None
         self.rtc = None                   # devices.rtc.CmosRtc
-        self.acpi = None                # the machine's ACPI device (microvm: GedDevice)
+        self.acpi = None                # the machine's ACPI device (GedDevice)
+        self.pci = None                 # machine/pci_devices.PciDevices (q35)
         self.slots: list[slotmod.Slot] = []
         self.chardevs: list = []
         self._eventfds: list[int] = []
@@ -89,6 +93,14 @@ class DeviceManager:
         """The machine's ACPI event device (its state is ``DevicesState.ged``)."""
         self.acpi = device
         self.mmio.insert(base, size, device)
+
+    def add_pci(self, layout, slots: list[slotmod.Slot]) -> None:
+        """The PCI buses (``layout``: the machine type's addresses), with a
+        virtio-pci function per slot at its ``addr``."""
+        from stratopy.machine.pci_devices import PciDevices
+
+        self.pci = PciDevices(self, layout)
+        self.pci.setup(slots)
 
     # ------------------------------------------------------------------
     # virtio slots
@@ -264,46 +276,69 @@ class DeviceManager:
         """Every device's state (vCPUs parked: nothing changes meanwhile)."""
         virtio = []
         for slot in self.slots:
+            if self.pci is not None:
+                ttype, tstate = PCI_TRANSPORT, self.pci.transport_state(slot)
+            else:
+                ttype, tstate = MMIO_TRANSPORT, slot.transport.state()
             virtio.append(VirtioSlotState(
                 index=slot.index, kind=slot.kind,
                 driver=slot.config.driver if slot.config else "",
                 id=slot.config.id if slot.config else "",
-                transport_type=MMIO_TRANSPORT, transport=slot.transport.state(),
+                transport_type=ttype, transport=tstate,
                 device_type=slot.device.label, device=slot.device.state()))
-        return DevicesState(serial=self.serial.state(), rtc=self.rtc.state(),
+        return DevicesState(serial=self.serial.state(), i8042=self.i8042.state(),
+                            rtc=self.rtc.state(),
                             ged=self.acpi.state() if self.acpi is not None else None,
+                            pci=self.pci.state() if self.pci is not None else None,
                             virtio=virtio)
 
     @staticmethod
     def check_slots(state: DevicesState, slots: list[slotmod.Slot]) -> None:
         """The template's slots are the planned ones (``slots``), in order,
-        with the same devices: TemplateError naming the first that differs.
-        No device exists yet (the template server checks this once)."""
+        with the same devices, each on the same transport and (virtio-pci)
+        at the same bus, addr and multifunction bit: TemplateError naming
+        the first that differs. No device exists yet (the template server
+        checks this once)."""
+        pci = any(s.config is not None and s.config.pci is not None for s in slots)
+        what = "virtio-pci functions" if pci else "virtio-mmio slots"
         if len(state.virtio) != len(slots):
-            raise TemplateError(f"state file has {len(state.virtio)} virtio-mmio slots, "
+            raise TemplateError(f"state file has {len(state.virtio)} {what}, "
                                 f"the command line makes {len(slots)}")
         for i, (saved, slot) in enumerate(zip(state.virtio, slots)):
             driver = slot.config.driver if slot.config else ""
             if saved.index != slot.index or saved.driver != driver or saved.kind != slot.kind:
-                raise TemplateError("", attribute=f"virtio-mmio slot {slot.index}",
+                where = f"virtio-pci function {slot.index}" if pci else \
+                    f"virtio-mmio slot {slot.index}"
+                raise TemplateError("", attribute=where,
                                     expected=saved.driver or f"empty {saved.kind}",
                                     found=driver or f"empty {slot.kind}")
-            if saved.transport_type != MMIO_TRANSPORT:
+            transport = PCI_TRANSPORT if pci else MMIO_TRANSPORT
+            if saved.transport_type != transport:
                 raise TemplateError(f"devices.virtio[{i}].transport_type: "
-                                    f"{saved.transport_type!r}, this machine has "
-                                    f"{MMIO_TRANSPORT}")
+                                    f"{saved.transport_type!r}, this machine has {transport}")
+            if pci:
+                from stratopy.machine.pci_devices import check_placement
+                check_placement(saved.transport, slot, f"devices.virtio[{i}].transport")
 
     def restore(self, state: DevicesState) -> None:
         """Apply a decoded DevicesState to the devices built from the command
-        line (``check_slots`` passed for these slots): each device first,
-        then its transport (which re-activates it against guest memory)."""
+        line (``check_slots`` passed for these slots): the platform devices
+        and the PCI topology, then each slot's device first and its
+        transport second (which re-activates it against guest memory)."""
         self.serial.restore(state.serial)
+        self.i8042.restore(state.i8042)
         self.rtc.restore(state.rtc)
         if (state.ged is None) != (self.acpi is None):
             raise TemplateError("devices.ged: the template's ACPI device does not match "
                                 "this machine's")
         if self.acpi is not None:
             self.acpi.restore(state.ged)        # validates the event bits
+        if (state.pci is None) != (self.pci is None):
+            raise TemplateError("devices.pci: the template's machine " +
+                                ("has PCI, this one has not" if self.pci is None
+                                 else "has no PCI, this one has"))
+        if self.pci is not None:
+            self.pci.restore(state.pci)
         self.check_slots(state, self.slots)
         for i, (saved, slot) in enumerate(zip(state.virtio, self.slots)):
             dev = slot.device
@@ -311,7 +346,12 @@ class DeviceManager:
                 raise TemplateError("", attribute=f"devices.virtio[{i}].device_type",
                                     expected=saved.device_type, found=dev.label)
             dev.restore(saved.device)
-            slot.transport.restore(saved.transport)
+            if self.pci is not None:
+                path = f"devices.virtio[{i}].transport"
+                self.pci.functions[slot.index].restore(saved.transport, path)
+                self.pci.map_restored(slot, path)
+            else:
+                slot.transport.restore(saved.transport)
             # A notification still unread in an ioeventfd at snapshot time was
             # not saved: look at every queue once, as if the guest had kicked.
             slot.transport.notify_all()

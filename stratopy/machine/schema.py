@@ -13,15 +13,22 @@ path (``devices.virtio[6].device.acked_features``)::
     ├── vcpus: [VcpuState]              Machine: registers, MSRs, LAPIC, CPUID
     └── devices: DevicesState           DeviceManager
         ├── serial: SerialState         Serial (8250)
-        ├── ged: GedState | None        GedDevice (microvm's ACPI events)
+        ├── i8042: I8042State           I8042Device (no fields: nothing to keep)
+        ├── rtc: RtcState               CmosRtc
+        ├── ged: GedState | None        GedDevice (the ACPI events: power button, VMGenID)
+        ├── pci: PciState | None        PciDevices (q35: 0xCF8 latch, host bridge,
+        │                               root ports; None on the microvm)
         └── virtio: [VirtioSlotState]   in slot order
             ├── index, kind, driver, id where it sits and what it was
-            ├── transport_type + transport   the transport ("virtio-mmio": MmioState)
+            ├── transport_type + transport   the transport ("virtio-mmio": MmioState;
+            │                               "virtio-pci": VirtioPciState, with the
+            │                               function's bus/addr, config space, MSI-X
+            │                               and the common config as an MmioState)
             └── device_type + device         the device ("virtio-blk": BlockState, ...)
 
 Device and transport are separate pieces: a virtio device's state never
-holds transport registers, so the same device models can sit behind
-another transport (virtio-pci) that adds its own ``transport_type``.
+holds transport registers, so the same device models sit behind either
+transport, each with its own ``transport_type``.
 
 The persist protocol: a component's ``state()`` returns its typed state
 (a dataclass or a ``StateRecord``), taken while the vCPUs are parked;
@@ -40,8 +47,10 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol, TypeVar
 
 from stratopy.acpi.ged import GedState
+from stratopy.devices.i8042 import I8042State
 from stratopy.devices.rtc import RtcState
 from stratopy.devices.serial import SerialState
+from stratopy.pci.state import PciState
 from stratopy.machine.vcpu_state import VcpuState, VmArchState
 from stratopy.record import StateRecord
 
@@ -59,6 +68,7 @@ class Persist(Protocol[S]):
 #: transport_type -> its state class (imported when a template names it)
 TRANSPORT_STATES = {
     "virtio-mmio": "stratopy.devices.virtio.mmio:MmioState",
+    "virtio-pci": "stratopy.pci.virtio_pci:VirtioPciState",
 }
 
 #: device_type (the VirtioDevice's ``label``) -> its state class
@@ -92,10 +102,12 @@ class VirtioSlotState(StateRecord):
 class DevicesState(StateRecord):
     """Every device the DeviceManager owns."""
 
-    __slots__ = ("serial", "rtc", "ged", "virtio")
+    __slots__ = ("serial", "i8042", "rtc", "ged", "pci", "virtio")
     serial: SerialState
+    i8042: I8042State
     rtc: RtcState
     ged: Optional[GedState]
+    pci: Optional[PciState]
     virtio: list[VirtioSlotState]
 
 

@@ -9,8 +9,11 @@ clone's own identity (no ``mac=``: the template's; see
 devices/virtio/net.py ``restore`` and docs/snapshot.md).
 
 Devices are listed in the order the guest sees them: the devices of the
-virtio-mmio slots in slot order (each with its ``slot``), then the devices
-that are not transports of their own (virtconsole) in command-line order.
+virtio slots in slot order (each with its ``slot``), then the devices
+that are not transports of their own (virtconsole, pcie-root-port) in
+command-line order. On q35 each device also records its ``pci`` place
+(bus, addr, multifunction) and a root port its ``port`` and ``chassis``:
+the guest enumerated them there, so a restore must not move them.
 A template records what the slots held when it was taken, so a device
 hot-replaced into a reserved slot (QMP ``device_add``) is in it, marked
 ``hot``, and one removed with ``device_del`` is not: the restore command
@@ -28,11 +31,24 @@ from stratopy.errors import TemplateError
 from stratopy.logs import get_logger
 from stratopy.machine import slots as slotmod
 
+ROOT_PORT = "pcie-root-port"      # cli_pci.ROOT_PORT (not imported: start-up cost)
+
 log = get_logger(__name__)
+
+
+def pci_place(pci: tuple) -> str:
+    """A q35 device's place as facts record it (and errors show it)."""
+    bus, slot, fn, mf = pci
+    return f"{bus} addr {slot:#x}.{fn:#x}" + (" multifunction" if mf else "")
 
 
 def _device_facts(d: cfgmod.DeviceConfig) -> dict:
     f: dict = {"driver": d.driver, "id": d.id}
+    if d.pci is not None:
+        # q35: the guest found the function there (its BDF), it cannot move
+        f["pci"] = pci_place(d.pci)
+    if d.root_port is not None:
+        f["port"], f["chassis"] = d.root_port
     if d.driver == cfgmod.BLK:
         f["serial"] = d.serial or ""
         f["readonly"] = bool(d.drive.readonly)
@@ -57,7 +73,7 @@ def slot_facts(config: cfgmod.MachineConfig, slots) -> dict:
             f["hot"] = True
         devices.append(f)
     for d in config.devices:
-        if d.driver == cfgmod.CONSOLE:
+        if d.driver in (cfgmod.CONSOLE, ROOT_PORT):
             f = _device_facts(d)
             f["slot"] = None
             devices.append(f)
@@ -133,9 +149,11 @@ def compare(template: dict, current: dict) -> None:
         for t in tdevs:
             if t.get("id") not in cids:
                 if t.get("hot"):
-                    hints.append(f"device '{t.get('id')}' was hot-replaced into "
-                                 f"{_slot_name(t.get('slot'))} before the snapshot and must be "
-                                 f"on the restore command line")
+                    # q35: hot-plugged into a root port, at its PCI place
+                    where = (f"hot-plugged at {t['pci']}" if isinstance(t.get("pci"), str)
+                             else f"hot-replaced into {_slot_name(t.get('slot'))}")
+                    hints.append(f"device '{t.get('id')}' was {where} before the snapshot and "
+                                 f"must be on the restore command line")
                 else:
                     hints.append(f"device '{t.get('id')}' is missing")
         for c in cdevs:
@@ -146,9 +164,11 @@ def compare(template: dict, current: dict) -> None:
         raise TemplateError("; ".join(hints), attribute=attr, expected=tids, found=cids)
     for i, (t, c) in enumerate(zip(tdevs, cdevs)):
         # not "mac": a clone may have a MAC of its own (NetDevice.restore)
-        for key in ("driver", "id", "slot", "serial", "readonly", "capacity"):
+        for key in ("driver", "id", "slot", "pci", "port", "chassis", "serial", "readonly",
+                    "capacity"):
             if key in c and not _same(t.get(key), c[key]):
-                name = {"driver": "type", "capacity": "disk size"}.get(key, key)
+                name = {"driver": "type", "capacity": "disk size",
+                        "pci": "bus/addr"}.get(key, key)
                 raise TemplateError("", attribute=f"device {i} ({c['id']}) {name}",
                                     expected=t.get(key), found=c[key])
     for t, c in zip(tdevs, cdevs):

@@ -4,10 +4,12 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"STRATOPY"
-    8       4     format version (u32), currently 4 (1: before the memory
+    8       4     format version (u32), currently 5 (1: before the memory
                   file had a header page; 2: before the ACPI GED state;
                   3: before the typed machine state (machine/schema.py);
-                  all refused, "take the template again")
+                  4: before q35 templates (PCI state, i8042, root
+                  ports and PCI places in the facts); all refused, "take
+                  the template again")
     12      4     header flags (u32), must be 0
     16      8     payload length (u64)
     24      32    SHA-256 over bytes [0, 24) of the header + the payload
@@ -50,7 +52,7 @@ from stratopy.errors import MigrationError, TemplateError
 from stratopy.migration import codec
 
 MAGIC = b"STRATOPY"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size            # 56
 _CHECKED_PREFIX = 24                  # magic + version + flags + length

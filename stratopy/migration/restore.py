@@ -96,6 +96,8 @@ def decode_machine_state(components: dict, config, ram) -> tuple:
     for i, slot in enumerate(state.devices.virtio):
         if slot.transport_type == "virtio-mmio":
             sanity.check_queues(slot.transport, f"devices.virtio[{i}].transport")
+        elif slot.transport_type == "virtio-pci":
+            sanity.check_queues(slot.transport.common, f"devices.virtio[{i}].transport.common")
     return state, cpuids
 
 

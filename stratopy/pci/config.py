@@ -19,7 +19,8 @@ all-ones (no device) or zeros, and writes there are dropped.
 
 from __future__ import annotations
 
-from stratopy.errors import StratoError
+from stratopy.errors import StratoError, TemplateError
+from stratopy.record import StateRecord
 
 CONFIG_SIZE = 256               # conventional PCI
 PCIE_CONFIG_SIZE = 4096         # PCIe extended config space (ECAM reaches it)
@@ -75,6 +76,15 @@ class ConfigError(StratoError):
     """A function described wrongly (a bug in the device model, not the guest)."""
 
 
+class ConfigSpaceState(StateRecord):
+    """A function's config space as the guest left it: command register,
+    BARs as programmed, capability registers (MSI-X control, vendor
+    windows, PCIe slot control/status, ...), all in the bytes."""
+
+    __slots__ = ("data",)
+    data: bytes
+
+
 class Bar:
     """One BAR as the function declares it (the address is in config space)."""
 
@@ -98,6 +108,9 @@ class ConfigSpace:
         self.data = bytearray(size)
         self.wmask = bytearray(size)
         self.w1cmask = bytearray(size)
+        # bits the device model itself changes (STATUS.Interrupt, slot
+        # status, ...): read-only to the guest, yet not fixed
+        self.vmask = bytearray(size)
         self.bars: dict[int, Bar] = {}
         self._last_cap = 0              # offset of the last capability (0: none)
         self._next_cap = CAP_START      # where the next one goes
@@ -120,6 +133,9 @@ class ConfigSpace:
 
     def set_w1cmask(self, offset: int, size: int, mask: int) -> None:
         self.w1cmask[offset:offset + size] = mask.to_bytes(size, "little")
+
+    def set_vmask(self, offset: int, size: int, mask: int) -> None:
+        self.vmask[offset:offset + size] = mask.to_bytes(size, "little")
 
     def header(self, vendor: int, device: int, class_code: int, revision: int = 0,
                header_type: int = HEADER_TYPE_NORMAL, subsystem_vendor: int = 0,
@@ -224,33 +240,35 @@ class ConfigSpace:
             data[o] = ((data[o] & ~wm[o]) | (b & wm[o])) & ~(b & w1c[o]) & 0xFF
 
     # --- snapshot -----------------------------------------------------------------
-    def state(self) -> dict:
-        return {"data": bytes(self.data).hex()}
+    def state(self) -> ConfigSpaceState:
+        return ConfigSpaceState(data=bytes(self.data))
 
-    def restore(self, state: dict) -> None:
-        """Apply a saved config space (untrusted): it must be this
-        function's (same ids, class, header type and capability chain)."""
-        from stratopy.errors import TemplateError
-
-        try:
-            data = bytes.fromhex(state["data"])
-        except (KeyError, TypeError, ValueError):
-            raise TemplateError("PCI config space state is malformed") from None
+    def check(self, state: ConfigSpaceState, path: str) -> bytes:
+        """The saved bytes, if they can be this function's: same size, and
+        every bit neither the guest (wmask, w1cmask) nor the device model
+        (vmask) may change is this function's own -- ids, class, header
+        type (multifunction), BAR flags, the capability chain, MSI-X
+        table size. TemplateError naming ``path`` and the byte otherwise."""
+        data = state.data
         if len(data) != self.size:
-            raise TemplateError(f"PCI config space state has {len(data)} bytes, "
-                                f"the function has {self.size}")
-        mine = bytes(self.data)
-        for lo, hi, what in ((0, 4, "vendor/device id"), (8, 12, "revision/class")):
-            if data[lo:hi] != mine[lo:hi]:
-                raise TemplateError(f"PCI config space state field {what} is "
-                                    f"{data[lo:hi].hex()}, the function has {mine[lo:hi].hex()}")
-        if data[HEADER_TYPE] & 0x7F != mine[HEADER_TYPE] & 0x7F:
-            raise TemplateError("PCI config space state field header type differs")
-        old = self.data
-        self.data = bytearray(data)
-        if self.capabilities() != ConfigSpace.capabilities(_View(mine)):
-            self.data = old
-            raise TemplateError("PCI config space state field capabilities differ")
+            raise TemplateError(f"{path}.data: {len(data)} bytes, the function has {self.size}")
+        mine = self.data
+        if data != mine:
+            # one big-integer pass (a warm start restores every function)
+            n = int.from_bytes
+            fixed = ~(n(self.wmask, "little") | n(self.w1cmask, "little")
+                      | n(self.vmask, "little"))
+            diff = (n(data, "little") ^ n(mine, "little")) & fixed
+            if diff:
+                o = ((diff & -diff).bit_length() - 1) // 8
+                raise TemplateError(f"{path}.data: read-only bits of register byte {o:#x} "
+                                    f"differ (template {data[o]:#04x}, this function "
+                                    f"{mine[o]:#04x})")
+        return data
+
+    def restore(self, state: ConfigSpaceState, path: str) -> None:
+        """Apply a saved config space (untrusted; ``check`` first)."""
+        self.data[:] = self.check(state, path)
 
     # --- decoded views --------------------------------------------------------------
     @property
@@ -280,13 +298,3 @@ class ConfigSpace:
         if addr == 0 or addr + bar.size > limit:
             return None
         return addr
-
-
-class _View:
-    """Bytes seen as a config space (for comparing capability chains)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def get(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.data[offset:offset + size], "little")

@@ -19,6 +19,7 @@ from typing import Callable
 
 from stratopy.errors import TemplateError
 from stratopy.pci import config as pcfg
+from stratopy.record import StateRecord
 
 ENTRY_SIZE = 16
 CONTROL_ENABLE = 1 << 15
@@ -26,6 +27,15 @@ CONTROL_FUNCTION_MASK = 1 << 14
 VECTOR_MASKED = 1
 NO_VECTOR = 0xFFFF              # virtio: "no vector assigned"
 CAP_LENGTH = 12
+
+
+class MsixState(StateRecord):
+    """The vector table and the pending bits (enable and function mask are
+    Message Control, in the config space)."""
+
+    __slots__ = ("table", "pending")
+    table: bytes
+    pending: int
 
 
 class Msix:
@@ -137,19 +147,27 @@ class Msix:
         return bytes(max(size, 0))
 
     # --- snapshot -------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"table": bytes(self.table).hex(), "pending": self.pending}
+    def state(self) -> MsixState:
+        return MsixState(table=bytes(self.table), pending=self.pending)
 
-    def restore(self, state: dict) -> None:
-        try:
-            table = bytes.fromhex(state["table"])
-            pending = state["pending"]
-        except (KeyError, TypeError, ValueError):
-            raise TemplateError("MSI-X state is malformed") from None
+    def check(self, state: MsixState, path: str) -> None:
+        """TemplateError naming the field of ``path`` that cannot be this
+        function's: the table's size, a Vector Control bit other than Mask
+        (they read as 0: ``table_write``), a pending bit past the vectors."""
+        table = state.table
         if len(table) != self.table_size:
-            raise TemplateError(f"MSI-X state field table has {len(table)} bytes, "
-                                f"the function has {self.table_size}")
-        if type(pending) is not int or not 0 <= pending < 1 << self.nvectors:
-            raise TemplateError(f"MSI-X state field pending out of range: {pending!r}")
-        self.table[:] = table
-        self.pending = pending
+            raise TemplateError(f"{path}.table: {len(table)} bytes, the function has "
+                                f"{self.table_size} ({self.nvectors} vectors)")
+        for v in range(self.nvectors):
+            ctl = int.from_bytes(table[v * ENTRY_SIZE + 12:v * ENTRY_SIZE + 16], "little")
+            if ctl & ~VECTOR_MASKED:
+                raise TemplateError(f"{path}.table: vector {v} control {ctl:#x} has bits "
+                                    f"other than Mask")
+        if not 0 <= state.pending < 1 << self.nvectors:
+            raise TemplateError(f"{path}.pending: {state.pending:#x} names a vector past the "
+                                f"function's {self.nvectors}")
+
+    def restore(self, state: MsixState, path: str) -> None:
+        self.check(state, path)
+        self.table[:] = state.table
+        self.pending = state.pending

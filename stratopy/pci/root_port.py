@@ -87,6 +87,9 @@ class RootPort(PciFunction):
                | SLTCAP_NCCS | (chassis & 0x1FFF) << 19)
         cs.set_wmask(e + EXP_SLTCTL, 2, 0x1FFF)
         cs.set_w1cmask(e + EXP_SLTSTA, 2, SLTSTA_EVENTS)
+        # presence and link follow what is plugged (attach/plug/unplug)
+        cs.set_vmask(e + EXP_SLTSTA, 2, SLTSTA_EVENTS | SLTSTA_PDS)
+        cs.set_vmask(e + EXP_LNKSTA, 2, LNKSTA_DLLLA)
         cs.set_wmask(e + EXP_RTCTL, 2, 0x001F)
         # MSI for the hotplug interrupt (Linux's port driver prefers it)
         m = self.msi = cs.add_capability(pcfg.CAP_ID_MSI, MSI_LENGTH)
@@ -199,18 +202,19 @@ class RootPort(PciFunction):
         self._maybe_interrupt()
 
     # --- snapshot ---------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"config": bytes(self.config.data).hex(), "asserted": self._asserted}
+    @property
+    def asserted(self) -> int:
+        """The enabled slot events already signalled (``_maybe_interrupt``)."""
+        return self._asserted
 
-    def restore(self, state: dict) -> None:
-        try:
-            data = bytes.fromhex(state["config"])
-            asserted = state["asserted"]
-        except (KeyError, TypeError, ValueError):
-            raise TemplateError(f"{self.label} state is malformed") from None
-        if len(data) != self.config.size or type(asserted) is not int:
-            raise TemplateError(f"{self.label} state has the wrong size")
-        if data[:4] != bytes(self.config.data[:4]):
-            raise TemplateError(f"{self.label} state is of another device")
-        self.config.data[:] = data
+    def restore(self, config: pcfg.ConfigSpaceState, asserted: int, path: str) -> None:
+        """The port's registers (bus numbers, windows, slot control and
+        status, MSI) and the events already signalled; TemplateError naming
+        the field under ``path``. Its occupant is the command line's (the
+        caller checked it is the template's)."""
+        self.config.check(config, f"{path}.config")
+        if asserted & ~SLTSTA_EVENTS:
+            raise TemplateError(f"{path}.asserted: {asserted:#x} holds bits that are not "
+                                f"slot events")
+        self.config.restore(config, f"{path}.config")
         self._asserted = asserted

@@ -29,11 +29,13 @@ from stratopy.devices.virtio.device import (
     STATUS_DRIVER_OK, STATUS_FAILED, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
     VIRTIO_ID_RNG, VirtioDevice)
 from stratopy.devices.virtio import mmio as _m
-from stratopy.devices.virtio.mmio import INT_CONFIG, INT_USED_RING, U32, VirtioMmioTransport
+from stratopy.devices.virtio.mmio import (
+    INT_CONFIG, INT_USED_RING, U32, MmioState, VirtioMmioTransport)
 from stratopy.errors import TemplateError
 from stratopy.pci import config as pcfg
 from stratopy.pci.bus import PciFunction
-from stratopy.pci.msix import NO_VECTOR, Msix
+from stratopy.pci.msix import NO_VECTOR, Msix, MsixState
+from stratopy.record import StateRecord
 
 VENDOR_VIRTIO = 0x1AF4
 DEVICE_ID_BASE = 0x1040
@@ -68,6 +70,27 @@ C_Q_DESCLO, C_Q_DESCHI, C_Q_AVAILLO, C_Q_AVAILHI, C_Q_USEDLO, C_Q_USEDHI = (
 _QADDR = {C_Q_DESCLO: _m.REG_QUEUE_DESC_LOW, C_Q_DESCHI: _m.REG_QUEUE_DESC_HIGH,
           C_Q_AVAILLO: _m.REG_QUEUE_DRIVER_LOW, C_Q_AVAILHI: _m.REG_QUEUE_DRIVER_HIGH,
           C_Q_USEDLO: _m.REG_QUEUE_DEVICE_LOW, C_Q_USEDHI: _m.REG_QUEUE_DEVICE_HIGH}
+
+
+class VirtioPciState(StateRecord):
+    """One virtio-pci function: where it sits, its config space (command
+    register, BARs as the guest programmed them, MSI-X control, the
+    vendor capabilities), its MSI-X table and PBA, and the transport: the
+    common config shared with virtio-mmio (features, status, queues, ISR
+    in ``interrupt_status``), the MSI-X vectors of the config change and of
+    each queue, and the INTx level it asks for."""
+
+    __slots__ = ("bus", "addr", "multifunction", "config", "msix", "common",
+                 "msix_config", "queue_vectors", "intx_level")
+    bus: str                     # "pcie.0" or a root port's id
+    addr: int                    # devfn on that bus
+    multifunction: bool
+    config: pcfg.ConfigSpaceState
+    msix: MsixState
+    common: MmioState
+    msix_config: int
+    queue_vectors: list[int]
+    intx_level: bool
 
 
 class VirtioPciTransport(VirtioMmioTransport):
@@ -163,7 +186,7 @@ class VirtioPciTransport(VirtioMmioTransport):
             v = self.driver_features_sel
         elif reg == C_GF:
             sel = self.driver_features_sel
-            v = self.acked_features >> 32 * sel & U32 if sel < 2 else 0
+            v = self.device.acked_features >> 32 * sel & U32 if sel < 2 else 0
         elif reg == C_MSIX:
             v = self.msix_config
         elif reg == C_NUMQ:
@@ -225,27 +248,31 @@ class VirtioPciTransport(VirtioMmioTransport):
             self._write_queue_reg(_QADDR[reg], v)
 
     # --- snapshot -------------------------------------------------------------------
-    def state(self):
-        s = super().state()
-        return {"common": s, "msix_config": self.msix_config,
-                "queue_vectors": list(self.queue_vectors), "intx": self.intx_level,
-                "msix": self.msix.state() if self.msix is not None else None}
+    def check_vectors(self, msix_config: int, vectors: list, path: str) -> None:
+        """Each vector is one the MSI-X table has, or NO_VECTOR (what
+        ``_vector`` lets the driver set)."""
+        if len(vectors) != len(self.queues):
+            raise TemplateError(f"{path}.queue_vectors: {len(vectors)} entries, the device "
+                                f"has {len(self.queues)} queues")
+        n = self.msix.nvectors if self.msix is not None else 0
+        for name, v in [("msix_config", msix_config)] + [
+                (f"queue_vectors[{q}]", x) for q, x in enumerate(vectors)]:
+            if self._vector(v) != v:
+                raise TemplateError(f"{path}.{name}: vector {v} is out of range (the "
+                                    f"function has {n}; {NO_VECTOR:#x} is none)")
 
-    def restore(self, state) -> None:
-        if not isinstance(state, dict):
-            raise TemplateError("virtio-pci state is malformed")
-        super().restore(state.get("common"))
-        vectors = state.get("queue_vectors")
-        if (not isinstance(vectors, list) or len(vectors) != len(self.queues)
-                or any(type(x) is not int or self._vector(x) != x for x in vectors)):
-            raise TemplateError(f"virtio-pci state field queue_vectors is invalid: {vectors!r}")
-        mc = state.get("msix_config")
-        if type(mc) is not int or self._vector(mc) != mc:
-            raise TemplateError(f"virtio-pci state field msix_config is invalid: {mc!r}")
-        if self.msix is not None:
-            self.msix.restore(state.get("msix"))
-        self.queue_vectors, self.msix_config = vectors, mc
-        self._set_intx(bool(state.get("intx")))
+    def restore_pci(self, state: VirtioPciState, path: str) -> None:
+        """The common config (validated and applied by the shared virtio
+        code: features, status, queues, re-activation), then the vectors."""
+        self.check_vectors(state.msix_config, state.queue_vectors, path)
+        # vectors first: the common restore may raise a config interrupt
+        # (a clone's own MAC) through them
+        self.msix_config = state.msix_config
+        self.queue_vectors = list(state.queue_vectors)
+        try:
+            VirtioMmioTransport.restore(self, state.common)
+        except TemplateError as e:
+            raise TemplateError(f"{path}.common: {e.reason}") from None
 
 
 class VirtioPciFunction(PciFunction):
@@ -284,6 +311,8 @@ class VirtioPciFunction(PciFunction):
         self._intx_driven = False       # what the line carries
         self.transport = VirtioPciTransport(device, mem, self.msix, self._intx)
         self.regions = {MSIX_BAR: _MsixRegion(self.msix), MODERN_BAR: self.transport}
+        self.bus_name = "pcie.0"            # the machine's, when it plugs it
+        cs.set_vmask(pcfg.STATUS, 2, pcfg.STATUS_INTERRUPT)
 
     def _vendor_cap(self, cfg_type: int, offset: int, length: int, extra: int = 0) -> int:
         cs = self.config
@@ -347,6 +376,32 @@ class VirtioPciFunction(PciFunction):
         self.msix.config_written(offset, size)
         if offset <= pcfg.COMMAND + 1 and offset + size > pcfg.COMMAND:
             self._drive_intx()
+
+
+    # --- snapshot -------------------------------------------------------------------
+    def state(self) -> VirtioPciState:
+        t = self.transport
+        return VirtioPciState(
+            bus=self.bus_name, addr=self.devfn,
+            multifunction=bool(self.config.data[pcfg.HEADER_TYPE]
+                               & pcfg.HEADER_TYPE_MULTIFUNCTION),
+            config=self.config.state(), msix=self.msix.state(), common=t.state(),
+            msix_config=t.msix_config, queue_vectors=list(t.queue_vectors),
+            intx_level=self._intx_level)
+
+    def restore(self, state: VirtioPciState, path: str) -> None:
+        """Validate an untrusted, decoded state against this function (its
+        place is the caller's to check) and apply it; TemplateError naming
+        the field under ``path``. The BARs are the caller's to map."""
+        self.config.check(state.config, f"{path}.config")
+        self.msix.check(state.msix, f"{path}.msix")
+        self.transport.check_vectors(state.msix_config, state.queue_vectors, path)
+        # config space and MSI-X before the common config: its restore may
+        # interrupt the guest already (through the restored vectors)
+        self.config.restore(state.config, f"{path}.config")
+        self.msix.restore(state.msix, f"{path}.msix")
+        self.transport.restore_pci(state, path)
+        self.transport._set_intx(state.intx_level)
 
 
 class _MsixRegion:

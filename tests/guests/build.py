@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GUESTS = ("serial_hello", "memcheck", "counter", "virtio_blk", "timer_irq", "triple_fault",
-          "hostile", "pci_walk")
+          "hostile", "pci_walk", "pci_rng")
 COMMON = ("common.S",)
 HEADERS = ("guest.h",)
 LINKER_SCRIPT = "linker.ld"

@@ -46,14 +46,6 @@ def test_pci_walk_cf8_and_ecam(guests, start_vm, tmp_path):
     assert out.group(1) == "4"
 
 
-def test_q35_refuses_templates(guests, start_vm, tmp_path):
-    """migrate and -incoming on q35: one clear line until q35 templates exist."""
-    vm = start_vm(q35_args(guests["pci_walk"], "-incoming", f"file:{tmp_path}"))
-    assert vm.wait_exit(TIMEOUT) != 0
-    assert re.search(r"stratopy: -incoming: templates of a q35 VM are not supported yet",
-                     vm.stderr), vm.stderr
-
-
 def test_ram_split_around_the_pci_hole(guests, start_vm):
     """-m 3G on q35: RAM to 2 GiB, ECAM reserved at 0xb0000000, the last
     GiB from 4 GiB up (e820 as the guest reads it), and that RAM holds
@@ -114,7 +106,5 @@ def test_device_add_checks_on_q35(guests, start_vm, tmp_path):
                                      "cache": {"direct": False}})
         assert r == {"return": {}}, r
         assert "occupied" in err(id="y", driver="virtio-blk-pci", drive="d2", bus="pcie.1")
-        r = q.cmd("migrate", uri=f"file:{tmp_path / 'tpl'}")
-        assert "templates of a q35 VM are not supported yet" in r["error"]["desc"], r
     finally:
         q.close()

@@ -317,7 +317,6 @@ ERRORS = [
     (["-m", "1G"], "-kernel", "required"),
     ([], "-kernel", "required"),
     # -machine
-    (K + ["-machine", "q35", "-incoming", "file:/t"], "-incoming", "q35", "not supported yet"),
     (K + ["-machine", "virt"], "-machine", "virt", "microvm or q35"),
     (K + ["-machine", "pc"], "-machine", "unknown machine type", "pc"),
     (K + ["-machine", "microvm,foo=on"], "-machine", "unknown property 'foo'"),

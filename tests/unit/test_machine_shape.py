@@ -17,6 +17,7 @@ from stratopy import builder
 from stratopy.acpi.ged import GedState
 from stratopy.cli_parse import parse_args
 from stratopy.devices.serial import SerialState
+from stratopy.devices.i8042 import I8042State
 from stratopy.devices.virtio.block import BlockState
 from stratopy.devices.virtio.mmio import MmioState
 from stratopy.devices.virtio.net import NetState
@@ -54,17 +55,16 @@ def _tree() -> MachineState:
                    avail_ring=0x11000, used_ring=0x12000, next_avail=3, next_used=3)
     blk = VirtioSlotState(index=0, kind="blk", driver="virtio-blk-device", id="root",
                           transport_type="virtio-mmio",
-                          transport=MmioState(status=15, acked_features=1 << 32,
-                                              queues=[q]),
+                          transport=MmioState(status=15, queues=[q]),
                           device_type="virtio-blk",
                           device=BlockState(acked_features=1 << 32, capacity=64))
     net = VirtioSlotState(index=4, kind="net", driver="", id="",
                           transport_type="virtio-mmio", transport=MmioState(),
                           device_type="virtio-net",
                           device=NetState(mac="", acked_features=0, link_up=False))
-    devices = DevicesState(serial=SerialState(in_buffer=b"ab"),
+    devices = DevicesState(serial=SerialState(in_buffer=b"ab"), i8042=I8042State(),
                            rtc=RtcState(index=0x0B, cmos=bytes(range(128))),
-                           ged=GedState(pending=1), virtio=[blk, net])
+                           ged=GedState(pending=1), pci=None, virtio=[blk, net])
     return MachineState(machine_type="microvm", vm=vm, vcpus=[vcpu], devices=devices)
 
 
@@ -347,15 +347,6 @@ def test_create_machine_by_machine_type():
         MicroVm(q)
     with pytest.raises(ConfigError, match="virt is not supported"):
         builder.create_machine(config.replace(machine_type="virt"))
-
-
-def test_prepare_template_refuses_q35(tmp_path):
-    # whoever asks (the CLI refuses -incoming first; the template server
-    # prepares through the builder): one line, before any file is opened
-    from stratopy.errors import ConfigError
-    q = parse_args(["-kernel", "/boot/vmlinux"]).replace(machine_type="q35")
-    with pytest.raises(ConfigError, match="templates of a q35 VM are not supported yet"):
-        builder.prepare_template(q, None)
 
 
 # --- the device manager ----------------------------------------------------------------

@@ -321,9 +321,9 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version(tmp_path):
     path = _write(tmp_path)
-    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 5) + d[12:])
+    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 6) + d[12:])
     with pytest.raises(TemplateError,
-                       match=r"format version 5 is newer than this stratopy supports \(4\)"):
+                       match=r"format version 6 is newer than this stratopy supports \(5\)"):
         _read(path)
     # version 1 (memory file without a header page) is refused as older
     _corrupt(path, lambda d: d[:8] + struct.pack("<I", 1) + d[12:])
@@ -339,6 +339,11 @@ def test_newer_version(tmp_path):
     _corrupt(path, lambda d: d[:8] + struct.pack("<I", 3) + d[12:])
     with pytest.raises(TemplateError, match=r"written by an older stratopy \(format "
                                             r"version 3\); take the template again"):
+        _read(path)
+    # version 4 (before q35 templates: PCI state, i8042) too
+    _corrupt(path, lambda d: d[:8] + struct.pack("<I", 4) + d[12:])
+    with pytest.raises(TemplateError, match=r"written by an older stratopy \(format "
+                                            r"version 4\); take the template again"):
         _read(path)
     _corrupt(path, lambda d: d[:8] + struct.pack("<I", 0) + d[12:])
     with pytest.raises(TemplateError, match="unsupported format version 0"):

@@ -71,7 +71,6 @@ STATUS_ALL = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK |
               STATUS_FEATURES_OK | STATUS_NEEDS_RESET | STATUS_FAILED)
 
 U32 = 0xFFFFFFFF
-U64 = (1 << 64) - 1
 
 
 @dataclass
@@ -80,7 +79,6 @@ class MmioState:
 
     device_features_sel: int = 0
     driver_features_sel: int = 0
-    acked_features: int = 0          # what the driver wrote to DriverFeatures
     queue_sel: int = 0
     interrupt_status: int = 0
     status: int = 0
@@ -201,12 +199,18 @@ class VirtioMmioTransport:
         elif offset == REG_DRIVER_FEATURES_SEL:
             self.driver_features_sel = v
         elif offset == REG_DRIVER_FEATURES:
+            # The device owns acked_features, the one copy there is: the
+            # transport writes the driver's proposal straight into it and
+            # only checks it at FEATURES_OK. Two copies (the transport's and
+            # the device's) could disagree after a restore -- which one the
+            # device runs with would then depend on the order of restores.
             s = self.status
             if s & STATUS_DRIVER and not s & (STATUS_FEATURES_OK | STATUS_FAILED):
+                dev = self.device
                 if self.driver_features_sel == 0:
-                    self.acked_features = (self.acked_features & ~U32) | v
+                    dev.acked_features = (dev.acked_features & ~U32) | v
                 elif self.driver_features_sel == 1:
-                    self.acked_features = (self.acked_features & U32) | (v << 32)
+                    dev.acked_features = (dev.acked_features & U32) | (v << 32)
                 # other pages: no features there, ignored
         elif offset == REG_QUEUE_SEL:
             self.queue_sel = v
@@ -266,10 +270,9 @@ class VirtioMmioTransport:
         elif added == STATUS_DRIVER and cur == STATUS_ACKNOWLEDGE:
             self.status = old | STATUS_DRIVER
         elif added == STATUS_FEATURES_OK and cur == STATUS_ACKNOWLEDGE | STATUS_DRIVER:
-            acked = self.acked_features
+            acked = self.device.acked_features
             if acked & ~self.offered_features or not acked & VERSION_1:
                 return  # FEATURES_OK stays clear: the driver reads it back and fails
-            self.device.acked_features = acked
             self.status = old | STATUS_FEATURES_OK
         elif (added == STATUS_DRIVER_OK and
               cur == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK):
@@ -299,6 +302,7 @@ class VirtioMmioTransport:
             self.device.reset()
         except Exception:
             pass
+        self.device.acked_features = 0      # the driver's proposal goes with the reset
         for q in self.queues:
             q.reset()
         self._clear_registers()
@@ -309,7 +313,6 @@ class VirtioMmioTransport:
         nor ConfigGeneration, which only moves on)."""
         self.device_features_sel = 0
         self.driver_features_sel = 0
-        self.acked_features = 0
         self.queue_sel = 0
         self.interrupt_status = 0
         self.status = 0
@@ -375,7 +378,6 @@ class VirtioMmioTransport:
         return MmioState(
             device_features_sel=self.device_features_sel,
             driver_features_sel=self.driver_features_sel,
-            acked_features=self.acked_features,
             queue_sel=self.queue_sel,
             interrupt_status=self.interrupt_status,
             status=self.status,
@@ -389,8 +391,9 @@ class VirtioMmioTransport:
         the bad field. If DRIVER_OK was set (and the device was not broken),
         the queues are checked against guest RAM and the device re-activated.
 
-        Call it after ``device.restore`` (both set the acked features; this
-        one wins) and after guest memory is in place.
+        Call it after ``device.restore`` (the device owns, restores and
+        validates its acked features; this checks them against the
+        restored status) and after guest memory is in place.
         """
         if not isinstance(state, MmioState):
             raise TemplateError(f"virtio-mmio state has the wrong type {type(state).__name__}")
@@ -403,7 +406,7 @@ class VirtioMmioTransport:
 
         dfs = num("device_features_sel", U32)
         drfs = num("driver_features_sel", U32)
-        acked = num("acked_features", U64)
+        acked = self.device.acked_features
         qsel = num("queue_sel", U32)
         isr = num("interrupt_status", INT_USED_RING | INT_CONFIG)
         status = num("status", 0xFF)
@@ -417,8 +420,9 @@ class VirtioMmioTransport:
                                     f"state: {status:#x}")
         if status & STATUS_FEATURES_OK and (acked & ~self.offered_features
                                             or not acked & VERSION_1):
-            raise TemplateError(f"virtio-mmio state field acked_features {acked:#x} "
-                                f"is not a subset of the offered {self.offered_features:#x}")
+            raise TemplateError(f"virtio-mmio state field status has FEATURES_OK, but the "
+                                f"device's acked_features {acked:#x} are not a valid subset "
+                                f"of the offered {self.offered_features:#x}")
         reason = state.broken_reason
         if not isinstance(reason, str) or len(reason) > 1000:
             raise TemplateError("virtio-mmio state field broken_reason is malformed")
@@ -448,12 +452,12 @@ class VirtioMmioTransport:
         # --- apply (nothing below raises for a validated state) ---
         if self.device.activated:
             self.device.reset()
+            self.device.acked_features = acked
         self.queues = queues
         self.device_features_sel, self.driver_features_sel = dfs, drfs
-        self.acked_features, self.queue_sel = acked, qsel
+        self.queue_sel = qsel
         self.interrupt_status, self.status = isr, status
         self.config_generation, self.broken_reason = gen, reason
-        self.device.acked_features = acked if status & STATUS_FEATURES_OK else 0
         if live:
             try:
                 self.device.activate(self.mem, self.queues, self._signal_used)

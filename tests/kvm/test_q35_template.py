@@ -1,0 +1,136 @@
+"""Templates of a q35 VM with the freestanding pci_rng guest
+(tests/guests/pci_rng.S): it places the BARs of a virtio-rng-pci function
+itself, enables MSI-X and asks for random bytes through the queue's
+doorbell, counting MSI-X interrupts. A template is taken while it waits on
+the serial; each clone must continue the count -- its BARs mapped where
+the guest put them, the doorbell's ioeventfd at the restored BAR 4, the
+MSI-X table and vector as programmed -- without booting again. A clone
+whose device moved, or of the other machine type, is refused with one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kvm.test_guests import TIMEOUT, exited_cleanly, take_template
+
+pytestmark = pytest.mark.kvm
+
+
+def q35_rng_args(guests, addr: str = "0x3", port: str = "0x1") -> list[str]:
+    dev = int(addr.split(".")[0], 16)
+    return ["-machine", "q35", "-kernel", guests["pci_rng"], "-m", "256", "-serial", "stdio",
+            "-append", f"dev={dev}",
+            "-object", "rng-random,id=rng,filename=/dev/urandom",
+            "-device", f"virtio-rng-pci,rng=rng,id=rng0,bus=pcie.0,addr={addr}",
+            "-device", f"pcie-root-port,id=pcie.1,port={port},bus=pcie.0,addr=0x1f"]
+
+
+def request(vm, n: int) -> None:
+    """One 'r': the guest's n-th random-bytes request completes by MSI-X."""
+    mark = len(vm.output)
+    vm.send("r")
+    vm.wait_for(rf"RNG IRQS={n} USED={n}\r?\n", TIMEOUT)
+    vm.wait_for(r"READY", TIMEOUT)
+    assert "RNG IRQS" not in vm.output[mark:].split(f"RNG IRQS={n}")[0], vm.output[mark:]
+
+
+@pytest.fixture
+def q35_template(guests, start_vm, tmp_path) -> str:
+    vm = start_vm(q35_rng_args(guests), qmp=True)
+    vm.wait_for(r"MSIX ON", TIMEOUT)
+    vm.wait_for(r"READY", TIMEOUT)
+    request(vm, 1)
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    vm.kill()
+    return tpl
+
+
+def refused(vm) -> str:
+    """The one error line of a refused restore."""
+    assert vm.wait_exit(TIMEOUT) != 0
+    lines = [ln for ln in vm.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, vm.stderr
+    return lines[0]
+
+
+def test_q35_clones_continue_with_msix(guests, start_vm, q35_template):
+    """Two clones of one q35 template: each continues the guest's count
+    (no second boot), its request answered by an MSI-X interrupt through
+    the restored table and BARs."""
+    for _ in range(2):
+        clone = start_vm(q35_rng_args(guests) + ["-incoming", f"file:{q35_template}"])
+        request(clone, 2)
+        request(clone, 3)
+        assert "PCI-RNG TEST" not in clone.output, "the clone booted again"
+        clone.send("q")
+        clone.wait_for(r"EXIT", TIMEOUT)
+        exited_cleanly(clone)
+
+
+def test_q35_clone_with_a_moved_device_is_refused(guests, start_vm, q35_template):
+    """The guest found the function at 00:03.0: at 00:05.0 it is refused."""
+    clone = start_vm(q35_rng_args(guests, addr="0x5") + ["-incoming",
+                                                         f"file:{q35_template}"])
+    line = refused(clone)
+    assert "bus/addr differs" in line and "pcie.0 addr 0x3.0x0" in line, line
+
+
+def test_q35_clone_with_another_root_port_is_refused(guests, start_vm, q35_template):
+    clone = start_vm(q35_rng_args(guests, port="0x2") + ["-incoming",
+                                                         f"file:{q35_template}"])
+    line = refused(clone)
+    assert "port differs" in line, line
+
+
+def test_machine_types_do_not_cross(guests, start_vm, q35_template, tmp_path):
+    """A q35 template on a microvm command line, and a microvm template on
+    a q35 one: one line naming the machine type."""
+    micro = ["-kernel", guests["pci_rng"], "-m", "256", "-serial", "stdio",
+             "-object", "rng-random,id=rng,filename=/dev/urandom",
+             "-device", "virtio-rng-device,rng=rng,id=rng0"]
+    clone = start_vm(micro + ["-incoming", f"file:{q35_template}"])
+    line = refused(clone)
+    assert "machine type differs" in line and "'q35'" in line, line
+
+    vm = start_vm(micro + ["-S"], qmp=True)      # paused before its first instruction
+    mtpl = str(tmp_path / "micro")
+    take_template(vm, mtpl)
+    vm.kill()
+    clone = start_vm(q35_rng_args(guests) + ["-incoming", f"file:{mtpl}"])
+    line = refused(clone)
+    assert "machine type differs" in line and "'microvm'" in line, line
+
+
+def test_hot_plugged_disk_is_in_the_template(guests, start_vm, tmp_path):
+    """A virtio-blk-pci hot-plugged into the root port (QMP, VM paused with
+    -S) is in the template: the clone's command line must carry it behind
+    that port, and without it the clone is refused."""
+    disk = tmp_path / "hot.img"
+    disk.write_bytes(bytes(1 << 20))
+    vm = start_vm(q35_rng_args(guests) + ["-S"], qmp=True)
+    q = vm.qmp(TIMEOUT)
+    try:
+        r = q.cmd("blockdev-add", **{"node-name": "d0", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(disk)},
+                                     "cache": {"direct": False}})
+        assert r == {"return": {}}, r
+        r = q.cmd("device_add", id="hot0", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
+        assert r == {"return": {}}, r
+    finally:
+        q.close()
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    vm.kill()
+    line = refused(start_vm(q35_rng_args(guests) + ["-incoming", f"file:{tpl}"]))
+    assert "device 'hot0' was hot-plugged at pcie.1 addr 0x0.0x0" in line, line
+    clone = start_vm(q35_rng_args(guests) + [
+        "-drive", f"id=d0,file={disk},direct=off",
+        "-device", "virtio-blk-pci,drive=d0,id=hot0,bus=pcie.1,addr=0x0",
+        "-incoming", f"file:{tpl}"])
+    clone.wait_for(r"MSIX ON", TIMEOUT)         # -S held it before its first instruction
+    request(clone, 1)
+    clone.send("q")
+    clone.wait_for(r"EXIT", TIMEOUT)
+    exited_cleanly(clone)
