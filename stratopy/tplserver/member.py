@@ -2,7 +2,8 @@
 
 Life of a member (its own process, its own session):
 
-1. restore: a MicroVm of the template's command line without per-VM parts
+1. restore: a machine of the template's command line (a MicroVm, or a
+   Q35Vm: its PCI side is restored per member too) without per-VM parts
    (no serial chardev, no QMP) is built from the template the server
    already opened and validated (builder.build_from_template, ``verify=done``):
    KVM VM, memory mapped copy-on-write, vCPUs created and their state set,
@@ -20,8 +21,8 @@ Life of a member (its own process, its own session):
    line and the member stays in the pool (``{"back": ...}`` to the server,
    with what it did not consume); a query-pool goes back unanswered (the
    server knows the pool). A clone request: its drives, serial and QMP are
-   opened and attached (MicroVm.attach_clone_parts), ``{"return": {"pid":
-   PID}}`` to the client and ``{"gone": ...}`` to the server once its
+   opened and attached (attach_clone_parts; Q35Vm's is MicroVm's),
+   ``{"return": {"pid": PID}}`` to the client and ``{"gone": ...}`` to the server once its
    vCPUs are released (cli.run_clone's ``started``), and the member is a
    clone.
 4. run: stratopy.cli.run_clone, the CLI's path from a restore on (QMP

@@ -116,9 +116,6 @@ def parse_server_args(argv: list[str]):
                                          f"with it needs stratopy -incoming)")
     if config.daemonize:
         raise ConfigError("-daemonize", "not with stratopy-server")
-    if config.machine_type != "microvm":
-        raise ConfigError("-machine", f"the template server serves microvm templates only "
-                                      f"(a {config.machine_type} template: stratopy -incoming)")
     return listen, pool, wait_ms / 1000.0, config
 
 

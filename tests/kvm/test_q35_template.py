@@ -6,13 +6,20 @@ the serial; each clone must continue the count -- its BARs mapped where
 the guest put them, the doorbell's ioeventfd at the restored BAR 4, the
 MSI-X table and vector as programmed -- without booting again. A clone
 whose device moved, or of the other machine type, is refused with one line.
+The template server (stratopy-server) serves such a template's clones too.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import time
+
 import pytest
 
 from tests.kvm.test_guests import TIMEOUT, exited_cleanly, take_template
+from tests.kvm.tplserver_util import Server, alive, wait_gone
 
 pytestmark = pytest.mark.kvm
 
@@ -134,3 +141,67 @@ def test_hot_plugged_disk_is_in_the_template(guests, start_vm, tmp_path):
     clone.send("q")
     clone.wait_for(r"EXIT", TIMEOUT)
     exited_cleanly(clone)
+
+
+def serial_request(sock: socket.socket, n: int) -> None:
+    """``request`` on a template server clone's serial (a socketpair)."""
+    sock.sendall(b"r")
+    buf = b""
+    deadline = time.monotonic() + TIMEOUT
+    while not re.search(rb"RNG IRQS=\d+ USED=\d+\r?\n.*READY", buf, re.S):
+        assert time.monotonic() < deadline, f"no answer to 'r': {buf!r}"
+        chunk = sock.recv(4096)
+        assert chunk, f"serial closed: {buf!r}"
+        buf += chunk
+    assert re.search(rb"RNG IRQS=(\d+) USED=(\d+)", buf).groups() == (b"%d" % n,) * 2, buf
+
+
+def open_files(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_template_server_serves_q35_clones(guests, start_vm, tmp_path):
+    """stratopy-server with a q35 template (a virtio-blk-pci disk behind
+    the root port besides the rng): two clones from its pool, each its own
+    process and VM with the disk its request named (the template's is not
+    held), continuing the template's count by MSI-X (the restored function,
+    its doorbell ioeventfd and MSI route per member); one clone's requests
+    and exit do not touch the other's count."""
+    disks = [str(tmp_path / f"{n}.img") for n in ("tpl", "a", "b")]
+    for d in disks:
+        with open(d, "wb") as f:
+            f.truncate(1 << 20)
+    args = q35_rng_args(guests) + [
+        "-drive", f"id=d0,file={disks[0]},direct=off",
+        "-device", "virtio-blk-pci,drive=d0,id=disk0,bus=pcie.1,addr=0x0"]
+    vm = start_vm(args, qmp=True)
+    vm.wait_for(r"MSIX ON", TIMEOUT)
+    request(vm, 1)
+    tpl = str(tmp_path / "tpl")
+    take_template(vm, tpl)
+    vm.kill()
+    s = Server(str(tmp_path), args + ["-incoming", f"file:{tpl}"])
+    try:
+        members = s.wait_ready(2)
+        (pa, sa), (pb, sb) = [s.clone(drives=[{"id": "d0", "file": d}]) for d in disks[1:]]
+        assert pa != pb and {pa, pb} <= set(members), (pa, pb, members)
+        fa, fb = open_files(pa), open_files(pb)
+        assert disks[1] in fa and not {disks[0], disks[2]} & fa, fa
+        assert disks[2] in fb and not {disks[0], disks[1]} & fb, fb
+        serial_request(sa, 2)
+        serial_request(sb, 2)           # not 3: b's count is its own
+        serial_request(sa, 3)
+        sa.sendall(b"q")
+        wait_gone(pa)
+        assert alive(pb)
+        serial_request(sb, 3)
+        sb.sendall(b"q")
+        wait_gone(pb)
+    finally:
+        s.close()
