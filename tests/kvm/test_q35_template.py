@@ -168,32 +168,44 @@ def open_files(pid: int) -> set[str]:
 
 def test_template_server_serves_q35_clones(guests, start_vm, tmp_path):
     """stratopy-server with a q35 template (a virtio-blk-pci disk behind
-    the root port besides the rng): two clones from its pool, each its own
-    process and VM with the disk its request named (the template's is not
-    held), continuing the template's count by MSI-X (the restored function,
-    its doorbell ioeventfd and MSI route per member); one clone's requests
-    and exit do not touch the other's count."""
+    the root port and a virtio-serial-pci console besides the rng): two
+    clones from its pool, each its own process and VM with the disk and
+    console file its request named (the template's disk is not held, its
+    console socket never bound), continuing the template's count by MSI-X
+    (the restored function, its doorbell ioeventfd and MSI route per
+    member); one clone's requests and exit do not touch the other's count."""
     disks = [str(tmp_path / f"{n}.img") for n in ("tpl", "a", "b")]
     for d in disks:
         with open(d, "wb") as f:
             f.truncate(1 << 20)
-    args = q35_rng_args(guests) + [
-        "-drive", f"id=d0,file={disks[0]},direct=off",
-        "-device", "virtio-blk-pci,drive=d0,id=disk0,bus=pcie.1,addr=0x0"]
-    vm = start_vm(args, qmp=True)
+    cons = [str(tmp_path / f"{n}.con") for n in ("tpl", "a", "b")]
+
+    def args(console: str) -> list[str]:
+        return q35_rng_args(guests) + [
+            "-drive", f"id=d0,file={disks[0]},direct=off",
+            "-device", "virtio-blk-pci,drive=d0,id=disk0,bus=pcie.1,addr=0x0",
+            "-device", "virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x4",
+            "-chardev", f"socket,id=con0,path={console},server,nowait",
+            "-device", "virtconsole,chardev=con0,id=console0"]
+    vm = start_vm(args(cons[0]), qmp=True)
     vm.wait_for(r"MSIX ON", TIMEOUT)
     request(vm, 1)
     tpl = str(tmp_path / "tpl")
     take_template(vm, tpl)
     vm.kill()
-    s = Server(str(tmp_path), args + ["-incoming", f"file:{tpl}"])
+    srv_con = str(tmp_path / "server.con")
+    s = Server(str(tmp_path), args(srv_con) + ["-incoming", f"file:{tpl}"])
     try:
         members = s.wait_ready(2)
-        (pa, sa), (pb, sb) = [s.clone(drives=[{"id": "d0", "file": d}]) for d in disks[1:]]
+        (pa, sa), (pb, sb) = [
+            s.clone(drives=[{"id": "d0", "file": d}],
+                    chardevs=[{"id": "con0", "backend": "file", "path": c}])
+            for d, c in zip(disks[1:], cons[1:])]
         assert pa != pb and {pa, pb} <= set(members), (pa, pb, members)
         fa, fb = open_files(pa), open_files(pb)
-        assert disks[1] in fa and not {disks[0], disks[2]} & fa, fa
-        assert disks[2] in fb and not {disks[0], disks[1]} & fb, fb
+        assert {disks[1], cons[1]} <= fa and not {disks[0], disks[2], cons[2]} & fa, fa
+        assert {disks[2], cons[2]} <= fb and not {disks[0], disks[1], cons[1]} & fb, fb
+        assert not os.path.exists(srv_con)
         serial_request(sa, 2)
         serial_request(sb, 2)           # not 3: b's count is its own
         serial_request(sa, 3)

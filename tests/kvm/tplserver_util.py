@@ -51,7 +51,8 @@ class Server:
             assert time.monotonic() < deadline, "the pool did not fill"
             time.sleep(0.02)
 
-    def clone(self, qmp: str | None = None, drives: list | None = None, fds=()) -> tuple:
+    def clone(self, qmp: str | None = None, drives: list | None = None, fds=(),
+              chardevs: list | None = None) -> tuple:
         """A clone with its serial on a socketpair: (pid, the test's end)."""
         mine, theirs = socket.socketpair()
         args: dict = {"serial": {"fd": len(fds)}}
@@ -59,6 +60,8 @@ class Server:
             args["qmp"] = {"kind": "unix", "path": qmp}
         if drives:
             args["drives"] = drives
+        if chardevs:
+            args["chardevs"] = chardevs
         try:
             pid = client.request_clone(self.path, args, list(fds) + [theirs.fileno()],
                                        timeout=TIMEOUT)
