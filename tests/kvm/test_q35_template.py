@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.kvm.test_guests import TIMEOUT, exited_cleanly, take_template
-from tests.kvm.tplserver_util import Server, alive, wait_gone
+from tests.kvm.tplserver_util import Server, alive, tap_names, wait_gone
 
 pytestmark = pytest.mark.kvm
 
@@ -167,13 +167,17 @@ def open_files(pid: int) -> set[str]:
 
 
 def test_template_server_serves_q35_clones(guests, start_vm, tmp_path):
-    """stratopy-server with a q35 template (a virtio-blk-pci disk behind
-    the root port and a virtio-serial-pci console besides the rng): two
-    clones from its pool, each its own process and VM with the disk and
-    console file its request named (the template's disk is not held, its
-    console socket never bound), continuing the template's count by MSI-X
-    (the restored function, its doorbell ioeventfd and MSI route per
+    """stratopy-server with a q35 template (besides the rng: a
+    virtio-blk-pci disk behind the root port, a virtio-net-pci on a tap and
+    a virtio-serial-pci console): two clones from its pool, each its own
+    process and VM with the disk, tap and console file its request gave
+    (no member holds the template's disk after the request, nor opens its
+    tap or binds its console socket), continuing the template's count by
+    MSI-X (the restored function, its doorbell ioeventfd and MSI route per
     member); one clone's requests and exit do not touch the other's count."""
+    from stratopy.devices.virtio.tap import Tap
+    from tests import netns
+
     disks = [str(tmp_path / f"{n}.img") for n in ("tpl", "a", "b")]
     for d in disks:
         with open(d, "wb") as f:
@@ -184,27 +188,42 @@ def test_template_server_serves_q35_clones(guests, start_vm, tmp_path):
         return q35_rng_args(guests) + [
             "-drive", f"id=d0,file={disks[0]},direct=off",
             "-device", "virtio-blk-pci,drive=d0,id=disk0,bus=pcie.1,addr=0x0",
+            "-netdev", f"tap,id=net0,ifname={netns.TAP}",
+            "-device", "virtio-net-pci,netdev=net0,id=n0,mac=52:54:00:00:00:01,"
+                       "bus=pcie.0,addr=0x5",
             "-device", "virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x4",
             "-chardev", f"socket,id=con0,path={console},server,nowait",
             "-device", "virtconsole,chardev=con0,id=console0"]
-    vm = start_vm(args(cons[0]), qmp=True)
-    vm.wait_for(r"MSIX ON", TIMEOUT)
-    request(vm, 1)
-    tpl = str(tmp_path / "tpl")
-    take_template(vm, tpl)
-    vm.kill()
+    ns = netns.new_netns()          # the template's tap is not in the server's namespace
+    try:
+        vm = start_vm(args(cons[0]), qmp=True, program=ns.program())
+        vm.wait_for(r"MSIX ON", TIMEOUT)
+        request(vm, 1)
+        tpl = str(tmp_path / "tpl")
+        take_template(vm, tpl)
+        vm.kill()
+    finally:
+        ns.close()
     srv_con = str(tmp_path / "server.con")
     s = Server(str(tmp_path), args(srv_con) + ["-incoming", f"file:{tpl}"])
+    names = [f"sq35{os.getpid() % 100000}{x}" for x in "ab"]
+    taps: list = []
     try:
         members = s.wait_ready(2)
-        (pa, sa), (pb, sb) = [
-            s.clone(drives=[{"id": "d0", "file": d}],
-                    chardevs=[{"id": "con0", "backend": "file", "path": c}])
-            for d, c in zip(disks[1:], cons[1:])]
+        for m in members:
+            assert tap_names(m) == []
+        clones = []
+        for name, d, c in zip(names, disks[1:], cons[1:]):
+            taps.append(Tap(ifname=name))
+            clones.append(s.clone(drives=[{"id": "d0", "file": d}],
+                                  chardevs=[{"id": "con0", "backend": "file", "path": c}],
+                                  netdevs=[{"id": "net0", "fd": 0}], fds=[taps[-1].fileno()]))
+        (pa, sa), (pb, sb) = clones
         assert pa != pb and {pa, pb} <= set(members), (pa, pb, members)
         fa, fb = open_files(pa), open_files(pb)
         assert {disks[1], cons[1]} <= fa and not {disks[0], disks[2], cons[2]} & fa, fa
         assert {disks[2], cons[2]} <= fb and not {disks[0], disks[1], cons[1]} & fb, fb
+        assert (tap_names(pa), tap_names(pb)) == ([names[0]], [names[1]])
         assert not os.path.exists(srv_con)
         serial_request(sa, 2)
         serial_request(sb, 2)           # not 3: b's count is its own
@@ -216,4 +235,6 @@ def test_template_server_serves_q35_clones(guests, start_vm, tmp_path):
         sb.sendall(b"q")
         wait_gone(pb)
     finally:
+        for t in taps:
+            t.close()
         s.close()

@@ -21,7 +21,8 @@ from tests import harness
 from tests.kvm.test_guests import (COUNTER_ADDR, COUNTER_APPEND, SECTOR, TIMEOUT,
                                    WRITE_PATTERN, base_args, blk_args, make_image,
                                    read_guest_u64, take_template)
-from tests.kvm.tplserver_util import Server, alive, read_all, serial_count, wait_gone
+from tests.kvm.tplserver_util import (Server, alive, read_all, serial_count, tap_names,
+                                      wait_gone)
 
 pytestmark = pytest.mark.kvm
 
@@ -378,19 +379,6 @@ def test_a_clone_that_cannot_start_answers_its_error_not_a_pid(counter_template,
     assert serial_count(ser) > v0
 
 
-def _tap_names(pid: int) -> list[str]:
-    """The taps process ``pid`` holds (fdinfo of its /dev/net/tun fds)."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = f.read()
-        except FileNotFoundError:
-            continue
-        out += [line.split("\t", 1)[1] for line in info.splitlines() if line.startswith("iff:")]
-    return out
-
-
 def test_clones_get_their_own_tap_and_console(guests, start_vm, server, tmp_path):
     """A template with a tap (in its own network namespace) and a virtconsole
     on a listening unix socket: pool members open neither (the template's
@@ -429,7 +417,7 @@ def test_clones_get_their_own_tap_and_console(guests, start_vm, server, tmp_path
     members = s.wait_ready(2)
     assert not os.path.exists(tpl_console)
     for m in members:
-        assert _tap_names(m) == []
+        assert tap_names(m) == []
     suffix = os.getpid() % 100000
     taps = [Tap(ifname=f"stpl{suffix}a")]
     made: list[str] = []
@@ -457,7 +445,7 @@ def test_clones_get_their_own_tap_and_console(guests, start_vm, server, tmp_path
             "qmp": {"kind": "unix", "path": qmps[1]}}, timeout=TIMEOUT))
         s.clones.append(pids[1])
         for n, pid in enumerate(pids):
-            assert _tap_names(pid) == [f"stpl{suffix}{'ab'[n]}"]
+            assert tap_names(pid) == [f"stpl{suffix}{'ab'[n]}"]
             c = socket.socket(socket.AF_UNIX)
             c.settimeout(TIMEOUT)
             c.connect(consoles[n])         # the clone's console listens

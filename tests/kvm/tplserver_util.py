@@ -52,7 +52,7 @@ class Server:
             time.sleep(0.02)
 
     def clone(self, qmp: str | None = None, drives: list | None = None, fds=(),
-              chardevs: list | None = None) -> tuple:
+              chardevs: list | None = None, netdevs: list | None = None) -> tuple:
         """A clone with its serial on a socketpair: (pid, the test's end)."""
         mine, theirs = socket.socketpair()
         args: dict = {"serial": {"fd": len(fds)}}
@@ -62,6 +62,8 @@ class Server:
             args["drives"] = drives
         if chardevs:
             args["chardevs"] = chardevs
+        if netdevs:
+            args["netdevs"] = netdevs
         try:
             pid = client.request_clone(self.path, args, list(fds) + [theirs.fileno()],
                                        timeout=TIMEOUT)
@@ -101,6 +103,19 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def tap_names(pid: int) -> list[str]:
+    """The taps process ``pid`` holds (fdinfo of its /dev/net/tun fds)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except FileNotFoundError:
+            continue
+        out += [line.split("\t", 1)[1] for line in info.splitlines() if line.startswith("iff:")]
+    return out
 
 
 def wait_gone(pid: int, timeout: float = TIMEOUT) -> None:
