@@ -119,16 +119,25 @@ def parse_server_args(argv: list[str]):
     return listen, pool, wait_ms / 1000.0, config
 
 
-def preload() -> None:
-    """Import, once and before forking, what a clone runs between the request
-    and its first KVM_RUN (the CLI's run path, QMP, seccomp, chardevs, the
-    block backend): a clone then imports nothing on its way to running."""
+# what a q35 member restores besides a microvm's: its PCI side
+_Q35_MODULES = ("stratopy.machine.q35", "stratopy.machine.pci_devices", "stratopy.pci.bus",
+                "stratopy.pci.root_port", "stratopy.pci.virtio_pci", "stratopy.kvm.uapi_irq")
+
+
+def preload(machine_type: str = "microvm") -> None:
+    """Import, once and before forking, what a member restores and a clone
+    runs between the request and its first KVM_RUN (the CLI's run path, QMP,
+    seccomp, chardevs, the block backend; q35's PCI side): neither then
+    imports anything of its own after the fork."""
     import importlib
 
-    for name in ("stratopy.cli", "stratopy.machine.control", "stratopy.qmp.server",
-                 "stratopy.qmp.commands", "stratopy.seccomp", "stratopy.chardev",
-                 "stratopy.machine.devices", "stratopy.devices.virtio.block",
-                 "stratopy.tplserver.member", "stratopy.files", "stratopy.daemon"):
+    names = ("stratopy.cli", "stratopy.machine.control", "stratopy.qmp.server",
+             "stratopy.qmp.commands", "stratopy.seccomp", "stratopy.chardev",
+             "stratopy.machine.devices", "stratopy.devices.virtio.block",
+             "stratopy.tplserver.member", "stratopy.files", "stratopy.daemon")
+    if machine_type == "q35":
+        names += _Q35_MODULES
+    for name in names:
         importlib.import_module(name)
 
 
@@ -510,7 +519,7 @@ class Server:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(s, lambda *_: None)
-        preload()
+        preload(self.template.machine_type)
         gc.freeze()            # what the members inherit stays shared (no gc writes)
         print(f"stratopy-server: template {self.template.incoming.path} checked in "
               f"{self.prepare_s * 1000:.1f} ms; pool of {self.pool_size} on {self.path}",

@@ -228,3 +228,23 @@ def test_listen_socket_is_private_and_never_takes_over_a_path(tmp_path):
     with pytest.raises(ConfigError, match="it is a regular file, not a socket"):
         Server._listen(str(other))
     assert other.read_text() == "keep"
+
+
+def test_preload_imports_q35s_pci_side_only_for_a_q35_template():
+    """A q35 member restores virtio-pci functions and root ports: the server
+    imports their modules before forking (shared, not imported in each
+    member); a microvm server does not pay for them."""
+    import ast
+    import subprocess
+    import sys
+
+    code = ("import sys; from stratopy.tplserver import server as s; s.preload({!r}); "
+            "print(sorted(m for m in s._Q35_MODULES if m in sys.modules))")
+    out = {}
+    for machine in ("microvm", "q35"):
+        r = subprocess.run([sys.executable, "-c", code.format(machine)],
+                           capture_output=True, text=True, timeout=60, check=True)
+        out[machine] = ast.literal_eval(r.stdout)
+    from stratopy.tplserver.server import _Q35_MODULES
+    assert out["q35"] == sorted(_Q35_MODULES)
+    assert "stratopy.pci.virtio_pci" not in out["microvm"]
