@@ -24,6 +24,7 @@ template server prepares once and applies in every pool member.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from stratopy.errors import ConfigError, LifecycleError, TemplateError
@@ -177,13 +178,15 @@ def _apply(machine, prepared: PreparedTemplate, verify: str) -> None:
     if verify == "full":
         opened.close()
     elif verify == "lazy":
-        def running() -> bool:
-            return bool(machine.runners) and machine.runners[0].first_run_at is not None
-
         def damaged(e: TemplateError) -> None:
             machine.failure = e      # the CLI reports it once (stderr and the -D log)
             machine.request_shutdown("host-error", guest=False, code=1)
-        restore.start_lazy_verify(opened, ram, running, damaged)
+        started = threading.Event()
+        # The device loop's first turn: machine.start() has released the
+        # vCPUs (the warm start is over). A VM that never runs its loop ends
+        # its process; the check's fallback covers anything else.
+        machine.loop.call_soon(started.set)
+        restore.start_lazy_verify(opened, ram, started, damaged)
     # The incoming migration is complete once the state is applied.
     machine.migration.start()
     machine.migration.activate()

@@ -306,6 +306,10 @@ def verify_chunks(fd: int, name: str, record: dict, layout: list[tuple[int, int]
     address). Hole chunks are checked without reading them. ``stop`` (an
     Event) ends the walk early. Returns the bytes read."""
     digests = record["digests"]
+    # One buffer for every chunk: a fresh 2 MiB bytes object per chunk cost
+    # ~2,500 page faults in the CLI's lazy check, beside the guest's first
+    # answer. preadv fills it and sha256 hashes it with the GIL released.
+    buf = memoryview(bytearray(CHUNK))
     i = read = 0
     off = HEADER_SIZE
     for gpa, size in layout:
@@ -315,15 +319,9 @@ def verify_chunks(fd: int, name: str, record: dict, layout: list[tuple[int, int]
             n = min(CHUNK, size - c)
             want = digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
             if _has_data(fd, off + c, off + c + n):
-                try:
-                    data = os.pread(fd, n, off + c)
-                except OSError as e:
-                    raise TemplateError(f"{name}: cannot read memory file: "
-                                        f"{e.strerror}") from None
-                if len(data) != n:
-                    raise TemplateError(f"{name}: memory file truncated at {off + c:#x}")
+                _read_chunk(fd, name, buf[:n], off + c)
                 read += n
-                got = hashlib.sha256(data).digest()
+                got = hashlib.sha256(buf[:n]).digest()
             else:
                 got = zero_digest(n)
             if got != want:
@@ -333,6 +331,22 @@ def verify_chunks(fd: int, name: str, record: dict, layout: list[tuple[int, int]
             i += 1
         off += size
     return read
+
+
+def _read_chunk(fd: int, name: str, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from the memory file at ``offset`` (TemplateError if the
+    file ends first or cannot be read)."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except InterruptedError:
+            continue
+        except OSError as e:
+            raise TemplateError(f"{name}: cannot read memory file: {e.strerror}") from None
+        if got == 0:
+            raise TemplateError(f"{name}: memory file truncated at {offset:#x}")
+        done += got
 
 
 def map_memory(fd: int, layout: list[tuple[int, int]], mapped: bool = True) -> GuestMemory:

@@ -110,25 +110,36 @@ def check_host(state, cpuids: list, kvm) -> None:
         sanity.check_msr_indices(v, host_msrs)
 
 
-def start_lazy_verify(opened, ram, running: Callable[[], bool],
+# How long the check waits for the guest to start before it starts anyway.
+START_FALLBACK_S = 5.0
+
+
+def start_lazy_verify(opened, ram, started: threading.Event,
                       damaged: Callable[[TemplateError], None]) -> threading.Thread:
     """Check the memory file's chunk digests beside the running guest, at
-    the lowest CPU priority, once ``running()`` (the guest's first KVM_RUN
-    happened, or 5 s passed); on damage call ``damaged(error)`` (the builder
-    stops the VM: one error line, SHUTDOWN host-error, exit code 1). The
-    thread owns ``opened.memory_fd``."""
+    the lowest CPU priority, once ``started`` is set (the builder sets it
+    when the VM runs) or START_FALLBACK_S passed; on damage call
+    ``damaged(error)`` (the builder stops the VM: one error line, SHUTDOWN
+    host-error, exit code 1). The thread owns ``opened.memory_fd``.
+
+    Why it cannot starve the guest: it is at nice 19 before it does
+    anything (a waker at nice 0 would compete with the vCPU and device
+    threads for the GIL and the CPUs exactly when the guest starts its
+    first I/O); each chunk is one preadv into one reused buffer and one
+    sha256 of it, both with the GIL released, so between chunks the thread
+    holds the GIL only for a few bytecodes, and takes it 3 times per 2 MiB
+    of data (a smaller piece would take it more often: each time, a nice-19
+    thread that gets the GIL may be preempted holding it)."""
     def run() -> None:
-        # Start after the first KVM_RUN: the warm start itself is not slowed
-        # (the GIL and both host CPUs go to building and starting the VM).
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and not running():
-            time.sleep(0.005)
         try:
             # who=0: on Linux the nice value is per thread and 0 is the calling
             # thread (the seccomp policy allows exactly this form)
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         except OSError:
             pass
+        # Start once the VM runs: the warm start itself is not slowed (the
+        # GIL and both host CPUs go to building and starting the VM).
+        started.wait(START_FALLBACK_S)
         t = time.monotonic()
         try:
             nbytes = memfile.verify_chunks(opened.memory_fd, opened.memory_path,

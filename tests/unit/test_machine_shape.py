@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -298,6 +299,33 @@ def test_build_from_template_runs_its_recipe_in_order(monkeypatch):
             assert m.built and m.migration.status.value == "completed"
         finally:
             m.teardown()
+
+
+def test_lazy_verify_is_woken_by_the_device_loops_first_turn(monkeypatch):
+    """verify=lazy: the check is handed an Event that nothing sets while the
+    VM is built; the device loop's first turn (after machine.start()
+    released the vCPUs) sets it."""
+    from stratopy.migration import memfile, restore
+
+    monkeypatch.setattr(restore, "check_host", lambda state, cpuids, kvm: None)
+    monkeypatch.setattr(memfile, "map_memory", lambda fd, ram, mapped=True: FakeMem())
+    handed = []
+    monkeypatch.setattr(restore, "start_lazy_verify",
+                        lambda opened, ram, started, damaged: handed.append(started))
+    config = parse_args(["-kernel", "/boot/vmlinux", "-m", "64",
+                         "-incoming", "file:/nonexistent"])
+    m = RecordingMachine(config)
+    try:
+        opened = types.SimpleNamespace(memory_fd=7, memory_path="memory", record={},
+                                       close=lambda: None)
+        builder.build_from_template(m, builder.PreparedTemplate(
+            opened, "STATE", "CPUIDS", "SLOTS", [(0, 64)]), verify="lazy")
+        assert len(handed) == 1 and not handed[0].is_set()
+        m.loop.call_soon(m.loop.stop)
+        m.loop.run()                     # one turn: what was queued runs
+        assert handed[0].is_set()
+    finally:
+        m.teardown()
 
 
 def test_a_started_machine_cannot_be_built():

@@ -226,3 +226,31 @@ def test_write_failure_removes_the_file(tmp_path, monkeypatch):
         with pytest.raises(MigrationError, match="No space left"):
             memfile.write_memory(str(tmp_path), mem)
     assert os.listdir(tmp_path) == []
+
+
+def test_damage_is_found_in_every_chunk_position_with_one_read_buffer(tmp_path):
+    """verify_chunks reads every chunk into one reused buffer: a byte flipped
+    in the first, a middle, a short last chunk of a region, the next
+    region's first chunk, or in a hole chunk is found and named by its guest
+    address. Every data chunk holds the same bytes, so a chunk hashed from
+    what the buffer held before (not re-read) would match and pass."""
+    layout = [(0, 5 * MiB), (8 * MiB, 3 * MiB)]
+    pattern = bytes(range(256)) * 16
+    data_chunks = [0, 2 * MiB, 4 * MiB, 8 * MiB]         # 4 MiB: the 1 MiB short one
+    _save(tmp_path, [(gpa + 0x3000, pattern) for gpa in data_chunks], layout)
+    mpath = str(tmp_path / "memory")
+    t = _open(tmp_path, layout)
+    try:
+        # 5 MiB of region 0 and the first 2 MiB of region 1; 10 MiB is a hole
+        assert memfile.verify_chunks(t.memory_fd, t.memory_path, t.record, layout) == 7 * MiB
+        # file offset of a guest address: the regions follow each other
+        for gpa, file_off in ((0, 0), (2 * MiB, 2 * MiB), (4 * MiB, 4 * MiB),
+                              (8 * MiB, 5 * MiB), (10 * MiB, 7 * MiB)):
+            where = H + file_off + 0x3000 + 77
+            _flip(mpath, where)
+            with pytest.raises(TemplateError, match=f"chunk at guest address {gpa:#x} "):
+                memfile.verify_chunks(t.memory_fd, t.memory_path, t.record, layout)
+            _flip(mpath, where)
+        memfile.verify_chunks(t.memory_fd, t.memory_path, t.record, layout)
+    finally:
+        t.close()
