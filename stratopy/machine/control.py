@@ -26,6 +26,26 @@ from stratopy.qmp import events as qmpev
 log = get_logger(__name__)
 
 
+
+def hot_device_config(driver: str, id: str, registered: tuple, serial: str | None,
+                      mac: str | None, pci: tuple | None = None):
+    """QMP device_add of a blk (``cfgmod.BLK``) or net (``cfgmod.NET``)
+    device on either machine: its DeviceConfig and the backend registered
+    for it (``registered``: blockdev-add's (drive, backend) or netdev_add's
+    (netdev, backend)); a bad serial or mac is one QmpError line."""
+    ref_config, backend = registered
+    if driver == cfgmod.BLK:
+        if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
+            raise QmpError(f"device_add: serial is longer than {MAX_BLK_SERIAL_LEN} characters")
+        return cfgmod.DeviceConfig(driver=driver, id=id, drive=ref_config, serial=serial,
+                                   pci=pci), backend
+    if mac is not None:
+        try:
+            mac = _mac(mac)
+        except ConfigError as e:
+            raise QmpError(f"device_add: {e.reason}") from None
+    return cfgmod.DeviceConfig(driver=driver, id=id, netdev=ref_config, mac=mac, pci=pci), backend
+
 class MachineControl:
     """Implements stratopy.qmp.commands.VmControl for a MicroVm."""
 
@@ -324,20 +344,8 @@ class MachineControl:
         if slot.config is not None:
             raise QmpError(f"The slot {n:#x} is occupied already (by device "
                            f"'{slot.config.id}')")
-        if kind == slotmod.BLK:
-            drv, backend = mine[ref]
-            if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
-                raise QmpError(f"device_add: serial is longer than {MAX_BLK_SERIAL_LEN} "
-                               f"characters")
-            config = cfgmod.DeviceConfig(driver=cfgmod.BLK, id=id, drive=drv, serial=serial)
-        else:
-            nd, backend = mine[ref]
-            if mac is not None:
-                try:
-                    mac = _mac(mac)
-                except ConfigError as e:
-                    raise QmpError(f"device_add: {e.reason}") from None
-            config = cfgmod.DeviceConfig(driver=cfgmod.NET, id=id, netdev=nd, mac=mac)
+        config, backend = hot_device_config(cfgmod.BLK if kind == slotmod.BLK else cfgmod.NET,
+                                            id, mine[ref], serial, mac)
         self.m.hot_bind(slot, config, backend)
         del mine[ref]
         log.info("device_add: %s (%s) bound into %s slot %#x", id, ref, what, n)

@@ -22,9 +22,8 @@ PCI_HOTPLUG = {"virtio-blk-pci": cfgmod.BLK, "virtio-net-pci": cfgmod.NET}
 
 
 def device_add(ctl, id: str, driver: str, bus, addr, drive, netdev, mac, serial) -> None:
-    from stratopy.cli_devices import _mac
     from stratopy.cli_pci import parse_addr
-    from stratopy.cli_values import MAX_BLK_SERIAL_LEN
+    from stratopy.machine.control import hot_device_config
 
     m = ctl.m
     base = PCI_HOTPLUG.get(driver)
@@ -54,20 +53,7 @@ def device_add(ctl, id: str, driver: str, bus, addr, drive, netdev, mac, serial)
     if ref not in mine:
         how = "blockdev-add" if base == cfgmod.BLK else "netdev_add"
         raise QmpError(f"device_add: no backend '{ref}' (add it with {how} first)")
-    pci = (bus, 0, 0, False)
-    if base == cfgmod.BLK:
-        drv, backend = mine[ref]
-        if serial is not None and len(serial) > MAX_BLK_SERIAL_LEN:
-            raise QmpError(f"device_add: serial is longer than {MAX_BLK_SERIAL_LEN} characters")
-        config = cfgmod.DeviceConfig(driver=base, id=id, drive=drv, serial=serial, pci=pci)
-    else:
-        nd, backend = mine[ref]
-        if mac is not None:
-            try:
-                mac = _mac(mac)
-            except ConfigError as e:
-                raise QmpError(f"device_add: {e.reason}") from None
-        config = cfgmod.DeviceConfig(driver=base, id=id, netdev=nd, mac=mac, pci=pci)
+    config, backend = hot_device_config(base, id, mine[ref], serial, mac, pci=(bus, 0, 0, False))
     m.hot_plug_pci(config, backend)
     del mine[ref]
 

@@ -91,6 +91,9 @@ def test_device_add_checks_on_q35(guests, start_vm, tmp_path):
                                                 bus="pcie.0", addr="0x6")
         assert "must be 0" in err(id="x", driver="virtio-blk-pci", drive="d0",
                                   bus="pcie.1", addr="0x1")
+        # the serial check the microvm's hot-replace makes too (control.hot_device_config)
+        assert "serial is longer than 20 characters" in err(
+            id="x", driver="virtio-blk-pci", drive="d0", bus="pcie.1", serial="s" * 21)
         r = q.cmd("device_add", id="x", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
         assert r == {"return": {}}, r
         assert "already in use" in err(id="x", driver="virtio-blk-pci", drive="d0", bus="pcie.1")
