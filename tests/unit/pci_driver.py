@@ -4,10 +4,12 @@ virtio-pci transport the way Linux's virtio_pci_modern does."""
 
 from __future__ import annotations
 
+import pytest
 
 from stratopy.devices.virtio.device import (
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1)
 from stratopy.devices.bus import Bus
+from stratopy.memory import GuestMemory
 from stratopy.pci import bus as pbus
 from stratopy.pci import virtio_pci as vp
 from tests.unit.virtio_driver import DriverQueue
@@ -195,3 +197,11 @@ def make_platform(mem, ecam_base=0xB0000000):
     return root, pio, mmio
 
 
+@pytest.fixture
+def platform():
+    """1 MiB of guest RAM and the q35 PCI root on fresh PIO/MMIO buses
+    (test_pci.py, test_pci_state.py: imported there as a fixture)."""
+    mem = GuestMemory.anonymous([(0, 1 << 20)])
+    root, pio, mmio = make_platform(mem)
+    yield root, pio, mmio, mem
+    mem.close()

@@ -8,14 +8,13 @@ import struct
 import pytest
 
 from stratopy.devices.virtio.rng import RngDevice
-from stratopy.memory import GuestMemory
 from stratopy.pci import bus as pbus
 from stratopy.pci import config as pcfg
 from stratopy.pci import root_port as rp
 from stratopy.pci import virtio_pci as vp
 from stratopy.pci.msix import Msix
 from tests.unit.pci_driver import (ConfigAccess, EcamAccess, VirtioPciDriver, capabilities,
-                                   make_platform, size_bar)
+                                   platform, size_bar)  # noqa: F401 (platform: a fixture)
 
 
 class Fn(pbus.PciFunction):
@@ -29,14 +28,6 @@ class Fn(pbus.PciFunction):
         cs.add_bar(2, pcfg.BAR_MEM64_KIND, 0x100000000, prefetchable=True)
         cs.add_capability(pcfg.CAP_ID_VENDOR, 8)
         cs.add_capability(pcfg.CAP_ID_PM, 8)
-
-
-@pytest.fixture
-def platform():
-    mem = GuestMemory.anonymous([(0, 1 << 20)])
-    root, pio, mmio = make_platform(mem)
-    yield root, pio, mmio, mem
-    mem.close()
 
 
 def test_host_bridge_is_q35_mch(platform):

@@ -24,19 +24,12 @@ from stratopy.pci import root_port as rp
 from stratopy.pci import virtio_pci as vp
 from stratopy.pci.msix import MsixState
 from stratopy.pci.state import PciState, RootPortState
-from tests.unit.pci_driver import ConfigAccess, VirtioPciDriver, make_platform
+from tests.unit.pci_driver import (ConfigAccess, VirtioPciDriver, make_platform,  # noqa: F401
+                                   platform)  # (a fixture)
 
 
 def _through_json(tp, value, path="x"):
     return from_plain(tp, json.loads(json.dumps(to_plain(value))), path)
-
-
-@pytest.fixture
-def platform():
-    mem = GuestMemory.anonymous([(0, 1 << 20)])
-    root, pio, mmio = make_platform(mem)
-    yield root, pio, mmio, mem
-    mem.close()
 
 
 def _rng_fn(mem, msis=None, intx=None):
